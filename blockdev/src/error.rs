@@ -1,0 +1,61 @@
+//! Errors of the storage layer; each names the storage and, where it helps, the offset.
+
+use std::io;
+
+/// Result of a storage operation.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A failed storage operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The storage could not be opened.
+    #[error("Could not open '{name}': {source}")]
+    Open {
+        /// File name or URL.
+        name: String,
+        /// The operating system's reason.
+        #[source]
+        source: io::Error,
+    },
+    /// An I/O operation failed.
+    #[error("{op} failed on '{name}' at offset {offset:#x}: {source}")]
+    Io {
+        /// What was being done: "read", "write", "flush", ...
+        op: &'static str,
+        /// File name or URL.
+        name: String,
+        /// Byte offset of the request.
+        offset: u64,
+        /// The operating system's reason.
+        #[source]
+        source: io::Error,
+    },
+    /// A read reached past the end of the storage.
+    #[error("read of {len} bytes at offset {offset:#x} is past the end of '{name}' (size {size})")]
+    PastEnd {
+        /// File name or URL.
+        name: String,
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Size of the storage.
+        size: u64,
+    },
+    /// A write was attempted on storage opened read-only.
+    #[error("'{name}' is opened read-only")]
+    ReadOnly {
+        /// File name or URL.
+        name: String,
+    },
+}
+
+impl Error {
+    /// The underlying OS error, if there is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Open { source, .. } | Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

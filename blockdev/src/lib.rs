@@ -1,0 +1,89 @@
+//! The storage and I/O layer.
+//!
+//! Everything an image format needs from the bytes underneath it is behind the [`Storage`] trait:
+//! positioned reads and writes, flush, size and truncate, write-zeroes and discard, allocation
+//! status, and the alignment a backend demands. Formats never see a file descriptor, so an
+//! io_uring engine or a network backend (NBD, iSCSI, RBD) slots in as another `Storage`
+//! implementation without touching any format.
+
+mod error;
+mod file;
+
+pub use error::{Error, Result};
+pub use file::{FileOptions, FileStorage};
+
+use std::fmt::Debug;
+
+/// Alignment facts of a storage backend.
+///
+/// A caller that honours them never needs a bounce buffer: `memory` applies to buffer addresses,
+/// `request` to offsets and lengths. Buffered files report 1 for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alignment {
+    /// Required alignment of buffer addresses in memory.
+    pub memory: usize,
+    /// Required alignment of request offsets and lengths.
+    pub request: usize,
+}
+
+impl Default for Alignment {
+    fn default() -> Self {
+        Alignment {
+            memory: 1,
+            request: 1,
+        }
+    }
+}
+
+/// Whether a byte range of the storage holds data or is a hole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// The range is allocated (it may still contain zeros).
+    Data,
+    /// The range is a hole and reads as zeros.
+    Hole,
+}
+
+/// A byte-addressed store: a file, a block device, a network disk.
+///
+/// All methods take `&self` so that a storage can be shared by several requests in flight;
+/// implementations synchronise internally where they must.
+pub trait Storage: Send + Sync + Debug {
+    /// A name for error messages: the file name or URL.
+    fn name(&self) -> &str;
+
+    /// Current size in bytes.
+    fn size(&self) -> Result<u64>;
+
+    /// Reads exactly `buf.len()` bytes at `offset`; a read that crosses the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the storage if it is a file.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Sets the size, cutting or extending (with zeros) the end.
+    fn truncate(&self, size: u64) -> Result<()>;
+
+    /// Makes `len` bytes at `offset` read as zeros. With `may_unmap` the backend may deallocate
+    /// them; without it the range stays allocated.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+
+    /// Tells the backend that `len` bytes at `offset` are no longer needed. Afterwards they read
+    /// as zeros on a file; a backend that cannot discard does nothing.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Allocation status of the range starting at `offset`: the status of the first byte, and
+    /// how many bytes from `offset` (at most `len`) share it.
+    fn allocation(&self, offset: u64, len: u64) -> Result<(Allocation, u64)>;
+
+    /// The alignment this backend demands of requests.
+    fn alignment(&self) -> Alignment {
+        Alignment::default()
+    }
+
+    /// Whether the storage was opened read-only.
+    fn is_read_only(&self) -> bool;
+}

@@ -1,0 +1,154 @@
+//! The interface every image format implements: mapping and allocation, nothing else.
+
+use crate::Result;
+use blockdev::Storage;
+use std::sync::Arc;
+
+/// Where the bytes of a guest range live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Stored uncompressed at `offset` in the format's data storage.
+    Data {
+        /// Host offset of the first guest byte of the extent.
+        offset: u64,
+        /// Whether the data may be overwritten in place (qcow2: the cluster's refcount is 1).
+        writable: bool,
+    },
+    /// Reads as zeros; nothing underneath is consulted.
+    Zero,
+    /// Not allocated in this image: the backing image (or zeros without one) holds the data.
+    Unallocated,
+    /// Stored compressed; the extent lies inside one guest cluster.
+    Compressed {
+        /// Host offset of the compressed bytes.
+        offset: u64,
+        /// Number of compressed bytes to read.
+        len: u64,
+    },
+}
+
+/// A guest range that maps uniformly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// How the range is stored.
+    pub mapping: Mapping,
+    /// Length of the range in bytes (never zero for a request of non-zero length).
+    pub len: u64,
+}
+
+/// Fresh host space reserved for a guest range, invisible to readers until it is committed.
+///
+/// The generic access path fills the whole range (copying the parts a request does not cover
+/// from the old content) and then calls [`Format::commit`]; that ordering is what keeps an
+/// L2 entry from ever pointing at unwritten data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// Guest offset of the reserved range (cluster aligned).
+    pub guest_offset: u64,
+    /// Host offset of the reserved range in the data storage.
+    pub host_offset: u64,
+    /// Length of the range (a whole number of clusters).
+    pub len: u64,
+}
+
+/// How a format should make a range read as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// Keep the space allocated.
+    Keep,
+    /// Space may be freed.
+    MayUnmap,
+}
+
+/// Format-specific facts for `img info`.
+#[derive(Clone, Debug, Default)]
+pub struct FormatInfo {
+    /// Cluster size, where the format has clusters.
+    pub cluster_size: Option<u64>,
+    /// Key/value facts in the order `img info` prints them ("compat", "lazy refcounts", ...),
+    /// with their JSON rendering.
+    pub specific: Option<serde_json::Value>,
+    /// Whether the image was left dirty (qcow2 dirty bit).
+    pub dirty: bool,
+    /// Whether the image is marked corrupt.
+    pub corrupt: bool,
+    /// The backing file the image names, if any.
+    pub backing_file: Option<String>,
+    /// The backing file's format, if the image records it.
+    pub backing_format: Option<String>,
+}
+
+/// An image format: a mapping provider over storage.
+///
+/// All methods take `&self`; formats keep their metadata behind their own lock so that data I/O
+/// of several requests can run outside it.
+pub trait Format: Send + Sync {
+    /// The driver name, as qemu spells it (`raw`, `qcow2`).
+    fn driver(&self) -> &'static str;
+
+    /// The image file's name, for messages.
+    fn file_name(&self) -> &str;
+
+    /// The virtual disk size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// The storage that holds the image's metadata (the image file itself).
+    fn file(&self) -> &Arc<dyn Storage>;
+
+    /// The storage that [`Mapping::Data`] offsets refer to.
+    fn data_file(&self) -> &Arc<dyn Storage>;
+
+    /// The granularity of allocation: writes smaller than this copy the rest of the unit.
+    fn cluster_size(&self) -> u64;
+
+    /// Maps the guest range `[offset, offset + len)`: returns how its first part is stored and
+    /// how long that part is. `offset + len` never exceeds the virtual size.
+    fn map(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// Decompresses the compressed cluster whose bytes are `compressed` into `out`, which is
+    /// exactly one cluster long.
+    fn decompress(&self, compressed: &[u8], out: &mut [u8]) -> Result<()> {
+        let _ = (compressed, out);
+        Err(crate::Error::unsupported(
+            self.file_name(),
+            "compressed data in this format",
+        ))
+    }
+
+    /// Reserves fresh host space for the clusters covering `[offset, offset + len)`, or a
+    /// prefix of them; the returned allocation starts at the cluster containing `offset`.
+    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation>;
+
+    /// Makes a filled allocation visible (writes the mapping), releasing what it replaces.
+    fn commit(&self, allocation: Allocation) -> Result<()>;
+
+    /// Makes whole clusters in `[offset, offset + len)` read as zeros through metadata alone.
+    /// Returns the number of bytes from `offset` handled; 0 means the caller must write zeros
+    /// itself for the first cluster (it is partial, or the format cannot express zeros).
+    fn zero_clusters(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<u64>;
+
+    /// Drops the whole clusters in `[offset, offset + len)`; afterwards they read as zeros
+    /// (or from the backing image). Partial clusters are left alone, as in qemu.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Writes one whole guest cluster compressed. Formats without compression return
+    /// `Ok(false)` and the caller writes the data normally.
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let _ = (offset, data);
+        Ok(false)
+    }
+
+    /// Writes all cached metadata in the required order and makes everything durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Flushes and marks the image clean; called once when the image is closed.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
+    /// Facts for `img info`.
+    fn info(&self) -> FormatInfo;
+
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+}

@@ -1,0 +1,73 @@
+//! Opening images: format probing and the policy of what may be opened how.
+
+use crate::qcow2::{Qcow2, Qcow2OpenOptions};
+use crate::raw::Raw;
+use crate::{Error, Format, Image, Result};
+use blockdev::{FileOptions, FileStorage, Storage};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// The format, or `None` to probe.
+    pub format: Option<String>,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Bypass the host page cache (cache=none / directsync).
+    pub direct: bool,
+    /// qcow2 L2 cache size in bytes.
+    pub l2_cache_size: Option<u64>,
+    /// qcow2 refcount cache size in bytes.
+    pub refcount_cache_size: Option<u64>,
+}
+
+/// The formats this build knows, as `-f` spells them.
+pub const FORMATS: &[&str] = &["qcow2", "raw"];
+
+/// Guesses the format of `storage` from its first bytes. Anything that is not recognised is
+/// raw, exactly as qemu-img probes.
+pub fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
+    let mut magic = [0u8; 4];
+    if storage.size()? >= 4 {
+        storage.read_at(&mut magic, 0)?;
+        if u32::from_be_bytes(magic) == crate::qcow2::header::MAGIC {
+            return Ok("qcow2");
+        }
+    }
+    Ok("raw")
+}
+
+/// Opens the image at `path`.
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
+        path,
+        FileOptions {
+            read_only: opts.read_only,
+            direct: opts.direct,
+            create: false,
+        },
+    )?);
+    open_storage(storage, opts)
+}
+
+/// Opens an image on already opened storage.
+pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+    let driver = match opts.format.as_deref() {
+        Some(f) => f.to_string(),
+        None => probe_format(storage.as_ref())?.to_string(),
+    };
+    let format: Box<dyn Format> = match driver.as_str() {
+        "raw" => Box::new(Raw::open(storage)?),
+        "qcow2" => Box::new(Qcow2::open(
+            storage,
+            &Qcow2OpenOptions {
+                read_only: opts.read_only,
+                l2_cache_size: opts.l2_cache_size,
+                refcount_cache_size: opts.refcount_cache_size,
+            },
+        )?),
+        other => return Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
+    };
+    Ok(Image::new(format, None))
+}

@@ -1,0 +1,723 @@
+//! qcow2: versions 2 and 3, every cluster size and refcount width.
+//!
+//! The driver maps guest offsets through the L1 and L2 tables and allocates clusters; the
+//! generic [`Image`](crate::Image) path does the I/O. Metadata lives under one lock and data
+//! I/O runs outside it.
+//!
+//! Ordering (what a crash may and may not leave behind):
+//! - cluster data is written before the L2 entry that points to it: entries change only in the
+//!   cache, and a flush writes them after an fdatasync;
+//! - refcount increments reach the disk (and an fdatasync) before any L2 or L1 entry that
+//!   relies on them;
+//! - decrements are applied only after the entries that dropped the references are durable,
+//!   so a crash leaks clusters at worst and never points two users at one cluster.
+
+pub mod cache;
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod header;
+pub mod l2;
+pub mod refcount;
+
+pub use create::{create, Qcow2CreateOptions};
+pub use header::{CompressionType, Header};
+
+use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
+use crate::{Error, Result};
+use blockdev::Storage;
+use cache::MetaCache;
+use header::{incompat, offsets};
+use l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK, ZERO};
+use refcount::Refcounts;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Options for opening a qcow2 image.
+#[derive(Clone, Debug, Default)]
+pub struct Qcow2OpenOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// L2 cache size in bytes (None: enough for the whole disk, at most 32 MiB, as qemu).
+    pub l2_cache_size: Option<u64>,
+    /// Refcount block cache size in bytes (None: qemu's default).
+    pub refcount_cache_size: Option<u64>,
+}
+
+/// Metadata state, all under one lock.
+struct Meta {
+    l1: Vec<u64>,
+    l1_offset: u64,
+    l1_dirty: BTreeSet<usize>,
+    l2: MetaCache,
+    refcounts: Refcounts,
+    /// Next free byte in the host cluster that takes compressed clusters, or 0.
+    compressed_cursor: u64,
+    /// Incompatible feature bits as they are on disk.
+    incompatible: u64,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    file: Arc<dyn Storage>,
+    header: Header,
+    read_only: bool,
+    cluster_bits: u32,
+    meta: Mutex<Meta>,
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on `file`.
+    pub fn open(file: Arc<dyn Storage>, opts: &Qcow2OpenOptions) -> Result<Self> {
+        let name = file.name().to_string();
+        let file_size = file.size()?;
+        let mut first = vec![0u8; file_size.min(105) as usize];
+        file.read_at(&mut first, 0)?;
+        // The cluster size decides how much of the file holds header extensions.
+        let cluster_bits = if first.len() >= 24 {
+            u32::from_be_bytes(first[20..24].try_into().expect("4"))
+        } else {
+            0
+        };
+        if (9..=21).contains(&cluster_bits) {
+            first.resize(file_size.min(1 << cluster_bits) as usize, 0);
+            file.read_at(&mut first, 0)?;
+        }
+        let header = Header::parse(&name, &first, file_size)?;
+        if let Some(backing) = &header.backing_file {
+            return Err(Error::unsupported(
+                &name,
+                format!("Opening backing file '{backing}' (backing files are not supported yet; the image cannot be read without it)"),
+            ));
+        }
+        let read_only = opts.read_only || file.is_read_only();
+        if header.is_corrupt() && !read_only {
+            return Err(Error::invalid(
+                &name,
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        if header.is_dirty() && !read_only {
+            // As qemu: an image left dirty (lazy refcounts, or a crash) has its refcounts
+            // rebuilt before anything is written.
+            check::check(&file, check::Fix::ALL)?;
+        }
+        // Re-read the header: a repair may have moved the refcount table.
+        let header = if header.is_dirty() && !read_only {
+            file.read_at(&mut first, 0)?;
+            Header::parse(&name, &first, file.size()?)?
+        } else {
+            header
+        };
+        let cs = header.cluster_size();
+        let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
+        file.read_at(&mut raw_l1, header.l1_table_offset)?;
+        let l1: Vec<u64> = raw_l1
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect();
+
+        let l2_tables = match opts.l2_cache_size {
+            Some(bytes) => (bytes / cs).max(2) as usize,
+            None => {
+                // Enough to map the whole disk, capped at 32 MiB of tables.
+                let covered_per_table = cs * (cs / 8);
+                let need = header.size.div_ceil(covered_per_table).max(1);
+                need.min((32 << 20) / cs).max(2) as usize
+            }
+        };
+        let refblock_tables = match opts.refcount_cache_size {
+            Some(bytes) => (bytes / cs).max(2) as usize,
+            None => ((256 << 10) / cs).max(4) as usize,
+        };
+        let refcounts = Refcounts::load(
+            file.as_ref(),
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            refblock_tables,
+        )?;
+        let meta = Meta {
+            l1,
+            l1_offset: header.l1_table_offset,
+            l1_dirty: BTreeSet::new(),
+            l2: MetaCache::new(l2_tables, cs as usize),
+            refcounts,
+            compressed_cursor: 0,
+            incompatible: header.incompatible_features,
+        };
+        let q = Qcow2 {
+            cluster_bits: header.cluster_bits,
+            file,
+            header,
+            read_only,
+            meta: Mutex::new(meta),
+        };
+        if !read_only {
+            q.clear_unknown_autoclear()?;
+        }
+        Ok(q)
+    }
+
+    /// The header as it was when the image was opened.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_entries(&self) -> u64 {
+        self.cs() / 8
+    }
+
+    fn name(&self) -> &str {
+        self.file.name()
+    }
+
+    /// We keep no bitmaps, so a bitmaps extension must be declared stale before we write, as
+    /// the spec requires of implementations that do not understand autoclear bits.
+    fn clear_unknown_autoclear(&self) -> Result<()> {
+        if self.header.version >= 3 && self.header.autoclear_features != 0 {
+            self.file
+                .write_at(&0u64.to_be_bytes(), offsets::AUTOCLEAR)?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: self.name().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// With lazy refcounts, qemu marks the image dirty before the first metadata change; we
+    /// keep refcounts exact regardless, so the bit only tells a crashed image to be checked.
+    fn mark_dirty(&self, meta: &mut Meta) -> Result<()> {
+        if self.header.lazy_refcounts() && meta.incompatible & incompat::DIRTY == 0 {
+            meta.incompatible |= incompat::DIRTY;
+            self.file
+                .write_at(&meta.incompatible.to_be_bytes(), offsets::INCOMPATIBLE)?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The L2 table offset for guest L1 index `l1i`, validated; 0 when unallocated.
+    fn l2_offset(&self, meta: &Meta, l1i: usize) -> Result<u64> {
+        let Some(&e) = meta.l1.get(l1i) else {
+            return Ok(0);
+        };
+        let off = e & OFFSET_MASK;
+        if off % self.cs() != 0 {
+            return Err(Error::corrupt(
+                self.name(),
+                meta.l1_offset + l1i as u64 * 8,
+                format!("L2 table offset {off:#x} is not cluster aligned (L1 index {l1i})"),
+            ));
+        }
+        Ok(off)
+    }
+
+    fn entry_at(&self, meta: &mut Meta, l2_off: u64, l2i: usize) -> Result<L2Entry> {
+        let table = meta.l2.get(self.file.as_ref(), l2_off)?;
+        let e = L2Entry::decode(table_entry(table, l2i), self.cluster_bits);
+        if let L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } = e {
+            if offset % self.cs() != 0 {
+                return Err(Error::corrupt(
+                    self.name(),
+                    l2_off + l2i as u64 * 8,
+                    format!("data cluster offset {offset:#x} is not cluster aligned"),
+                ));
+            }
+        }
+        Ok(e)
+    }
+
+    /// The L2 table for `l1i`, ready to be modified: allocated if missing, copied if shared.
+    fn l2_for_write(&self, meta: &mut Meta, l1i: usize) -> Result<u64> {
+        let entry = meta.l1[l1i];
+        let old = self.l2_offset(meta, l1i)?;
+        if old != 0 && entry & COPIED != 0 {
+            return Ok(old);
+        }
+        let file = self.file.as_ref();
+        let new = meta.refcounts.alloc(file, 1)? << self.cluster_bits;
+        let data = if old != 0 {
+            let d = meta.l2.get(file, old)?.to_vec();
+            meta.refcounts.free_later(old >> self.cluster_bits);
+            d
+        } else {
+            vec![0u8; self.cs() as usize]
+        };
+        meta.l2.insert_new(new, data);
+        meta.l1[l1i] = new | COPIED;
+        meta.l1_dirty.insert(l1i);
+        Ok(new)
+    }
+
+    /// Queues the release of the host clusters an old L2 entry referenced.
+    fn release(&self, meta: &mut Meta, old: L2Entry) {
+        if let Some((first, n)) = old.host_clusters(self.cluster_bits) {
+            for c in first..first + n {
+                meta.refcounts.free_later(c);
+            }
+        }
+    }
+
+    /// Replaces L2 entry `gc` (guest cluster index) and releases what the old entry held.
+    fn set_entry(&self, meta: &mut Meta, gc: u64, value: u64) -> Result<()> {
+        let (l1i, l2i) = self.split(gc);
+        let l2_off = self.l2_for_write(meta, l1i)?;
+        let old = self.entry_at(meta, l2_off, l2i)?;
+        let table = meta.l2.get_mut(self.file.as_ref(), l2_off)?;
+        set_table_entry(table, l2i, value);
+        self.release(meta, old);
+        Ok(())
+    }
+
+    fn split(&self, guest_cluster: u64) -> (usize, usize) {
+        let n = self.l2_entries();
+        ((guest_cluster / n) as usize, (guest_cluster % n) as usize)
+    }
+
+    /// Guest clusters from `gc` to the end of its L2 table.
+    fn clusters_left_in_table(&self, gc: u64) -> u64 {
+        self.l2_entries() - gc % self.l2_entries()
+    }
+
+    /// The current entry of guest cluster `gc` (Unallocated where no L2 table exists).
+    fn lookup(&self, meta: &mut Meta, gc: u64) -> Result<L2Entry> {
+        let (l1i, l2i) = self.split(gc);
+        let l2_off = self.l2_offset(meta, l1i)?;
+        if l2_off == 0 {
+            return Ok(L2Entry::Unallocated);
+        }
+        self.entry_at(meta, l2_off, l2i)
+    }
+
+    /// Writes metadata out in dependency order if the caches have overgrown.
+    fn flush_if_over_capacity(&self, meta: &mut Meta) -> Result<()> {
+        if meta.l2.over_capacity() || meta.refcounts.over_capacity() {
+            self.flush_meta(meta)?;
+        }
+        Ok(())
+    }
+
+    /// The ordered flush: refcounts, sync, L2 tables, sync, L1, sync, then the decrements that
+    /// became safe, and a final sync.
+    fn flush_meta(&self, meta: &mut Meta) -> Result<()> {
+        let file = self.file.as_ref();
+        let l1_dirty = !meta.l1_dirty.is_empty();
+        let refs_written = meta.refcounts.flush(file)?;
+        if refs_written && (meta.l2.has_dirty() || l1_dirty) {
+            file.flush()?;
+        }
+        let l2_written = meta.l2.write_dirty(file)? > 0;
+        if l1_dirty {
+            if l2_written {
+                file.flush()?;
+            }
+            for &i in &meta.l1_dirty {
+                file.write_at(&meta.l1[i].to_be_bytes(), meta.l1_offset + i as u64 * 8)?;
+            }
+            meta.l1_dirty.clear();
+        }
+        if meta.refcounts.has_pending_frees() {
+            file.flush()?;
+            let freed = meta.refcounts.apply_pending_frees(file)?;
+            for c in freed {
+                // A freed L2 table must not be served from the cache if its cluster is reused.
+                meta.l2.forget(c << self.cluster_bits);
+                if meta.compressed_cursor >> self.cluster_bits == c {
+                    meta.compressed_cursor = 0;
+                }
+            }
+            meta.refcounts.flush(file)?;
+        }
+        file.flush()?;
+        Ok(())
+    }
+
+    /// Reserves `size` bytes for compressed data, sharing host clusters between compressed
+    /// clusters as qemu does. Each compressed cluster holds one reference on its host cluster.
+    fn alloc_compressed_bytes(&self, meta: &mut Meta, size: u64) -> Result<u64> {
+        let cs = self.cs();
+        let file = self.file.as_ref();
+        let cur = meta.compressed_cursor;
+        let off = if cur != 0 && cur % cs != 0 && cur % cs + size <= cs {
+            meta.refcounts.increment(file, cur >> self.cluster_bits)?;
+            cur
+        } else {
+            meta.refcounts.alloc(file, 1)? << self.cluster_bits
+        };
+        meta.compressed_cursor = if (off + size) % cs == 0 {
+            0
+        } else {
+            off + size
+        };
+        Ok(off)
+    }
+
+    /// Grows the active L1 table to `entries` entries (used by create and resize).
+    pub fn grow_l1(&self, entries: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut meta = self.lock();
+        if entries <= meta.l1.len() as u64 {
+            return Ok(());
+        }
+        if entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "'{}': an L1 table of {entries} entries is too large",
+                self.name()
+            )));
+        }
+        self.flush_meta(&mut meta)?;
+        let file = self.file.as_ref();
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(self.cs());
+        let new = meta.refcounts.alloc(file, clusters)? << self.cluster_bits;
+        let mut table = meta.l1.clone();
+        table.resize(entries as usize, 0);
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        file.write_at(&raw, new)?;
+        // The new table and its refcounts must be durable before the header points at them.
+        meta.refcounts.flush(file)?;
+        file.flush()?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new.to_be_bytes());
+        file.write_at(&hdr, offsets::L1_SIZE)?;
+        file.flush()?;
+        let old_off = meta.l1_offset;
+        let old_clusters = (meta.l1.len() as u64 * 8).div_ceil(self.cs());
+        if old_off != 0 {
+            for c in 0..old_clusters {
+                meta.refcounts
+                    .free_later((old_off >> self.cluster_bits) + c);
+            }
+        }
+        meta.l1 = table;
+        meta.l1_offset = new;
+        self.flush_meta(&mut meta)
+    }
+}
+
+impl Format for Qcow2 {
+    fn driver(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn file_name(&self) -> &str {
+        self.name()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    fn data_file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.cs()
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let cs = self.cs();
+        let gc = offset >> self.cluster_bits;
+        let in_cluster = offset & (cs - 1);
+        let len = len.min(self.clusters_left_in_table(gc) * cs - in_cluster);
+        let wanted = (in_cluster + len).div_ceil(cs);
+        let mut meta = self.lock();
+        let (l1i, l2i) = self.split(gc);
+        let l2_off = self.l2_offset(&meta, l1i)?;
+        if l2_off == 0 {
+            return Ok(Extent {
+                mapping: Mapping::Unallocated,
+                len,
+            });
+        }
+        let first = self.entry_at(&mut meta, l2_off, l2i)?;
+        let mut n = 1u64;
+        while n < wanted {
+            let next = self.entry_at(&mut meta, l2_off, l2i + n as usize)?;
+            let same = match (first, next) {
+                (
+                    L2Entry::Normal {
+                        offset: a,
+                        copied: ca,
+                    },
+                    L2Entry::Normal {
+                        offset: b,
+                        copied: cb,
+                    },
+                ) => b == a + n * cs && ca == cb,
+                (L2Entry::Unallocated, L2Entry::Unallocated) => true,
+                (
+                    L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
+                    L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
+                ) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            n += 1;
+        }
+        let ext_len = (n * cs - in_cluster).min(len);
+        let mapping = match first {
+            L2Entry::Normal { offset, copied } => Mapping::Data {
+                offset: offset + in_cluster,
+                writable: copied && !self.read_only,
+            },
+            L2Entry::Unallocated => Mapping::Unallocated,
+            L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. } => Mapping::Zero,
+            L2Entry::Compressed { offset, len } => Mapping::Compressed { offset, len },
+        };
+        Ok(Extent {
+            mapping,
+            len: ext_len,
+        })
+    }
+
+    fn decompress(&self, compressed: &[u8], out: &mut [u8]) -> Result<()> {
+        compress::decompress(self.header.compression_type, compressed, out)
+            .map_err(|reason| Error::corrupt(self.name(), 0, reason))
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
+        self.check_writable()?;
+        let cs = self.cs();
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len.max(1) - 1) >> self.cluster_bits;
+        let limit = (last - first + 1).min(self.clusters_left_in_table(first));
+        let mut meta = self.lock();
+        self.mark_dirty(&mut meta)?;
+        let mut n = 1;
+        while n < limit {
+            match self.lookup(&mut meta, first + n)? {
+                L2Entry::Normal { copied: true, .. } => break,
+                _ => n += 1,
+            }
+        }
+        let host = meta.refcounts.alloc(self.file.as_ref(), n)? << self.cluster_bits;
+        Ok(Allocation {
+            guest_offset: first * cs,
+            host_offset: host,
+            len: n * cs,
+        })
+    }
+
+    fn commit(&self, a: Allocation) -> Result<()> {
+        let mut meta = self.lock();
+        let first = a.guest_offset >> self.cluster_bits;
+        for i in 0..a.len >> self.cluster_bits {
+            let host = a.host_offset + (i << self.cluster_bits);
+            self.set_entry(&mut meta, first + i, host | COPIED)?;
+        }
+        self.flush_if_over_capacity(&mut meta)
+    }
+
+    fn zero_clusters(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<u64> {
+        self.check_writable()?;
+        let cs = self.cs();
+        if offset % cs != 0 {
+            return Ok(0);
+        }
+        let end = offset + len;
+        // The last cluster of a disk whose size is not cluster aligned counts as whole.
+        let whole_end = if end == self.header.size {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
+        if whole_end <= offset {
+            return Ok(0);
+        }
+        let gc = offset >> self.cluster_bits;
+        let n = ((whole_end - offset) >> self.cluster_bits).min(self.clusters_left_in_table(gc));
+        let mut meta = self.lock();
+        let v3 = self.header.version >= 3;
+        let backing = self.header.backing_file.is_some();
+        if !v3 && backing {
+            // Only a zero flag could hide the backing file's data; version 2 has none.
+            return Ok(0);
+        }
+        let (l1i, _) = self.split(gc);
+        if self.l2_offset(&meta, l1i)? == 0 && !backing {
+            // No L2 table: everything here is unallocated and reads as zeros already.
+            return Ok(n * cs);
+        }
+        self.mark_dirty(&mut meta)?;
+        for i in 0..n {
+            let old = self.lookup(&mut meta, gc + i)?;
+            let new = match (old, mode) {
+                (L2Entry::Unallocated, _) if backing => ZERO,
+                (L2Entry::Unallocated | L2Entry::ZeroPlain, _) => continue,
+                (
+                    L2Entry::Normal {
+                        offset,
+                        copied: true,
+                    },
+                    ZeroMode::Keep,
+                )
+                | (
+                    L2Entry::ZeroAlloc {
+                        offset,
+                        copied: true,
+                    },
+                    ZeroMode::Keep,
+                ) => {
+                    if !v3 {
+                        // Version 2 has no zero flag: the caller writes zeros in place.
+                        return Ok(i * cs);
+                    }
+                    // Keep the cluster, mark it zero (a "zero-allocated" cluster).
+                    let (l1i, l2i) = self.split(gc + i);
+                    let l2_off = self.l2_for_write(&mut meta, l1i)?;
+                    let table = meta.l2.get_mut(self.file.as_ref(), l2_off)?;
+                    set_table_entry(table, l2i, offset | COPIED | ZERO);
+                    continue;
+                }
+                _ if v3 => ZERO,
+                _ => 0,
+            };
+            self.set_entry(&mut meta, gc + i, new)?;
+        }
+        self.flush_if_over_capacity(&mut meta)?;
+        Ok(n * cs)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.cs();
+        let end = offset + len;
+        let start = offset.div_ceil(cs) * cs;
+        let end = if end == self.header.size {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
+        if end <= start {
+            return Ok(());
+        }
+        let new = if self.header.version >= 3 { ZERO } else { 0 };
+        let backing = self.header.backing_file.is_some();
+        let mut meta = self.lock();
+        self.mark_dirty(&mut meta)?;
+        let mut gc = start >> self.cluster_bits;
+        let end_gc = end >> self.cluster_bits;
+        while gc < end_gc {
+            let (l1i, _) = self.split(gc);
+            if self.l2_offset(&meta, l1i)? == 0 && !backing {
+                gc += self.clusters_left_in_table(gc);
+                continue;
+            }
+            match self.lookup(&mut meta, gc)? {
+                L2Entry::Unallocated if backing && new == ZERO => {
+                    self.set_entry(&mut meta, gc, new)?
+                }
+                L2Entry::Unallocated | L2Entry::ZeroPlain => {}
+                _ => self.set_entry(&mut meta, gc, new)?,
+            }
+            gc += 1;
+        }
+        self.flush_if_over_capacity(&mut meta)
+    }
+
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.check_writable()?;
+        let cs = self.cs();
+        if offset % cs != 0 || data.len() as u64 > cs {
+            return Ok(false);
+        }
+        let padded;
+        let input = if (data.len() as u64) < cs {
+            // The last cluster of the disk may be short; compress it zero-padded, as qemu.
+            padded = [data, &vec![0u8; (cs as usize) - data.len()]].concat();
+            &padded[..]
+        } else {
+            data
+        };
+        let Some(compressed) = compress::compress(self.header.compression_type, input, cs as usize)
+        else {
+            return Ok(false);
+        };
+        let mut meta = self.lock();
+        self.mark_dirty(&mut meta)?;
+        let len = compressed.len() as u64;
+        let host = self.alloc_compressed_bytes(&mut meta, len)?;
+        self.file.write_at(&compressed, host)?;
+        let entry = L2Entry::compressed(host, len, self.cluster_bits);
+        self.set_entry(&mut meta, offset >> self.cluster_bits, entry)?;
+        self.flush_if_over_capacity(&mut meta)?;
+        Ok(true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock();
+        self.flush_meta(&mut meta)
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.lock();
+        self.flush_meta(&mut meta)?;
+        if meta.incompatible & incompat::DIRTY != 0 {
+            meta.incompatible &= !incompat::DIRTY;
+            self.file
+                .write_at(&meta.incompatible.to_be_bytes(), offsets::INCOMPATIBLE)?;
+            self.file.flush()?;
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> FormatInfo {
+        let h = &self.header;
+        let mut data = serde_json::Map::new();
+        data.insert(
+            "compat".into(),
+            (if h.version >= 3 { "1.1" } else { "0.10" }).into(),
+        );
+        data.insert("compression-type".into(), h.compression_type.name().into());
+        data.insert("lazy-refcounts".into(), h.lazy_refcounts().into());
+        data.insert("refcount-bits".into(), h.refcount_bits().into());
+        if h.version >= 3 {
+            data.insert("corrupt".into(), h.is_corrupt().into());
+            data.insert("extended-l2".into(), false.into());
+        }
+        FormatInfo {
+            cluster_size: Some(h.cluster_size()),
+            specific: Some(serde_json::Value::Object(data)),
+            dirty: self.lock().incompatible & incompat::DIRTY != 0,
+            corrupt: h.is_corrupt(),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
