@@ -1,0 +1,47 @@
+//! The subcommands, one module each, and the dispatcher.
+
+mod check;
+mod compare;
+mod convert;
+mod create;
+mod info;
+
+use crate::{CliError, CmdResult};
+
+/// Runs the subcommand named by `args[0]`.
+pub fn dispatch(args: &[String]) -> CmdResult {
+    let Some(cmd) = args.first() else {
+        return Err(CliError::usage("Not enough arguments"));
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "create" => create::run(rest),
+        "info" => info::run(rest),
+        "check" => check::run(rest),
+        "convert" => convert::run(rest),
+        "compare" => compare::run(rest),
+        "-h" | "--help" | "help" => {
+            print_help();
+            Ok(0)
+        }
+        "-V" | "--version" => {
+            println!("img version {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        other => Err(CliError::usage(format!("Command not found: {other}"))),
+    }
+}
+
+fn print_help() {
+    println!(
+        "img version {} - a qemu-img compatible disk image utility\n\
+         usage: img [standard options] command [command options]\n\n\
+         Command syntax:\n  \
+         check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n  \
+         compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n  \
+         convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
+         create [-q] [-f fmt] [-o options] filename [size]\n  \
+         info [-f fmt] [--output=ofmt] [-U] filename\n",
+        env!("CARGO_PKG_VERSION")
+    );
+}
