@@ -349,14 +349,19 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Reserves `size` bytes for compressed data, sharing host clusters between compressed
-    /// clusters as qemu does. Each compressed cluster holds one reference on its host cluster.
+    /// Reserves `size` bytes for compressed data, packing compressed clusters back to back as
+    /// qemu does: a compressed cluster may continue into the next host cluster when that one
+    /// is free. Each compressed cluster holds one reference on every host cluster it touches.
     fn alloc_compressed_bytes(&self, meta: &mut Meta, size: u64) -> Result<u64> {
         let cs = self.cs();
         let file = self.file.as_ref();
         let cur = meta.compressed_cursor;
+        let cur_cluster = cur >> self.cluster_bits;
         let off = if cur != 0 && cur % cs != 0 && cur % cs + size <= cs {
-            meta.refcounts.increment(file, cur >> self.cluster_bits)?;
+            meta.refcounts.increment(file, cur_cluster)?;
+            cur
+        } else if cur != 0 && cur % cs != 0 && meta.refcounts.try_alloc_at(file, cur_cluster + 1)? {
+            meta.refcounts.increment(file, cur_cluster)?;
             cur
         } else {
             meta.refcounts.alloc(file, 1)? << self.cluster_bits
@@ -662,6 +667,9 @@ impl Format for Qcow2 {
         let mut meta = self.lock();
         self.mark_dirty(&mut meta)?;
         let len = compressed.len() as u64;
+        // The L2 table first, as qemu, so compressed data packs at the end of the file.
+        let (l1i, _) = self.split(offset >> self.cluster_bits);
+        self.l2_for_write(&mut meta, l1i)?;
         let host = self.alloc_compressed_bytes(&mut meta, len)?;
         self.file.write_at(&compressed, host)?;
         let entry = L2Entry::compressed(host, len, self.cluster_bits);
