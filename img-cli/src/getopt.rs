@@ -57,23 +57,20 @@ pub fn parse(args: &[String], specs: &[OptSpec]) -> Result<(Vec<Parsed>, Vec<Str
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (long, None),
             };
-            let spec = specs
-                .iter()
-                .find(|s| s.long == Some(name))
-                .ok_or_else(|| CliError::usage(format!("unrecognized option '--{name}'")))?;
+            let spec = find_long(specs, name)?;
             let value = if spec.has_arg {
                 match inline {
                     Some(v) => Some(v),
                     None => {
                         let v = args.get(i).cloned().ok_or_else(|| {
-                            CliError::usage(format!("option '--{name}' requires an argument"))
+                            CliError::option(format!("option '--{name}' requires an argument"))
                         })?;
                         i += 1;
                         Some(v)
                     }
                 }
             } else if inline.is_some() {
-                return Err(CliError::usage(format!(
+                return Err(CliError::option(format!(
                     "option '--{name}' doesn't allow an argument"
                 )));
             } else {
@@ -92,7 +89,7 @@ pub fn parse(args: &[String], specs: &[OptSpec]) -> Result<(Vec<Parsed>, Vec<Str
                 let spec = specs
                     .iter()
                     .find(|s| s.short == Some(c))
-                    .ok_or_else(|| CliError::usage(format!("invalid option -- '{c}'")))?;
+                    .ok_or_else(|| CliError::option(format!("invalid option -- '{c}'")))?;
                 let value = if spec.has_arg {
                     if j < chars.len() {
                         let v: String = chars[j..].iter().collect();
@@ -100,7 +97,7 @@ pub fn parse(args: &[String], specs: &[OptSpec]) -> Result<(Vec<Parsed>, Vec<Str
                         Some(v)
                     } else {
                         let v = args.get(i).cloned().ok_or_else(|| {
-                            CliError::usage(format!("option requires an argument -- '{c}'"))
+                            CliError::option(format!("option requires an argument -- '{c}'"))
                         })?;
                         i += 1;
                         Some(v)
@@ -118,6 +115,35 @@ pub fn parse(args: &[String], specs: &[OptSpec]) -> Result<(Vec<Parsed>, Vec<Str
         }
     }
     Ok((opts, pos))
+}
+
+/// Finds a long option by its full name or, as getopt_long does, by an unambiguous prefix.
+fn find_long<'a>(specs: &'a [OptSpec], name: &str) -> Result<&'a OptSpec, CliError> {
+    if let Some(s) = specs.iter().find(|s| s.long == Some(name)) {
+        return Ok(s);
+    }
+    let matches: Vec<&OptSpec> = if name.is_empty() {
+        Vec::new()
+    } else {
+        specs
+            .iter()
+            .filter(|s| s.long.is_some_and(|l| l.starts_with(name)))
+            .collect()
+    };
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(CliError::option(format!("unrecognized option '--{name}'"))),
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|s| format!("'--{}'", s.long.unwrap_or_default()))
+                .collect();
+            Err(CliError::option(format!(
+                "option '--{name}' is ambiguous; possibilities: {}",
+                names.join(" ")
+            )))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +170,11 @@ mod tests {
         assert_eq!(o[3].value.as_deref(), Some("json"));
         assert!(parse(&s(&["-x"]), &specs).is_err());
         assert!(parse(&s(&["-f"]), &specs).is_err());
+        let (o, _) = parse(&s(&["--out", "json", "--force"]), &specs).unwrap();
+        assert_eq!(o[0].name, "output");
+        assert_eq!(o[1].name, "force-share");
+        let e = parse(&s(&["--o", "x"]), &[opt(None, Some("on"), false), opt(None, Some("off"), false)])
+            .unwrap_err();
+        assert_eq!(e.message, "option '--o' is ambiguous; possibilities: '--on' '--off'");
     }
 }

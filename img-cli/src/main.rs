@@ -13,8 +13,11 @@ pub struct CliError {
     pub message: String,
     /// Process exit code.
     pub code: u8,
-    /// Whether to suggest `img --help` (usage errors).
+    /// Whether to suggest `img <command> --help` (usage errors).
     pub usage: bool,
+    /// An option-parsing error, printed as `img <command>: <message>` the way getopt reports
+    /// bad options.
+    pub option: bool,
 }
 
 impl CliError {
@@ -24,6 +27,7 @@ impl CliError {
             message: message.into(),
             code: 1,
             usage: false,
+            option: false,
         }
     }
 
@@ -33,6 +37,7 @@ impl CliError {
             message: message.into(),
             code,
             usage: false,
+            option: false,
         }
     }
 
@@ -42,6 +47,18 @@ impl CliError {
             message: message.into(),
             code: 1,
             usage: true,
+            option: false,
+        }
+    }
+
+    /// A bad option or option argument found while parsing the command line (exit code 1,
+    /// with a hint).
+    pub fn option(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: 1,
+            usage: true,
+            option: true,
         }
     }
 }
@@ -66,9 +83,18 @@ fn main() -> ExitCode {
     let code = match commands::dispatch(&args[1..]) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("img: {}", e.message);
+            // As qemu-img: hints name the subcommand when there is one.
+            let prog = match args.get(1).filter(|c| commands::is_command(c)) {
+                Some(cmd) => format!("img {cmd}"),
+                None => "img".to_string(),
+            };
+            if e.option {
+                eprintln!("{prog}: {}", e.message);
+            } else {
+                eprintln!("img: {}", e.message);
+            }
             if e.usage {
-                eprintln!("Try 'img --help' for more information");
+                eprintln!("Try '{prog} --help' for more info");
             }
             e.code
         }

@@ -8,6 +8,14 @@ mod info;
 
 use crate::{CliError, CmdResult};
 
+/// The subcommands, as they are named on the command line.
+const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info"];
+
+/// Whether `name` is a subcommand (error hints then name it).
+pub fn is_command(name: &str) -> bool {
+    COMMANDS.contains(&name)
+}
+
 /// Runs the subcommand named by `args[0]`.
 pub fn dispatch(args: &[String]) -> CmdResult {
     let Some(cmd) = args.first() else {
