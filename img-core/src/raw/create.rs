@@ -58,7 +58,16 @@ pub struct RawCreateOptions {
 /// Creates a raw image file.
 pub fn create(path: &Path, opts: &RawCreateOptions) -> Result<()> {
     let storage = FileStorage::create(path)?;
-    allocate(&storage, 0, opts.size, opts.preallocation)
+    allocate(&storage, 0, opts.size, opts.preallocation)?;
+    if opts.size > 0 && opts.preallocation != Preallocation::Full {
+        // As qemu: the first block of a new file is written, so that the alignment of the
+        // file can be probed later (and so that `disk size` matches qemu-img's images).
+        let first = if opts.size < 4096 { 512 } else { 4096 };
+        // Never past the end: qemu's sizes are whole sectors, but callers may pass any size.
+        let first = first.min(opts.size as usize);
+        storage.write_at(&[0u8; 4096][..first], 0)?;
+    }
+    Ok(())
 }
 
 /// Grows `storage` to `size`, preallocating the new part from `from`.
