@@ -58,16 +58,16 @@ impl Qcow2CreateOptions {
         }
         if self.version < 3 {
             if self.refcount_bits != 16 {
-                return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+                return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
             }
             if self.lazy_refcounts {
-                return bad("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+                return bad("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
             if self.compression_type != CompressionType::Zlib {
-                return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+                return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
             if self.extended_l2 {
-                return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+                return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
         }
         if self.extended_l2 {
