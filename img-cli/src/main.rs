@@ -1,8 +1,12 @@
 //! `img`: a disk image tool that accepts qemu-img's command lines and prints its output.
 
 mod commands;
+mod cvt;
 mod getopt;
+mod human;
+mod open;
 mod options;
+mod qjson;
 
 use std::process::ExitCode;
 
