@@ -31,6 +31,7 @@ use header::{incompat, offsets};
 use l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use refcount::Refcounts;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Options for opening a qcow2 image.
@@ -64,6 +65,8 @@ pub struct Qcow2 {
     read_only: bool,
     cluster_bits: u32,
     meta: Mutex<Meta>,
+    /// Set once corruption was found (and the corrupt bit written): no more writes.
+    marked_corrupt: AtomicBool,
 }
 
 impl Qcow2 {
@@ -153,6 +156,7 @@ impl Qcow2 {
             header,
             read_only,
             meta: Mutex::new(meta),
+            marked_corrupt: AtomicBool::new(false),
         };
         if !read_only {
             q.clear_unknown_autoclear()?;
@@ -198,7 +202,28 @@ impl Qcow2 {
                 file: self.name().to_string(),
             });
         }
+        if self.marked_corrupt.load(Ordering::Relaxed) {
+            return Err(Error::invalid(
+                self.name(),
+                "the image was marked corrupt; run 'img check -r all' before writing to it",
+            ));
+        }
         Ok(())
+    }
+
+    /// Builds the error for metadata found corrupt and, on a writable image, sets the corrupt
+    /// bit as qemu does, so that nothing (here or in qemu) writes through broken metadata.
+    fn corrupt(&self, meta: &Meta, offset: u64, reason: String) -> Error {
+        if !self.read_only && !self.marked_corrupt.swap(true, Ordering::Relaxed) {
+            let bits = meta.incompatible | incompat::CORRUPT;
+            // Best effort: the error below is what matters to the caller.
+            if self.header.version >= 3
+                && self.file.write_at(&bits.to_be_bytes(), offsets::INCOMPATIBLE).is_ok()
+            {
+                let _ = self.file.flush();
+            }
+        }
+        Error::corrupt(self.name(), offset, reason)
     }
 
     /// With lazy refcounts, qemu marks the image dirty before the first metadata change; we
@@ -220,8 +245,8 @@ impl Qcow2 {
         };
         let off = e & OFFSET_MASK;
         if off % self.cs() != 0 {
-            return Err(Error::corrupt(
-                self.name(),
+            return Err(self.corrupt(
+                meta,
                 meta.l1_offset + l1i as u64 * 8,
                 format!("L2 table offset {off:#x} is not cluster aligned (L1 index {l1i})"),
             ));
@@ -234,8 +259,8 @@ impl Qcow2 {
         let e = L2Entry::decode(table_entry(table, l2i), self.cluster_bits);
         if let L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } = e {
             if offset % self.cs() != 0 {
-                return Err(Error::corrupt(
-                    self.name(),
+                return Err(self.corrupt(
+                    meta,
                     l2_off + l2i as u64 * 8,
                     format!("data cluster offset {offset:#x} is not cluster aligned"),
                 ));
