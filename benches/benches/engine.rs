@@ -138,5 +138,10 @@ fn convert_raw_to_qcow2(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sequential_write, sequential_read, convert_raw_to_qcow2);
+criterion_group!(
+    benches,
+    sequential_write,
+    sequential_read,
+    convert_raw_to_qcow2
+);
 criterion_main!(benches);

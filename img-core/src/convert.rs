@@ -62,12 +62,7 @@ struct Copier<'a> {
 }
 
 impl Copier<'_> {
-    fn copy_image(
-        &mut self,
-        src: &Image,
-        base: u64,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    fn copy_image(&mut self, src: &Image, base: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         if self.opts.compress {
             return self.copy_compressed(src, base, progress);
         }

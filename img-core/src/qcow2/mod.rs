@@ -218,7 +218,10 @@ impl Qcow2 {
             let bits = meta.incompatible | incompat::CORRUPT;
             // Best effort: the error below is what matters to the caller.
             if self.header.version >= 3
-                && self.file.write_at(&bits.to_be_bytes(), offsets::INCOMPATIBLE).is_ok()
+                && self
+                    .file
+                    .write_at(&bits.to_be_bytes(), offsets::INCOMPATIBLE)
+                    .is_ok()
             {
                 let _ = self.file.flush();
             }
@@ -546,6 +549,9 @@ impl Format for Qcow2 {
                 _ => n += 1,
             }
         }
+        // The L2 table before the data, as qemu orders it, so layouts match qemu's.
+        let (l1i, _) = self.split(first);
+        self.l2_for_write(&mut meta, l1i)?;
         let host = meta.refcounts.alloc(self.file.as_ref(), n)? << self.cluster_bits;
         Ok(Allocation {
             guest_offset: first * cs,
