@@ -150,7 +150,7 @@ impl Copier<'_> {
                 let buf = &mut self.buf[..n as usize];
                 src.read_at(buf, pos)?;
                 if !is_zero(buf) {
-                    if abs % cs == 0 && (n == cs || abs + n == self.target.size()) {
+                    if abs.is_multiple_of(cs) && (n == cs || abs + n == self.target.size()) {
                         self.target.write_compressed(abs, buf)?;
                     } else {
                         self.target.write_at(buf, abs)?;

@@ -175,7 +175,7 @@ fn create_target(
                 match k.as_str() {
                     "cluster_size" => {
                         o.cluster_size = parse_size(v).ok_or_else(|| {
-                            CliError::new(format!("Parameter 'cluster_size' expects a size"))
+                            CliError::new("Parameter 'cluster_size' expects a size".to_string())
                         })?
                     }
                     "compat" => {

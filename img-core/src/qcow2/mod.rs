@@ -247,7 +247,7 @@ impl Qcow2 {
             return Ok(0);
         };
         let off = e & OFFSET_MASK;
-        if off % self.cs() != 0 {
+        if !off.is_multiple_of(self.cs()) {
             return Err(self.corrupt(
                 meta,
                 meta.l1_offset + l1i as u64 * 8,
@@ -385,16 +385,19 @@ impl Qcow2 {
         let file = self.file.as_ref();
         let cur = meta.compressed_cursor;
         let cur_cluster = cur >> self.cluster_bits;
-        let off = if cur != 0 && cur % cs != 0 && cur % cs + size <= cs {
-            meta.refcounts.increment(file, cur_cluster)?;
-            cur
-        } else if cur != 0 && cur % cs != 0 && meta.refcounts.try_alloc_at(file, cur_cluster + 1)? {
+        let in_cursor_cluster = cur != 0 && !cur.is_multiple_of(cs);
+        let fits = cur % cs + size <= cs;
+        // Either the bytes fit behind the cursor, or they may spill into the next cluster if
+        // that one is free; both start at the cursor and reference its cluster once more.
+        let off = if in_cursor_cluster
+            && (fits || meta.refcounts.try_alloc_at(file, cur_cluster + 1)?)
+        {
             meta.refcounts.increment(file, cur_cluster)?;
             cur
         } else {
             meta.refcounts.alloc(file, 1)? << self.cluster_bits
         };
-        meta.compressed_cursor = if (off + size) % cs == 0 {
+        meta.compressed_cursor = if (off + size).is_multiple_of(cs) {
             0
         } else {
             off + size
@@ -573,7 +576,7 @@ impl Format for Qcow2 {
     fn zero_clusters(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<u64> {
         self.check_writable()?;
         let cs = self.cs();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Ok(0);
         }
         let end = offset + len;
@@ -680,7 +683,7 @@ impl Format for Qcow2 {
     fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
         self.check_writable()?;
         let cs = self.cs();
-        if offset % cs != 0 || data.len() as u64 > cs {
+        if !offset.is_multiple_of(cs) || data.len() as u64 > cs {
             return Ok(false);
         }
         let padded;
