@@ -385,18 +385,21 @@ impl Qcow2 {
         let file = self.file.as_ref();
         let cur = meta.compressed_cursor;
         let cur_cluster = cur >> self.cluster_bits;
-        let in_cursor_cluster = cur != 0 && !cur.is_multiple_of(cs);
+        // A shared host cluster takes one more reference; with narrow refcounts (1 bit) it
+        // may already be full, and then a fresh cluster is started, as qemu does.
+        let in_cursor_cluster = cur != 0
+            && !cur.is_multiple_of(cs)
+            && meta.refcounts.get(file, cur_cluster)? < meta.refcounts.max_refcount();
         let fits = cur % cs + size <= cs;
         // Either the bytes fit behind the cursor, or they may spill into the next cluster if
         // that one is free; both start at the cursor and reference its cluster once more.
-        let off = if in_cursor_cluster
-            && (fits || meta.refcounts.try_alloc_at(file, cur_cluster + 1)?)
-        {
-            meta.refcounts.increment(file, cur_cluster)?;
-            cur
-        } else {
-            meta.refcounts.alloc(file, 1)? << self.cluster_bits
-        };
+        let off =
+            if in_cursor_cluster && (fits || meta.refcounts.try_alloc_at(file, cur_cluster + 1)?) {
+                meta.refcounts.increment(file, cur_cluster)?;
+                cur
+            } else {
+                meta.refcounts.alloc(file, 1)? << self.cluster_bits
+            };
         meta.compressed_cursor = if (off + size).is_multiple_of(cs) {
             0
         } else {
