@@ -12,6 +12,7 @@ use img_core::qcow2::{create::create_on, Qcow2CreateOptions};
 use img_core::OpenOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug)]
@@ -133,7 +134,8 @@ fn crash_image(log: &[Op], epochs: usize, keep: &mut dyn FnMut() -> bool) -> Vec
     disk
 }
 
-fn check_crash_image(bytes: &[u8], what: &str) {
+/// Checks a crash image; returns a hash of the guest content as img reads it.
+fn check_crash_image(bytes: &[u8], what: &str) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("crash.qcow2");
     std::fs::write(&p, bytes).unwrap();
@@ -168,17 +170,35 @@ fn check_crash_image(bytes: &[u8], what: &str) {
     .unwrap_or_else(|e| panic!("{what}: img cannot open the crash image: {e}"));
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
     while off < img.size() {
         let n = (buf.len() as u64).min(img.size() - off) as usize;
         img.read_at(&mut buf[..n], off)
             .unwrap_or_else(|e| panic!("{what}: read at {off} failed: {e}"));
+        buf[..n].hash(&mut hasher);
         off += n as u64;
     }
+    hasher.finish()
+}
+
+fn content_hash(disk: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for chunk in disk.chunks(1 << 20) {
+        chunk.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// What a workload left: the storage log, and for each completed `flush` of the image the
+/// number of storage flushes by then and the hash of the guest content at that moment.
+struct Recorded {
+    log: Vec<Op>,
+    durable: Vec<(usize, u64)>,
 }
 
 /// A workload that allocates data and L2 tables, overwrites compressed clusters, zeroes and
 /// discards (so clusters are freed and reused), and grows the refcount structure.
-fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Vec<Op> {
+fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Recorded {
     let storage = Arc::new(RecordingStorage::default());
     let size = 8u64 << 20;
     create_on(
@@ -193,6 +213,12 @@ fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Vec<Op> {
     .unwrap();
     let img = open_storage(storage.clone(), &OpenOptions::default()).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; size as usize];
+    let mut durable = Vec::new();
+    let flushes = |storage: &RecordingStorage| {
+        let s = storage.state.lock().unwrap();
+        s.1.iter().filter(|o| matches!(o, Op::Flush)).count()
+    };
     for i in 0..120 {
         let off = rng.random_range(0..size - 1);
         let len = rng.random_range(1..(size - off).min(3 * cluster_size + 1000));
@@ -201,25 +227,46 @@ fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Vec<Op> {
                 let mut data = vec![0u8; len as usize];
                 rng.fill_bytes(&mut data);
                 img.write_at(&data, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
-            5 => img.write_zeroes(off, len, rng.random_bool(0.5)).unwrap(),
-            6 => img.discard(off, len).unwrap(),
+            5 => {
+                img.write_zeroes(off, len, rng.random_bool(0.5)).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            6 => {
+                img.discard(off, len).unwrap();
+                // Whole clusters read as zeros afterwards; partial ones are untouched.
+                let start = off.div_ceil(cluster_size) * cluster_size;
+                let end = if off + len == size {
+                    size
+                } else {
+                    (off + len) / cluster_size * cluster_size
+                };
+                if start < end {
+                    model[start as usize..end as usize].fill(0);
+                }
+            }
             7 => {
                 let c = off / cluster_size * cluster_size;
                 let n = cluster_size.min(size - c) as usize;
-                img.write_compressed(c, &vec![(i % 250) as u8 + 1; n])
-                    .unwrap();
+                let data = vec![(i % 250) as u8 + 1; n];
+                img.write_compressed(c, &data).unwrap();
+                model[c as usize..c as usize + n].copy_from_slice(&data);
             }
-            _ => img.flush().unwrap(),
+            _ => {
+                img.flush().unwrap();
+                durable.push((flushes(&storage), content_hash(&model)));
+            }
         }
     }
     img.close().unwrap();
+    durable.push((flushes(&storage), content_hash(&model)));
     let log = storage.state.lock().unwrap().1.clone();
-    log
+    Recorded { log, durable }
 }
 
 fn crash_everywhere(cluster_size: u64, refcount_bits: u32, seed: u64) {
-    let log = workload(cluster_size, refcount_bits, seed);
+    let Recorded { log, durable } = workload(cluster_size, refcount_bits, seed);
     let epochs = log.iter().filter(|o| matches!(o, Op::Flush)).count();
     let mut rng = StdRng::seed_from_u64(7);
     // Every epoch boundary with nothing of the next epoch, all of it, and random halves.
@@ -243,6 +290,17 @@ fn crash_everywhere(cluster_size: u64, refcount_bits: u32, seed: u64) {
             }
             check_crash_image(&img, &what);
         }
+    }
+    // A crash right after a completed flush loses nothing.
+    for (e, hash) in durable {
+        let img = crash_image(&log, e, &mut || false);
+        let what =
+            format!("cluster {cluster_size}, seed {seed}, crash right after flush (epoch {e})");
+        assert_eq!(
+            check_crash_image(&img, &what),
+            hash,
+            "{what}: flushed data was lost"
+        );
     }
 }
 
