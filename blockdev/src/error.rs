@@ -18,7 +18,10 @@ pub enum Error {
         source: io::Error,
     },
     /// An I/O operation failed.
-    #[error("{op} failed on '{name}' at offset {offset:#x}: {}", os_message(source))]
+    #[error(
+        "{op} failed on '{name}' at offset {offset:#x}: {}",
+        os_message(source)
+    )]
     Io {
         /// What was being done: "read", "write", "flush", ...
         op: &'static str,

@@ -131,7 +131,9 @@ impl FileStorage {
 
     fn is_aligned(&self, addr: usize, offset: u64, len: usize) -> bool {
         let a = self.alignment;
-        addr % a.memory == 0 && offset % a.request as u64 == 0 && len % a.request == 0
+        addr.is_multiple_of(a.memory)
+            && offset.is_multiple_of(a.request as u64)
+            && len.is_multiple_of(a.request)
     }
 
     /// Reads the aligned range around `[offset, offset + len)` into a bounce buffer; bytes past

@@ -62,12 +62,7 @@ struct Copier<'a> {
 }
 
 impl Copier<'_> {
-    fn copy_image(
-        &mut self,
-        src: &Image,
-        base: u64,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    fn copy_image(&mut self, src: &Image, base: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
         if self.opts.compress {
             return self.copy_compressed(src, base, progress);
         }
@@ -155,7 +150,7 @@ impl Copier<'_> {
                 let buf = &mut self.buf[..n as usize];
                 src.read_at(buf, pos)?;
                 if !is_zero(buf) {
-                    if abs % cs == 0 && (n == cs || abs + n == self.target.size()) {
+                    if abs.is_multiple_of(cs) && (n == cs || abs + n == self.target.size()) {
                         self.target.write_compressed(abs, buf)?;
                     } else {
                         self.target.write_at(buf, abs)?;

@@ -139,15 +139,18 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         )));
     }
     if a.target_is_zero && !a.no_create {
-        return Err(CliError::new(
-            "--target-is-zero requires use of -n flag",
-        ));
+        return Err(CliError::new("--target-is-zero requires use of -n flag"));
     }
     Ok(a)
 }
 
 /// Creates the target image with the options given by `-o`.
-fn create_target(fmt: &str, path: &Path, size: u64, options: &[(String, String)]) -> Result<(), CliError> {
+fn create_target(
+    fmt: &str,
+    path: &Path,
+    size: u64,
+    options: &[(String, String)],
+) -> Result<(), CliError> {
     match fmt {
         "raw" => {
             let mut o = RawCreateOptions {
@@ -171,25 +174,34 @@ fn create_target(fmt: &str, path: &Path, size: u64, options: &[(String, String)]
             for (k, v) in options {
                 match k.as_str() {
                     "cluster_size" => {
-                        o.cluster_size = parse_size(v)
-                            .ok_or_else(|| CliError::new(format!("Parameter 'cluster_size' expects a size")))?
+                        o.cluster_size = parse_size(v).ok_or_else(|| {
+                            CliError::new("Parameter 'cluster_size' expects a size".to_string())
+                        })?
                     }
                     "compat" => {
                         o.version = match v.as_str() {
                             "0.10" | "v2" => 2,
                             "1.1" | "v3" => 3,
-                            _ => return Err(CliError::new(format!("Invalid compatibility level: '{v}'"))),
+                            _ => {
+                                return Err(CliError::new(format!(
+                                    "Invalid compatibility level: '{v}'"
+                                )))
+                            }
                         }
                     }
                     "refcount_bits" => {
                         o.refcount_bits = v.parse().map_err(|_| {
-                            CliError::new("Refcount width must be a power of two and may not exceed 64 bits")
+                            CliError::new(
+                                "Refcount width must be a power of two and may not exceed 64 bits",
+                            )
                         })?
                     }
                     "lazy_refcounts" => o.lazy_refcounts = parse_bool(k, v)?,
                     "compression_type" => {
                         o.compression_type = CompressionType::parse(v).ok_or_else(|| {
-                            CliError::new(format!("Parameter 'compression-type' does not accept value '{v}'"))
+                            CliError::new(format!(
+                                "Parameter 'compression-type' does not accept value '{v}'"
+                            ))
                         })?
                     }
                     "extended_l2" => o.extended_l2 = parse_bool(k, v)?,
