@@ -746,9 +746,10 @@ impl Format for Qcow2 {
             (if h.version >= 3 { "1.1" } else { "0.10" }).into(),
         );
         data.insert("compression-type".into(), h.compression_type.name().into());
-        data.insert("lazy-refcounts".into(), h.lazy_refcounts().into());
         data.insert("refcount-bits".into(), h.refcount_bits().into());
         if h.version >= 3 {
+            // qemu reports lazy refcounts only for version 3, where the feature exists.
+            data.insert("lazy-refcounts".into(), h.lazy_refcounts().into());
             data.insert("corrupt".into(), h.is_corrupt().into());
             data.insert("extended-l2".into(), false.into());
         }
