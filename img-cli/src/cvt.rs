@@ -138,9 +138,7 @@ pub fn parse_size(text: &str) -> Result<u64, NumError> {
             if j == digits_start || &s[digits_start..j] == b"." {
                 return Err(NumError::Invalid);
             }
-            let fraction: f64 = text[num_start..j]
-                .parse()
-                .map_err(|_| NumError::Invalid)?;
+            let fraction: f64 = text[num_start..j].parse().map_err(|_| NumError::Invalid)?;
             if !(0.0..=1.0).contains(&fraction) {
                 return Err(NumError::Invalid);
             }
@@ -209,9 +207,9 @@ mod tests {
             assert_eq!(parse_size(s), Ok(v), "{s:?}");
         }
         let invalid = [
-            "", "abc", "1.5", "1.5b", "0x10k", "1e3", "5 ", "1kB", "1KiB", "1M5", "1 k", "k",
-            ".k", ".", ".5", "1.5.5k", "0x10.5", "1.5ek", "1.5e-3k", "0xk", "0x", "00x10",
-            "1.5e3k", "1 ",
+            "", "abc", "1.5", "1.5b", "0x10k", "1e3", "5 ", "1kB", "1KiB", "1M5", "1 k", "k", ".k",
+            ".", ".5", "1.5.5k", "0x10.5", "1.5ek", "1.5e-3k", "0xk", "0x", "00x10", "1.5e3k",
+            "1 ",
         ];
         for s in invalid {
             assert_eq!(parse_size(s), Err(NumError::Invalid), "{s:?}");

@@ -173,8 +173,14 @@ mod tests {
         let (o, _) = parse(&s(&["--out", "json", "--force"]), &specs).unwrap();
         assert_eq!(o[0].name, "output");
         assert_eq!(o[1].name, "force-share");
-        let e = parse(&s(&["--o", "x"]), &[opt(None, Some("on"), false), opt(None, Some("off"), false)])
-            .unwrap_err();
-        assert_eq!(e.message, "option '--o' is ambiguous; possibilities: '--on' '--off'");
+        let e = parse(
+            &s(&["--o", "x"]),
+            &[opt(None, Some("on"), false), opt(None, Some("off"), false)],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "option '--o' is ambiguous; possibilities: '--on' '--off'"
+        );
     }
 }

@@ -76,11 +76,25 @@ impl ImageSpec {
                     return Err(fail(format!("Unknown protocol driver '{v}'")))
                 }
                 // Options that change nothing this tool does.
-                "file.driver" | "node-name" | "read-only" | "auto-read-only" | "force-share"
-                | "discard" | "detect-zeroes" | "cache.direct" | "cache.no-flush"
-                | "file.node-name" | "file.locking" | "file.aio" | "file.cache.direct"
-                | "file.cache.no-flush" | "l2-cache-size" | "refcount-cache-size"
-                | "cache-size" | "locking" | "aio" => {}
+                "file.driver"
+                | "node-name"
+                | "read-only"
+                | "auto-read-only"
+                | "force-share"
+                | "discard"
+                | "detect-zeroes"
+                | "cache.direct"
+                | "cache.no-flush"
+                | "file.node-name"
+                | "file.locking"
+                | "file.aio"
+                | "file.cache.direct"
+                | "file.cache.no-flush"
+                | "l2-cache-size"
+                | "refcount-cache-size"
+                | "cache-size"
+                | "locking"
+                | "aio" => {}
                 other => {
                     let what = match driver.as_deref() {
                         Some("file") | None if other.starts_with("file.") => {
@@ -92,7 +106,9 @@ impl ImageSpec {
                         Some("file") => {
                             format!("Block protocol 'file' does not support the option '{other}'")
                         }
-                        Some(d) => format!("Block format '{d}' does not support the option '{other}'"),
+                        Some(d) => {
+                            format!("Block format '{d}' does not support the option '{other}'")
+                        }
                         None => format!("Invalid parameter '{other}'"),
                     };
                     return Err(fail(what));
@@ -198,7 +214,9 @@ mod tests {
             "Could not open 'x.qcow2': Cannot find device='x.qcow2' nor node-name='x.qcow2'"
         );
         let e = ImageSpec::from_image_opts("driver=qcow2").unwrap_err();
-        assert!(e.message.ends_with("A block device must be specified for \"file\""));
+        assert!(e
+            .message
+            .ends_with("A block device must be specified for \"file\""));
         let e = ImageSpec::from_image_opts("driver=qcow2,file.filename=a,foo=bar").unwrap_err();
         assert!(e
             .message

@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod open;
+pub mod ops;
 pub mod qcow2;
 pub mod raw;
 pub mod size;

@@ -171,7 +171,12 @@ const QCOW2_OPTS: &[Desc] = &[
         None,
     ),
     d("backing_file", Kind::Str, "File name of a base image", None),
-    d("backing_fmt", Kind::Str, "Image format of the base image", None),
+    d(
+        "backing_fmt",
+        Kind::Str,
+        "Image format of the base image",
+        None,
+    ),
     d(
         "data_file",
         Kind::Str,
@@ -471,7 +476,7 @@ fn valid_option_list(s: &str) -> bool {
         return false;
     }
     let trailing = s.len() - s.trim_end_matches(',').len();
-    trailing % 2 == 0
+    trailing & 1 == 0
 }
 
 /// A failure of `img create` after the file name is known: qemu prefixes those with it.
@@ -547,7 +552,9 @@ pub fn run(args: &[String]) -> CmdResult {
         if OTHER_FORMATS.contains(&fmt.as_str()) {
             return Err(named(
                 &filename,
-                format!("Creating '{fmt}' images is not supported yet (supported formats: raw, qcow2)"),
+                format!(
+                    "Creating '{fmt}' images is not supported yet (supported formats: raw, qcow2)"
+                ),
             ));
         }
         return Err(named(&filename, format!("Unknown file format '{fmt}'")));
@@ -563,7 +570,10 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     match (o.get("size").is_some(), img_size) {
         (true, Some(_)) => {
-            return Err(named(&filename, "The image size must be specified only once"))
+            return Err(named(
+                &filename,
+                "The image size must be specified only once",
+            ))
         }
         (false, Some(n)) => o
             .set("size", &n.to_string())
@@ -699,7 +709,8 @@ struct Qcow2Plan {
 
 /// qemu's qcow2 checks, in qemu's order, with its messages.
 fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
-    let enum_err = |param: &str, v: &str| format!("Parameter '{param}' does not accept value '{v}'");
+    let enum_err =
+        |param: &str, v: &str| format!("Parameter '{param}' does not accept value '{v}'");
     // The values are checked in the order of qemu's creation options structure.
     let mut unsupported: Option<String> = None;
     let mut note = |m: &str| {
@@ -728,7 +739,10 @@ fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
     if encrypt {
         note("Encrypted images are not supported yet");
     }
-    let cluster_size = o.get("cluster_size").and_then(|g| g.number).unwrap_or(65536);
+    let cluster_size = o
+        .get("cluster_size")
+        .and_then(|g| g.number)
+        .unwrap_or(65536);
     let prealloc = match o.text("preallocation") {
         None => Preallocation::Off,
         Some(p) => Preallocation::parse(p).map_err(|_| enum_err("preallocation", p))?,
@@ -743,9 +757,11 @@ fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
     let size = size.div_ceil(512).wrapping_mul(512);
 
     if extended_l2 && version < 3 {
-        return Err("Extended L2 entries are only supported with compatibility level 1.1 and \
+        return Err(
+            "Extended L2 entries are only supported with compatibility level 1.1 and \
                     above (use version=v3 or greater)"
-            .into());
+                .into(),
+        );
     }
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
         return Err("Cluster size must be a power of two between 512 and 2048k".into());
@@ -760,9 +776,11 @@ fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
         return Err("Backing format cannot be used without backing file".into());
     }
     if version < 3 && lazy_refcounts {
-        return Err("Lazy refcounts only supported with compatibility level 1.1 and above \
+        return Err(
+            "Lazy refcounts only supported with compatibility level 1.1 and above \
                     (use version=v3 or greater)"
-            .into());
+                .into(),
+        );
     }
     // qemu reads the width as a signed 64-bit number.
     let bits = refcount_bits as i64;
@@ -770,17 +788,21 @@ fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
         return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
     }
     if version < 3 && bits != 16 {
-        return Err("Different refcount widths than 16 bits require compatibility level 1.1 \
+        return Err(
+            "Different refcount widths than 16 bits require compatibility level 1.1 \
                     or above (use version=v3 or greater)"
-            .into());
+                .into(),
+        );
     }
     if data_file_raw && o.get("data_file").is_none() {
         return Err("data-file-raw requires data-file".into());
     }
     if compression_type != CompressionType::Zlib && version < 3 {
-        return Err("Non-zlib compression type is only supported with compatibility level \
+        return Err(
+            "Non-zlib compression type is only supported with compatibility level \
                     1.1 and above (use version=v3 or greater)"
-            .into());
+                .into(),
+        );
     }
     if size as i64 >= 0 {
         let l1 = qcow2::create::size_to_l1(size, cluster_size.trailing_zeros());

@@ -141,11 +141,9 @@ fn to_qvalue(v: &serde_json::Value) -> QValue {
         },
         serde_json::Value::String(s) => QValue::Str(s.clone()),
         serde_json::Value::Array(a) => QValue::List(a.iter().map(to_qvalue).collect()),
-        serde_json::Value::Object(o) => QValue::Dict(
-            o.iter()
-                .map(|(k, v)| (k.clone(), to_qvalue(v)))
-                .collect(),
-        ),
+        serde_json::Value::Object(o) => {
+            QValue::Dict(o.iter().map(|(k, v)| (k.clone(), to_qvalue(v))).collect())
+        }
         serde_json::Value::Null => QValue::Dict(Vec::new()),
     }
 }
@@ -173,9 +171,10 @@ fn allocated_bytes(path: &str) -> Option<u64> {
 fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
     let image = open::open(spec, true, Default::default())?;
     let fmt = image.format();
-    let file_len = fmt.file().size().map_err(|e| {
-        CliError::new(format!("Could not open '{}': {e}", spec.arg))
-    })?;
+    let file_len = fmt
+        .file()
+        .size()
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", spec.arg)))?;
     let file = file_node(&spec.path, file_len);
     if spec.protocol_only {
         return Ok(file);

@@ -1,0 +1,4 @@
+//! Whole-image operations built on the generic [`Image`](crate::Image) access path.
+
+pub mod compare;
+pub mod status;
