@@ -473,6 +473,11 @@ fn info_images() -> Images {
     let mut corrupt = fs::read(images.file("a.qcow2")).unwrap();
     corrupt[79] |= 2;
     fs::write(images.file("corrupt.qcow2"), corrupt).unwrap();
+    // Persistent dirty bitmaps, which info lists.
+    fs::copy(images.file("a.qcow2"), images.file("bitmaps.qcow2")).unwrap();
+    qemu_img_ok(d, &["bitmap", "--add", "bitmaps.qcow2", "b0"]);
+    qemu_img_ok(d, &["bitmap", "--add", "-g", "1M", "bitmaps.qcow2", "second"]);
+    qemu_img_ok(d, &["bitmap", "--add", "--disable", "bitmaps.qcow2", "third"]);
     images
 }
 
@@ -493,6 +498,7 @@ fn info_matches_qemu_for_qemu_made_images() {
         "odd.raw",
         "empty",
         "corrupt.qcow2",
+        "bitmaps.qcow2",
     ] {
         let human = assert_same_in(d, &["info", name]);
         assert!(human.stdout.starts_with(&format!("image: {name}\n")));

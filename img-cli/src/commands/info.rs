@@ -186,10 +186,15 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         _ => image.size() / 512 * 512,
     };
     let specific = info.specific.as_ref().map(|s| {
-        let data = match to_qvalue(s) {
+        let mut data = match to_qvalue(s) {
             QValue::Dict(d) => d,
             _ => Vec::new(),
         };
+        if fmt.driver() == "qcow2" {
+            if let Some(list) = crate::qcow2_bitmaps::bitmaps(fmt.file().as_ref()) {
+                data.push(("bitmaps".into(), QValue::List(list)));
+            }
+        }
         (fmt.driver().to_string(), data)
     });
     Ok(NodeInfo {
