@@ -46,10 +46,7 @@ pub fn bitmaps(file: &dyn Storage) -> Option<Vec<QValue>> {
     let count = be32(&extension.data, 0) as usize;
     let dir_size = be64(&extension.data, 8);
     let dir_offset = be64(&extension.data, 16);
-    if count == 0
-        || dir_size > MAX_DIRECTORY
-        || dir_offset.checked_add(dir_size)? > file_size
-    {
+    if count == 0 || dir_size > MAX_DIRECTORY || dir_offset.checked_add(dir_size)? > file_size {
         return None;
     }
     let mut dir = vec![0u8; dir_size as usize];

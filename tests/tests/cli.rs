@@ -476,8 +476,14 @@ fn info_images() -> Images {
     // Persistent dirty bitmaps, which info lists.
     fs::copy(images.file("a.qcow2"), images.file("bitmaps.qcow2")).unwrap();
     qemu_img_ok(d, &["bitmap", "--add", "bitmaps.qcow2", "b0"]);
-    qemu_img_ok(d, &["bitmap", "--add", "-g", "1M", "bitmaps.qcow2", "second"]);
-    qemu_img_ok(d, &["bitmap", "--add", "--disable", "bitmaps.qcow2", "third"]);
+    qemu_img_ok(
+        d,
+        &["bitmap", "--add", "-g", "1M", "bitmaps.qcow2", "second"],
+    );
+    qemu_img_ok(
+        d,
+        &["bitmap", "--add", "--disable", "bitmaps.qcow2", "third"],
+    );
     images
 }
 
