@@ -138,7 +138,8 @@ fn scenario(cfg: &Config, size: u64, bulk: u64) -> Vec<Op> {
         },
     ];
     // The bulk: unaligned writes of a little over 1 MiB each.
-    let bulk_start = 16 * MIB + 77;
+    // Past the clusters the operations above touch, so they stay visible.
+    let bulk_start = (16 * MIB).max(16 * c) + 77;
     let mut pos = bulk_start;
     let mut seed = 10u8;
     while pos < bulk_start + bulk {
@@ -463,8 +464,14 @@ fn img_compresses_qemu_reads() {
                 len: 50,
                 unmap: true,
             },
-            Op::Discard { off: 6 * cs - 1, len: cs + 2 }, // partial on both sides: no effect
-            Op::Discard { off: 8 * cs, len: cs },
+            Op::Discard {
+                off: 6 * cs - 1,
+                len: cs + 2,
+            }, // partial on both sides: no effect
+            Op::Discard {
+                off: 8 * cs,
+                len: cs,
+            },
             Op::Zero {
                 off: 10 * cs,
                 len: cs,
@@ -651,7 +658,10 @@ fn dirty_lazy_refcounts_image_is_repaired_on_open() {
 
         let img = open(&image, "qcow2", false);
         assert_image_matches_raw(&img, &reference);
-        let more = [Op::write(2 * MIB + 3, cs * 3, 3), Op::Discard { off: 0, len: cs }];
+        let more = [
+            Op::write(2 * MIB + 3, cs * 3, 3),
+            Op::Discard { off: 0, len: cs },
+        ];
         let ref_file = std::fs::OpenOptions::new()
             .write(true)
             .read(true)
@@ -717,11 +727,7 @@ fn unknown_header_extensions_are_preserved() {
         let image = dir.path().join("ext.qcow2");
         let reference = dir.path().join("ref.raw");
         let size = 64 * MIB;
-        qemu_create(
-            &image,
-            &format!("cluster_size={cs},refcount_bits=64"),
-            size,
-        );
+        qemu_create(&image, &format!("cluster_size={cs},refcount_bits=64"), size);
         let data = b"an extension nobody knows\x00\x01\x02";
         let kind = 0x7e57_da7a;
         let at = insert_header_extension(&image, kind, data);
@@ -759,11 +765,25 @@ fn unknown_header_extensions_are_preserved() {
         assert_qemu_check_clean(&image);
         assert_qemu_compare_identical(&image, "qcow2", &reference, "raw");
         // qemu still sees the extension and keeps it when it rewrites the header itself.
-        qemu_img(&["amend", "-f", "qcow2", "-o", "lazy_refcounts=on", &image.display().to_string()]);
+        qemu_img(&[
+            "amend",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &image.display().to_string(),
+        ]);
         let amended = std::fs::read(&image).unwrap();
-        let needle: Vec<u8> = kind.to_be_bytes().into_iter().chain((data.len() as u32).to_be_bytes()).chain(data.iter().copied()).collect();
+        let needle: Vec<u8> = kind
+            .to_be_bytes()
+            .into_iter()
+            .chain((data.len() as u32).to_be_bytes())
+            .chain(data.iter().copied())
+            .collect();
         assert!(
-            amended[..cs as usize].windows(needle.len()).any(|w| w == needle),
+            amended[..cs as usize]
+                .windows(needle.len())
+                .any(|w| w == needle),
             "qemu dropped the extension: it was not well formed"
         );
     }

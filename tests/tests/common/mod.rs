@@ -216,7 +216,12 @@ impl Op {
 /// The part of `[off, off + len)` that a discard drops: the whole clusters inside it, where
 /// the last cluster of a disk whose size is not cluster aligned counts as whole when the range
 /// reaches the end of the disk (as qemu does).
-pub fn discarded_range(off: u64, len: u64, cluster_size: u64, disk_size: u64) -> Option<(u64, u64)> {
+pub fn discarded_range(
+    off: u64,
+    len: u64,
+    cluster_size: u64,
+    disk_size: u64,
+) -> Option<(u64, u64)> {
     let start = off.div_ceil(cluster_size) * cluster_size;
     let end = off + len;
     let end = if end == disk_size {
