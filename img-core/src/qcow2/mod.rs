@@ -355,7 +355,14 @@ impl Qcow2 {
         let cs = self.cs();
         let file = self.file.as_ref();
         let cur = meta.compressed_cursor;
-        let off = if cur != 0 && cur % cs != 0 && cur % cs + size <= cs {
+        // A host cluster whose refcount is already at the width's maximum (1 with 1-bit
+        // refcounts) cannot take another compressed cluster; start a fresh one, as qemu does.
+        let share = cur != 0
+            && cur % cs != 0
+            && cur % cs + size <= cs
+            && meta.refcounts.get(file, cur >> self.cluster_bits)?
+                < meta.refcounts.max_refcount();
+        let off = if share {
             meta.refcounts.increment(file, cur >> self.cluster_bits)?;
             cur
         } else {
