@@ -411,18 +411,21 @@ fn qemu_compresses_img_reads() {
 
 #[test]
 fn img_compresses_qemu_reads() {
+    // (cluster size, version, refcount bits, compression): narrow refcounts limit how many
+    // compressed clusters may share one host cluster.
     let combos = [
-        (512u64, 2u32, CompressionType::Zlib),
-        (512, 3, CompressionType::Zstd),
-        (4096, 3, CompressionType::Zlib),
-        (4096, 3, CompressionType::Zstd),
-        (65536, 2, CompressionType::Zlib),
-        (65536, 3, CompressionType::Zlib),
-        (65536, 3, CompressionType::Zstd),
-        (2 * MIB, 3, CompressionType::Zlib),
-        (2 * MIB, 3, CompressionType::Zstd),
+        (512u64, 2u32, 16u32, CompressionType::Zlib),
+        (512, 3, 1, CompressionType::Zlib),
+        (512, 3, 2, CompressionType::Zstd),
+        (4096, 3, 16, CompressionType::Zlib),
+        (4096, 3, 64, CompressionType::Zstd),
+        (65536, 2, 16, CompressionType::Zlib),
+        (65536, 3, 16, CompressionType::Zlib),
+        (65536, 3, 1, CompressionType::Zstd),
+        (2 * MIB, 3, 16, CompressionType::Zlib),
+        (2 * MIB, 3, 16, CompressionType::Zstd),
     ];
-    for (cs, version, ctype) in combos {
+    for (cs, version, refcount_bits, ctype) in combos {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("c.qcow2");
         let reference = dir.path().join("ref.raw");
@@ -433,6 +436,7 @@ fn img_compresses_qemu_reads() {
                 size,
                 cluster_size: cs,
                 version,
+                refcount_bits,
                 compression_type: ctype,
                 ..Default::default()
             },
@@ -492,7 +496,7 @@ fn img_compresses_qemu_reads() {
         }
         img.close().unwrap();
         drop(ref_file);
-        let what = format!("cs {cs} v{version} {ctype:?}");
+        let what = format!("cs {cs} v{version} refcount_bits {refcount_bits} {ctype:?}");
         assert!(
             qemu_compressed_extents(&image) > 0,
             "{what}: qemu sees no compressed cluster"
