@@ -229,7 +229,7 @@ pub fn discarded_range(
     } else {
         end / cluster_size * cluster_size
     };
-    (end > start).then_some((start, end - start))
+    (end > start).then(|| (start, end - start))
 }
 
 /// Applies `op` to an image through the library API.
