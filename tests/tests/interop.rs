@@ -242,10 +242,31 @@ fn img_to_qemu(cfg: Config) {
     assert!(reads.len() >= 5, "too few uniform ranges to read back");
     qemu_io("qcow2", &image, &reads);
 
+    // Whenever the file outgrew what one refcount block describes, more blocks must exist
+    // (qemu-img check above vouches for their content).
+    let header = std::fs::read(&image).unwrap();
+    let cs = cfg.cluster_size;
+    let per_block = cs * 8 / cfg.refcount_bits as u64;
+    let file_clusters = (header.len() as u64).div_ceil(cs);
+    let table_off = u64::from_be_bytes(header[48..56].try_into().unwrap()) as usize;
+    let table_clusters = u32::from_be_bytes(header[56..60].try_into().unwrap()) as usize;
+    let blocks = header[table_off..table_off + table_clusters * cs as usize]
+        .chunks_exact(8)
+        .filter(|e| e.iter().any(|&b| b != 0))
+        .count() as u64;
+    assert!(
+        blocks >= file_clusters.div_ceil(per_block),
+        "{cfg:?}: {blocks} refcount blocks for {file_clusters} clusters"
+    );
+    if cs <= 4096 && cfg.refcount_bits >= 16 {
+        assert!(
+            blocks > 1,
+            "{cfg:?}: the bulk did not need a second refcount block"
+        );
+    }
+
     if cfg.cluster_size == 512 && cfg.refcount_bits >= 16 {
         // 10 MiB of 512-byte clusters need more refcount blocks than one table cluster holds.
-        let header = std::fs::read(&image).unwrap();
-        let table_clusters = u32::from_be_bytes(header[56..60].try_into().unwrap());
         assert!(
             table_clusters > 1,
             "{cfg:?}: the refcount table did not grow"
