@@ -496,3 +496,69 @@ fn declared_table_sizes_do_not_drive_memory() {
         "peak RSS {after_kib} KiB after opening images with huge declared tables"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Random damage: whatever happens, no panic, and errors name the file.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn random_metadata_damage_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_image(dir.path());
+    // The clusters that hold metadata: header, refcount table, refcount block, L1, L2, and the
+    // compressed data.
+    let reftable = base.reftable_offset as usize;
+    let refblock = (be64(&base.bytes, reftable) & !0x1ff) as usize;
+    let regions = [
+        (0usize, 512usize),
+        (reftable, 64),
+        (refblock, 64),
+        (base.l1_offset as usize, 64),
+        (base.l2_offset as usize, 64),
+        (base.compressed_offset as usize, 512),
+    ];
+    // Fixed by default so CI is deterministic; IMG_HOSTILE_SEED / IMG_HOSTILE_ITERS explore.
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut x = env("IMG_HOSTILE_SEED").unwrap_or(0x9e37_79b9_7f4a_7c15) | 1;
+    let iterations = env("IMG_HOSTILE_ITERS").unwrap_or(400);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut panics = Vec::new();
+    for i in 0..iterations {
+        let mut bytes = base.bytes.clone();
+        let damage = 1 + next() % 4;
+        let mut what = Vec::new();
+        for _ in 0..damage {
+            let (start, len) = regions[(next() % regions.len() as u64) as usize];
+            let len = len.min(bytes.len() - start);
+            let at = start + (next() % len as u64) as usize;
+            let v = next() as u8;
+            // Half of the time a whole big-endian field of extremes, else one byte.
+            if next() % 2 == 0 && at + 8 <= bytes.len() {
+                let field = [0u64, u64::MAX, 1 << 63, 1 << 31, (1 << 32) - 1, 1 << 56]
+                    [(next() % 6) as usize];
+                bytes[at & !7..(at & !7) + 8].copy_from_slice(&field.to_be_bytes());
+                what.push(format!("u64 at {:#x} = {field:#x}", at & !7));
+            } else {
+                bytes[at] = v;
+                what.push(format!("byte at {at:#x} = {v:#04x}"));
+            }
+        }
+        let path = dir.path().join(format!("damaged-{i}.qcow2"));
+        std::fs::write(&path, &bytes).unwrap();
+        let name = path.display().to_string();
+        match std::panic::catch_unwind(|| exercise(&path)) {
+            Err(_) => panics.push(format!("panic with {}", what.join(", "))),
+            Ok(Err(e)) if !e.to_string().contains(&name) => panics.push(format!(
+                "error without the file name ({e}) with {}",
+                what.join(", ")
+            )),
+            Ok(_) => {}
+        }
+    }
+    assert!(panics.is_empty(), "{}", panics.join("\n"));
+}
