@@ -1,5 +1,5 @@
 //! Model-based property test: random sequences of writes, zero writes, discards, compressed
-//! writes and reopenings on a qcow2 image behave exactly like the same operations on an
+//! writes, reopenings and operations done by qemu-io in between on a qcow2 image behave exactly like the same operations on an
 //! in-memory disk, and leave an image that `qemu-img check` finds clean and `qemu-img compare`
 //! finds identical to the model.
 //!
@@ -10,7 +10,7 @@ mod common;
 
 use common::{
     apply_to_image, apply_to_model, assert_image_matches_raw, assert_qemu_check_clean,
-    assert_qemu_compare_identical, Op,
+    assert_qemu_compare_identical, qemu_io, qemu_io_commands, Op,
 };
 use img_core::qcow2::{self, CompressionType, Qcow2CreateOptions};
 use proptest::prelude::*;
@@ -51,6 +51,8 @@ enum Step {
     },
     /// Close the image and open it again.
     Reopen,
+    /// Close the image, let qemu-io perform the operation, and open the image again.
+    Qemu(Op),
 }
 
 fn config_strategy() -> impl Strategy<Value = ImageConfig> {
@@ -135,7 +137,14 @@ fn concrete(raw: &RawStep, cfg: &ImageConfig) -> Step {
             cluster: off / cs,
             seed,
         },
-        _ => Step::Reopen,
+        19 => Step::Reopen,
+        20 => Step::Qemu(Op::fill(off, len, seed)),
+        21 => Step::Qemu(Op::Zero {
+            off,
+            len,
+            unmap: seed & 1 == 1,
+        }),
+        _ => Step::Qemu(Op::Discard { off, len }),
     }
 }
 
@@ -198,6 +207,14 @@ fn run_case(cfg: &ImageConfig, raw_steps: &[RawStep]) {
             }
             Step::Reopen => {
                 image.close().unwrap();
+                image = open_image(&path, cfg);
+            }
+            Step::Qemu(op) => {
+                image.close().unwrap();
+                let cmds =
+                    qemu_io_commands(std::slice::from_ref(&op), dir.path(), cs, cfg.size, false);
+                qemu_io("qcow2", &path, &cmds);
+                apply_to_model(&mut model, &op, cs);
                 image = open_image(&path, cfg);
             }
         }
