@@ -9,7 +9,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The storage could not be opened.
-    #[error("Could not open '{name}': {source}")]
+    #[error("Could not open '{name}': {}", os_message(source))]
     Open {
         /// File name or URL.
         name: String,
@@ -18,7 +18,10 @@ pub enum Error {
         source: io::Error,
     },
     /// An I/O operation failed.
-    #[error("{op} failed on '{name}' at offset {offset:#x}: {source}")]
+    #[error(
+        "{op} failed on '{name}' at offset {offset:#x}: {}",
+        os_message(source)
+    )]
     Io {
         /// What was being done: "read", "write", "flush", ...
         op: &'static str,
@@ -57,5 +60,15 @@ impl Error {
             Error::Open { source, .. } | Error::Io { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// An OS error as strerror words it ("No such file or directory"), without Rust's
+/// " (os error 2)" suffix, so messages read like qemu-img's.
+pub fn os_message(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if e.raw_os_error().is_some() => text[..i].to_string(),
+        _ => text,
     }
 }

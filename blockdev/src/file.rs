@@ -1,6 +1,6 @@
 //! A local file (or block device) as storage, with positioned synchronous I/O.
 
-use crate::{Alignment, Allocation, Error, Result, Storage};
+use crate::{AlignedBuf, Alignment, Allocation, CacheMode, Error, Result, Storage};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -12,8 +12,9 @@ use std::path::Path;
 pub struct FileOptions {
     /// Open without write access.
     pub read_only: bool,
-    /// Bypass the page cache (O_DIRECT); requests must then honour [`Storage::alignment`].
-    pub direct: bool,
+    /// How the host page cache is used. With O_DIRECT modes, requests that do not honour the
+    /// probed alignment go through an aligned bounce buffer.
+    pub cache: CacheMode,
     /// Create the file if it does not exist, and truncate it if it does.
     pub create: bool,
 }
@@ -24,6 +25,7 @@ pub struct FileStorage {
     file: File,
     name: String,
     read_only: bool,
+    cache: CacheMode,
     alignment: Alignment,
 }
 
@@ -37,14 +39,19 @@ impl FileStorage {
         if opts.create {
             oo.create(true).truncate(true);
         }
-        if opts.direct {
-            oo.custom_flags(libc::O_DIRECT);
+        let mut flags = 0;
+        if opts.cache.direct() {
+            flags |= libc::O_DIRECT;
         }
+        if opts.cache.sync_writes() {
+            flags |= libc::O_DSYNC;
+        }
+        oo.custom_flags(flags);
         let file = oo.open(path).map_err(|source| Error::Open {
             name: name.clone(),
             source,
         })?;
-        let alignment = if opts.direct {
+        let alignment = if opts.cache.direct() {
             probe_direct_alignment(&file)
         } else {
             Alignment::default()
@@ -53,6 +60,7 @@ impl FileStorage {
             file,
             name,
             read_only: opts.read_only,
+            cache: opts.cache,
             alignment,
         })
     }
@@ -121,6 +129,32 @@ impl FileStorage {
         }
     }
 
+    fn is_aligned(&self, addr: usize, offset: u64, len: usize) -> bool {
+        let a = self.alignment;
+        addr.is_multiple_of(a.memory)
+            && offset.is_multiple_of(a.request as u64)
+            && len.is_multiple_of(a.request)
+    }
+
+    /// Reads the aligned range around `[offset, offset + len)` into a bounce buffer; bytes past
+    /// the end of the file read as zeros. Returns the buffer and the offset of `offset` in it.
+    fn read_bounced(&self, offset: u64, len: usize) -> Result<(AlignedBuf, usize)> {
+        let req = self.alignment.request as u64;
+        let start = offset / req * req;
+        let end = (offset + len as u64).div_ceil(req) * req;
+        let mut bounce = AlignedBuf::zeroed((end - start) as usize, self.alignment.memory);
+        let mut done = 0usize;
+        while done < bounce.len() {
+            match self.file.read_at(&mut bounce[done..], start + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_err("read", start + done as u64, e)),
+            }
+        }
+        Ok((bounce, (offset - start) as usize))
+    }
+
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
@@ -167,6 +201,20 @@ impl Storage for FileStorage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.cache.direct() && !self.is_aligned(buf.as_ptr() as usize, offset, buf.len()) {
+            let size = self.size()?;
+            if offset + buf.len() as u64 > size {
+                return Err(Error::PastEnd {
+                    name: self.name.clone(),
+                    offset,
+                    len: buf.len() as u64,
+                    size,
+                });
+            }
+            let (bounce, at) = self.read_bounced(offset, buf.len())?;
+            buf.copy_from_slice(&bounce[at..at + buf.len()]);
+            return Ok(());
+        }
         self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Error::PastEnd {
@@ -183,13 +231,30 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
+        if self.cache.direct() && !self.is_aligned(buf.as_ptr() as usize, offset, buf.len()) {
+            // Read-modify-write of the surrounding aligned blocks. Callers that share blocks
+            // between concurrent requests must serialise them; the formats never do.
+            let size = self.size()?;
+            let (mut bounce, at) = self.read_bounced(offset, buf.len())?;
+            bounce[at..at + buf.len()].copy_from_slice(buf);
+            let start = offset - at as u64;
+            self.file
+                .write_all_at(&bounce, start)
+                .map_err(|e| self.io_err("write", start, e))?;
+            // Keep the file size what a buffered write would have made it.
+            let end = offset + buf.len() as u64;
+            if start + bounce.len() as u64 > size.max(end) {
+                self.truncate(size.max(end))?;
+            }
+            return Ok(());
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.io_err("write", offset, e))
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || self.cache.ignores_flush() {
             return Ok(());
         }
         self.file
@@ -347,6 +412,29 @@ mod tests {
             s.read_at(&mut b, s.size().unwrap() - 10),
             Err(Error::PastEnd { .. })
         ));
+    }
+
+    #[test]
+    fn direct_io_bounces_unaligned_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::open(
+            &p,
+            FileOptions {
+                create: true,
+                cache: CacheMode::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.write_at(&[7u8; 100], 3).unwrap();
+        assert_eq!(s.size().unwrap(), 103);
+        s.write_at(&[9u8; 10], 1000).unwrap();
+        assert_eq!(s.size().unwrap(), 1010);
+        let mut b = vec![0u8; 1010];
+        s.read_at(&mut b, 0).unwrap();
+        assert!(b[3..103].iter().all(|&x| x == 7) && b[..3] == [0, 0, 0]);
+        assert!(b[1000..].iter().all(|&x| x == 9) && b[103..1000].iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -6,10 +6,14 @@
 //! io_uring engine or a network backend (NBD, iSCSI, RBD) slots in as another `Storage`
 //! implementation without touching any format.
 
+mod aligned;
+mod cache_mode;
 mod error;
 mod file;
 
-pub use error::{Error, Result};
+pub use aligned::AlignedBuf;
+pub use cache_mode::CacheMode;
+pub use error::{os_message, Error, Result};
 pub use file::{FileOptions, FileStorage};
 
 use std::fmt::Debug;

@@ -5,6 +5,7 @@
 //! performs reads, writes, write-zeroes and discards for every format and walks backing chains;
 //! formats never run I/O loops of their own.
 
+pub mod convert;
 pub mod error;
 pub mod format;
 pub mod image;

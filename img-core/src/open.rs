@@ -14,8 +14,8 @@ pub struct OpenOptions {
     pub format: Option<String>,
     /// Open read-only.
     pub read_only: bool,
-    /// Bypass the host page cache (cache=none / directsync).
-    pub direct: bool,
+    /// Host cache mode of the image file.
+    pub cache: blockdev::CacheMode,
     /// qcow2 L2 cache size in bytes.
     pub l2_cache_size: Option<u64>,
     /// qcow2 refcount cache size in bytes.
@@ -44,7 +44,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
         path,
         FileOptions {
             read_only: opts.read_only,
-            direct: opts.direct,
+            cache: opts.cache,
             create: false,
         },
     )?);

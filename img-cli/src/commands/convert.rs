@@ -1,9 +1,295 @@
-//! `img convert`.
+//! `img convert`: copy images into a new (or, with -n, existing) image of any format.
 
+use crate::getopt::{opt, parse};
+use crate::options::{parse_bool, parse_kv};
 use crate::{CliError, CmdResult};
+use blockdev::CacheMode;
+use img_core::convert::{convert, ConvertOptions};
+use img_core::qcow2::{CompressionType, Qcow2CreateOptions};
+use img_core::raw::{Preallocation, RawCreateOptions};
+use img_core::size::parse_size;
+use img_core::{open_image, Image, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+const SPECS: &[crate::getopt::OptSpec] = &[
+    opt(Some('f'), None, true),
+    opt(Some('O'), None, true),
+    opt(Some('o'), None, true),
+    opt(Some('c'), None, false),
+    opt(Some('S'), None, true),
+    opt(Some('n'), None, false),
+    opt(Some('p'), None, false),
+    opt(Some('q'), None, false),
+    opt(Some('t'), None, true),
+    opt(Some('T'), None, true),
+    opt(Some('U'), Some("force-share"), false),
+    opt(Some('m'), None, true),
+    opt(Some('W'), None, false),
+    opt(Some('B'), None, true),
+    opt(Some('F'), None, true),
+    opt(Some('l'), None, true),
+    opt(Some('s'), None, true),
+    opt(Some('C'), None, false),
+    opt(None, Some("target-is-zero"), false),
+    opt(None, Some("image-opts"), false),
+    opt(None, Some("target-image-opts"), false),
+    opt(None, Some("object"), true),
+    opt(None, Some("salvage"), false),
+    opt(None, Some("bitmaps"), false),
+    opt(None, Some("skip-broken-bitmaps"), false),
+];
+
+struct Args {
+    src_fmt: Option<String>,
+    out_fmt: String,
+    options: Vec<(String, String)>,
+    compress: bool,
+    min_sparse: u64,
+    no_create: bool,
+    progress: bool,
+    quiet: bool,
+    dst_cache: CacheMode,
+    src_cache: CacheMode,
+    target_is_zero: bool,
+    files: Vec<String>,
+}
+
+fn parse_cache(v: &str) -> Result<CacheMode, CliError> {
+    CacheMode::parse(v).ok_or_else(|| CliError::new(format!("Invalid cache option: {v}")))
+}
+
+fn parse_args(args: &[String]) -> Result<Args, CliError> {
+    let (opts, files) = parse(args, SPECS)?;
+    let mut a = Args {
+        src_fmt: None,
+        out_fmt: "raw".into(),
+        options: Vec::new(),
+        compress: false,
+        min_sparse: 4096,
+        no_create: false,
+        progress: false,
+        quiet: false,
+        dst_cache: CacheMode::Unsafe,
+        src_cache: CacheMode::Writeback,
+        target_is_zero: false,
+        files,
+    };
+    for o in opts {
+        let v = o.value.clone().unwrap_or_default();
+        match o.name.as_str() {
+            "f" => a.src_fmt = Some(v),
+            "O" => a.out_fmt = v,
+            "o" => {
+                if v == "help" || v == "?" {
+                    return Err(CliError::new(
+                        "use 'img create -f FMT -o help' to list the options of a format",
+                    ));
+                }
+                a.options.extend(parse_kv(&v)?)
+            }
+            "c" => a.compress = true,
+            "S" => {
+                let n = parse_size(&v).filter(|n| n % 512 == 0 || *n == 0).ok_or_else(|| {
+                    CliError::new("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 2147483136.".to_string())
+                })?;
+                a.min_sparse = n;
+            }
+            "n" => a.no_create = true,
+            "p" => a.progress = true,
+            "q" => a.quiet = true,
+            "t" => a.dst_cache = parse_cache(&v)?,
+            "T" => a.src_cache = parse_cache(&v)?,
+            "m" => match v.parse::<u32>() {
+                // Requests in flight: the copy is sequential in this version; the option is
+                // validated as qemu-img does so that scripts keep working.
+                Ok(1..=16) => {}
+                _ => {
+                    return Err(CliError::new(
+                        "Invalid number of coroutines specified. Must be between 1 and 16.",
+                    ))
+                }
+            },
+            "W" | "U" | "C" => {}
+            "target-is-zero" => a.target_is_zero = true,
+            "B" | "F" => {
+                return Err(CliError::new(
+                    "Backing files are not supported yet (convert -B/-F)",
+                ))
+            }
+            "l" | "s" => {
+                return Err(CliError::new(
+                    "Internal snapshots are not supported yet (convert -l/-s)",
+                ))
+            }
+            other => {
+                return Err(CliError::new(format!(
+                    "option --{other} is not supported yet"
+                )))
+            }
+        }
+    }
+    if a.files.len() < 2 {
+        return Err(CliError::usage("Expecting image file name"));
+    }
+    if a.compress && a.out_fmt != "qcow2" {
+        return Err(CliError::new(format!(
+            "Operation or feature not supported for output format '{}' with compression",
+            a.out_fmt
+        )));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(CliError::new("--target-is-zero requires use of -n flag"));
+    }
+    Ok(a)
+}
+
+/// Creates the target image with the options given by `-o`.
+fn create_target(
+    fmt: &str,
+    path: &Path,
+    size: u64,
+    options: &[(String, String)],
+) -> Result<(), CliError> {
+    match fmt {
+        "raw" => {
+            let mut o = RawCreateOptions {
+                size,
+                preallocation: Preallocation::Off,
+            };
+            for (k, v) in options {
+                match k.as_str() {
+                    "preallocation" => o.preallocation = Preallocation::parse(v)?,
+                    "size" => {}
+                    _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
+                }
+            }
+            img_core::raw::create(path, &o)?;
+        }
+        "qcow2" => {
+            let mut o = Qcow2CreateOptions {
+                size,
+                ..Default::default()
+            };
+            for (k, v) in options {
+                match k.as_str() {
+                    "cluster_size" => {
+                        o.cluster_size = parse_size(v).ok_or_else(|| {
+                            CliError::new("Parameter 'cluster_size' expects a size".to_string())
+                        })?
+                    }
+                    "compat" => {
+                        o.version = match v.as_str() {
+                            "0.10" | "v2" => 2,
+                            "1.1" | "v3" => 3,
+                            _ => {
+                                return Err(CliError::new(format!(
+                                    "Invalid compatibility level: '{v}'"
+                                )))
+                            }
+                        }
+                    }
+                    "refcount_bits" => {
+                        o.refcount_bits = v.parse().map_err(|_| {
+                            CliError::new(
+                                "Refcount width must be a power of two and may not exceed 64 bits",
+                            )
+                        })?
+                    }
+                    "lazy_refcounts" => o.lazy_refcounts = parse_bool(k, v)?,
+                    "compression_type" => {
+                        o.compression_type = CompressionType::parse(v).ok_or_else(|| {
+                            CliError::new(format!(
+                                "Parameter 'compression-type' does not accept value '{v}'"
+                            ))
+                        })?
+                    }
+                    "extended_l2" => o.extended_l2 = parse_bool(k, v)?,
+                    "preallocation" if v == "off" => {}
+                    "size" => {}
+                    _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
+                }
+            }
+            img_core::qcow2::create(path, &o)?;
+        }
+        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
+    }
+    Ok(())
+}
+
+fn open_err(name: &str, e: img_core::Error) -> CliError {
+    CliError::new(format!("Could not open '{name}': {e}"))
+}
 
 /// Runs `img convert` with its arguments.
 pub fn run(args: &[String]) -> CmdResult {
-    let _ = args;
-    Err(CliError::new("convert: not implemented yet"))
+    let a = parse_args(args)?;
+    let (out, inputs) = a.files.split_last().expect("checked: at least two files");
+    let mut sources: Vec<Image> = Vec::new();
+    for name in inputs {
+        let img = open_image(
+            Path::new(name),
+            &OpenOptions {
+                format: a.src_fmt.clone(),
+                read_only: true,
+                cache: a.src_cache,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| open_err(name, e))?;
+        sources.push(img);
+    }
+    let total: u64 = sources.iter().map(|s| s.size()).sum();
+    let out_path = Path::new(out);
+    if !a.no_create {
+        create_target(&a.out_fmt, out_path, total, &a.options)?;
+    }
+    let target = open_image(
+        out_path,
+        &OpenOptions {
+            format: Some(a.out_fmt.clone()),
+            read_only: false,
+            cache: a.dst_cache,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| open_err(out, e))?;
+    if a.no_create && target.size() < total {
+        return Err(CliError::new(format!(
+            "Output image is too small ({} bytes, the input needs {total})",
+            target.size()
+        )));
+    }
+    let opts = ConvertOptions {
+        min_sparse: a.min_sparse,
+        compress: a.compress,
+        target_is_zero: !a.no_create || a.target_is_zero,
+        ..Default::default()
+    };
+    let show = a.progress && !a.quiet;
+    let mut last = -1.0f64;
+    let mut progress = |done: u64, total: u64| {
+        if !show {
+            return;
+        }
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        // qemu prints only when the value moves by at least 1% (and at the ends).
+        if pct - last >= 1.0 || pct >= 100.0 || last < 0.0 {
+            print!("    ({pct:.2}/100%)\r");
+            let _ = std::io::stdout().flush();
+            last = pct;
+        }
+    };
+    let srcs: Vec<&Image> = sources.iter().collect();
+    convert(&srcs, &target, &opts, &mut progress)
+        .map_err(|e| CliError::new(format!("error while converting {}: {e}", a.out_fmt)))?;
+    target.close()?;
+    if show {
+        println!();
+    }
+    Ok(0)
 }

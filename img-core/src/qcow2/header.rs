@@ -397,7 +397,7 @@ impl Header {
     fn validate_tables(&self, file: &str, file_size: u64) -> Result<()> {
         let bad = |reason: String| Error::invalid(file, reason);
         let cs = self.cluster_size();
-        let aligned = |off: u64| off % cs == 0;
+        let aligned = |off: u64| off.is_multiple_of(cs);
 
         let reftable_bytes = self.refcount_table_clusters as u64 * cs;
         if reftable_bytes > MAX_REFTABLE_BYTES.max(cs) {

@@ -31,6 +31,7 @@ use header::{incompat, offsets};
 use l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use refcount::Refcounts;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Options for opening a qcow2 image.
@@ -64,6 +65,8 @@ pub struct Qcow2 {
     read_only: bool,
     cluster_bits: u32,
     meta: Mutex<Meta>,
+    /// Set once corruption was found (and the corrupt bit written): no more writes.
+    marked_corrupt: AtomicBool,
 }
 
 impl Qcow2 {
@@ -154,6 +157,7 @@ impl Qcow2 {
             header,
             read_only,
             meta: Mutex::new(meta),
+            marked_corrupt: AtomicBool::new(false),
         };
         if !read_only {
             q.clear_unknown_autoclear()?;
@@ -199,7 +203,31 @@ impl Qcow2 {
                 file: self.name().to_string(),
             });
         }
+        if self.marked_corrupt.load(Ordering::Relaxed) {
+            return Err(Error::invalid(
+                self.name(),
+                "the image was marked corrupt; run 'img check -r all' before writing to it",
+            ));
+        }
         Ok(())
+    }
+
+    /// Builds the error for metadata found corrupt and, on a writable image, sets the corrupt
+    /// bit as qemu does, so that nothing (here or in qemu) writes through broken metadata.
+    fn corrupt(&self, meta: &Meta, offset: u64, reason: String) -> Error {
+        if !self.read_only && !self.marked_corrupt.swap(true, Ordering::Relaxed) {
+            let bits = meta.incompatible | incompat::CORRUPT;
+            // Best effort: the error below is what matters to the caller.
+            if self.header.version >= 3
+                && self
+                    .file
+                    .write_at(&bits.to_be_bytes(), offsets::INCOMPATIBLE)
+                    .is_ok()
+            {
+                let _ = self.file.flush();
+            }
+        }
+        Error::corrupt(self.name(), offset, reason)
     }
 
     /// With lazy refcounts, qemu marks the image dirty before the first metadata change; we
@@ -220,9 +248,9 @@ impl Qcow2 {
             return Ok(0);
         };
         let off = e & OFFSET_MASK;
-        if off % self.cs() != 0 {
-            return Err(Error::corrupt(
-                self.name(),
+        if !off.is_multiple_of(self.cs()) {
+            return Err(self.corrupt(
+                meta,
                 meta.l1_offset + l1i as u64 * 8,
                 format!("L2 table offset {off:#x} is not cluster aligned (L1 index {l1i})"),
             ));
@@ -235,8 +263,8 @@ impl Qcow2 {
         let e = L2Entry::decode(table_entry(table, l2i), self.cluster_bits);
         if let L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } = e {
             if offset % self.cs() != 0 {
-                return Err(Error::corrupt(
-                    self.name(),
+                return Err(self.corrupt(
+                    meta,
                     l2_off + l2i as u64 * 8,
                     format!("data cluster offset {offset:#x} is not cluster aligned"),
                 ));
@@ -350,25 +378,30 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Reserves `size` bytes for compressed data, sharing host clusters between compressed
-    /// clusters as qemu does. Each compressed cluster holds one reference on its host cluster.
+    /// Reserves `size` bytes for compressed data, packing compressed clusters back to back as
+    /// qemu does: a compressed cluster may continue into the next host cluster when that one
+    /// is free. Each compressed cluster holds one reference on every host cluster it touches.
     fn alloc_compressed_bytes(&self, meta: &mut Meta, size: u64) -> Result<u64> {
         let cs = self.cs();
         let file = self.file.as_ref();
         let cur = meta.compressed_cursor;
-        // A host cluster whose refcount is already at the width's maximum (1 with 1-bit
-        // refcounts) cannot take another compressed cluster; start a fresh one, as qemu does.
-        let share = cur != 0
-            && cur % cs != 0
-            && cur % cs + size <= cs
-            && meta.refcounts.get(file, cur >> self.cluster_bits)? < meta.refcounts.max_refcount();
-        let off = if share {
-            meta.refcounts.increment(file, cur >> self.cluster_bits)?;
-            cur
-        } else {
-            meta.refcounts.alloc(file, 1)? << self.cluster_bits
-        };
-        meta.compressed_cursor = if (off + size) % cs == 0 {
+        let cur_cluster = cur >> self.cluster_bits;
+        // A shared host cluster takes one more reference; with narrow refcounts (1 bit) it
+        // may already be full, and then a fresh cluster is started, as qemu does.
+        let in_cursor_cluster = cur != 0
+            && !cur.is_multiple_of(cs)
+            && meta.refcounts.get(file, cur_cluster)? < meta.refcounts.max_refcount();
+        let fits = cur % cs + size <= cs;
+        // Either the bytes fit behind the cursor, or they may spill into the next cluster if
+        // that one is free; both start at the cursor and reference its cluster once more.
+        let off =
+            if in_cursor_cluster && (fits || meta.refcounts.try_alloc_at(file, cur_cluster + 1)?) {
+                meta.refcounts.increment(file, cur_cluster)?;
+                cur
+            } else {
+                meta.refcounts.alloc(file, 1)? << self.cluster_bits
+            };
+        meta.compressed_cursor = if (off + size).is_multiple_of(cs) {
             0
         } else {
             off + size
@@ -524,6 +557,9 @@ impl Format for Qcow2 {
                 _ => n += 1,
             }
         }
+        // The L2 table before the data, as qemu orders it, so layouts match qemu's.
+        let (l1i, _) = self.split(first);
+        self.l2_for_write(&mut meta, l1i)?;
         let host = meta.refcounts.alloc(self.file.as_ref(), n)? << self.cluster_bits;
         Ok(Allocation {
             guest_offset: first * cs,
@@ -545,7 +581,7 @@ impl Format for Qcow2 {
     fn zero_clusters(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<u64> {
         self.check_writable()?;
         let cs = self.cs();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Ok(0);
         }
         let end = offset + len;
@@ -652,7 +688,7 @@ impl Format for Qcow2 {
     fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
         self.check_writable()?;
         let cs = self.cs();
-        if offset % cs != 0 || data.len() as u64 > cs {
+        if !offset.is_multiple_of(cs) || data.len() as u64 > cs {
             return Ok(false);
         }
         let padded;
@@ -670,6 +706,9 @@ impl Format for Qcow2 {
         let mut meta = self.lock();
         self.mark_dirty(&mut meta)?;
         let len = compressed.len() as u64;
+        // The L2 table first, as qemu, so compressed data packs at the end of the file.
+        let (l1i, _) = self.split(offset >> self.cluster_bits);
+        self.l2_for_write(&mut meta, l1i)?;
         let host = self.alloc_compressed_bytes(&mut meta, len)?;
         self.file.write_at(&compressed, host)?;
         let entry = L2Entry::compressed(host, len, self.cluster_bits);

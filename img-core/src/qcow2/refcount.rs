@@ -324,6 +324,16 @@ impl Refcounts {
         Ok(start)
     }
 
+    /// Allocates exactly cluster `cluster` if it is free; returns whether it was.
+    pub fn try_alloc_at(&mut self, file: &dyn Storage, cluster: u64) -> Result<bool> {
+        if (cluster + 1) << self.cluster_bits > MAX_HOST_OFFSET || self.get(file, cluster)? != 0 {
+            return Ok(false);
+        }
+        self.update(file, cluster, 1)?;
+        self.free_hint = self.free_hint.max(cluster + 1);
+        Ok(true)
+    }
+
     /// Creates the refcount block for range `index`, placing it in the first free cluster
     /// (describing itself when that cluster lies in its own range). `counting` is the cluster
     /// whose refcount is being updated.

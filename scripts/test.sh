@@ -1,0 +1,16 @@
+#!/bin/sh
+# Runs every test: unit tests, and the integration tests that use qemu-img as the oracle.
+set -eu
+cd "$(dirname "$0")/.."
+
+# qemu-img, qemu-io (the oracle) come from qemu-utils; install it only when missing, since a
+# newer backport may already be there.
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-utils
+fi
+
+# Release builds: the interop and property tests move hundreds of MiB through the engine.
+cargo build --release --workspace --all-targets
+export IMG_BIN="$PWD/target/release/img"
+cargo test --release --workspace
