@@ -27,6 +27,8 @@ struct ImageConfig {
     size: u64,
     /// A tiny metadata cache forces evictions and ordered flushes in the middle of operations.
     small_cache: bool,
+    /// lazy_refcounts=on (compat 1.1 only): the dirty bit is set while the image is open.
+    lazy_refcounts: bool,
 }
 
 /// One step, drawn as raw numbers and made concrete against the disk size, so that shrinking
@@ -67,21 +69,37 @@ fn config_strategy() -> impl Strategy<Value = ImageConfig> {
         Just((3, 32, CompressionType::Zlib)),
         Just((3, 64, CompressionType::Zstd)),
     ];
-    (cs, flavour, 4u64..160, 0u64..4, any::<bool>()).prop_map(
-        |(cluster_size, (version, refcount_bits, compression), clusters, tail, small_cache)| {
-            // Up to 160 clusters (10 MiB with 64 KiB clusters), sometimes with a partial last
-            // cluster.
-            let tail = if cluster_size > 512 { tail * 512 } else { 0 };
-            ImageConfig {
-                cluster_size,
-                version,
-                refcount_bits,
-                compression,
-                size: clusters * cluster_size + tail,
-                small_cache,
-            }
-        },
+    (
+        cs,
+        flavour,
+        4u64..160,
+        0u64..4,
+        any::<bool>(),
+        any::<bool>(),
     )
+        .prop_map(
+            |(
+                cluster_size,
+                (version, refcount_bits, compression),
+                clusters,
+                tail,
+                small_cache,
+                lazy,
+            )| {
+                // Up to 160 clusters (10 MiB with 64 KiB clusters), sometimes with a partial last
+                // cluster.
+                let tail = if cluster_size > 512 { tail * 512 } else { 0 };
+                ImageConfig {
+                    cluster_size,
+                    version,
+                    refcount_bits,
+                    compression,
+                    size: clusters * cluster_size + tail,
+                    small_cache,
+                    lazy_refcounts: lazy && version >= 3,
+                }
+            },
+        )
 }
 
 fn steps_strategy() -> impl Strategy<Value = Vec<RawStep>> {
@@ -183,6 +201,7 @@ fn run_case(cfg: &ImageConfig, raw_steps: &[RawStep]) {
             version: cfg.version,
             refcount_bits: cfg.refcount_bits,
             compression_type: cfg.compression,
+            lazy_refcounts: cfg.lazy_refcounts,
             ..Default::default()
         },
     )
