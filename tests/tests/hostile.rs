@@ -266,6 +266,27 @@ fn structure_cases(base: &Base) -> Vec<Case> {
     cases
 }
 
+/// Opens the image read-only and reads the whole disk, stopping at the first error.
+fn read_only_pass(path: &Path) -> img_core::Result<()> {
+    let img: Image = img_core::open_image(
+        path,
+        &OpenOptions {
+            format: Some("qcow2".into()),
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    let size = img.size();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        img.read_at(&mut buf[..n], pos)?;
+        pos += n as u64;
+    }
+    img.close()
+}
+
 /// Opens the image, reads the whole disk and writes to it, stopping at the first error.
 fn exercise(path: &Path) -> img_core::Result<()> {
     let img: Image = img_core::open_image(
@@ -310,6 +331,21 @@ fn run_cases(dir: &Path, cases: &[Case]) -> Vec<String> {
             std::fs::write(Path::new(&keep).join(format!("{slug}.qcow2")), &case.bytes).unwrap();
         }
         let name = path.display().to_string();
+        // Read-only first (it must leave the file alone), then read-write.
+        match std::panic::catch_unwind(|| read_only_pass(&path)) {
+            Err(_) => bad.push(format!("{}: panicked when opened read-only", case.name)),
+            Ok(Err(e)) if !e.to_string().contains(&name) => bad.push(format!(
+                "{}: the read-only error does not name the file: {e}",
+                case.name
+            )),
+            Ok(_) => {}
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            case.bytes,
+            "{}: a read-only open changed the file",
+            case.name
+        );
         let outcome = std::panic::catch_unwind(|| exercise(&path));
         match outcome {
             Err(_) => bad.push(format!("{}: panicked", case.name)),
@@ -551,6 +587,14 @@ fn random_metadata_damage_never_panics() {
         let path = dir.path().join(format!("damaged-{i}.qcow2"));
         std::fs::write(&path, &bytes).unwrap();
         let name = path.display().to_string();
+        match std::panic::catch_unwind(|| read_only_pass(&path)) {
+            Err(_) => panics.push(format!("read-only panic with {}", what.join(", "))),
+            Ok(Err(e)) if !e.to_string().contains(&name) => panics.push(format!(
+                "read-only error without the file name ({e}) with {}",
+                what.join(", ")
+            )),
+            Ok(_) => {}
+        }
         match std::panic::catch_unwind(|| exercise(&path)) {
             Err(_) => panics.push(format!("panic with {}", what.join(", "))),
             Ok(Err(e)) if !e.to_string().contains(&name) => panics.push(format!(
