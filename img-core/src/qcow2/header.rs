@@ -334,7 +334,8 @@ impl Header {
                 return Err(bad("Backing file name too long".into()));
             }
             let start = h.backing_file_offset;
-            let end = start + h.backing_file_size as u64;
+            // Saturating: a hostile offset near 2^64 must fail the bounds check, not wrap.
+            let end = start.saturating_add(h.backing_file_size as u64);
             if end > cluster_size.min(buf.len() as u64) {
                 return Err(bad(format!(
                     "Backing file name at offset {start:#x} lies outside the first cluster"

@@ -133,7 +133,7 @@ impl Qcow2 {
             Some(bytes) => (bytes / cs).max(2) as usize,
             None => ((256 << 10) / cs).max(4) as usize,
         };
-        let refcounts = Refcounts::load(
+        let mut refcounts = Refcounts::load(
             file.as_ref(),
             header.cluster_bits,
             header.refcount_order,
@@ -141,6 +141,7 @@ impl Qcow2 {
             header.refcount_table_clusters,
             refblock_tables,
         )?;
+        refcounts.set_active_l1(header.l1_table_offset, header.l1_size as u64 * 8);
         let meta = Meta {
             l1,
             l1_offset: header.l1_table_offset,
@@ -448,6 +449,7 @@ impl Qcow2 {
         }
         meta.l1 = table;
         meta.l1_offset = new;
+        meta.refcounts.set_active_l1(new, bytes);
         self.flush_meta(&mut meta)
     }
 }

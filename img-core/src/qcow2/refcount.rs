@@ -26,6 +26,8 @@ pub struct Refcounts {
     free_hint: u64,
     pending_frees: Vec<u64>,
     cache_tables: usize,
+    /// Clusters of the active L1 table (first, count), which the allocator must never hand out.
+    active_l1: (u64, u64),
 }
 
 /// Reads entry `index` of a refcount block of width `1 << order` bits.
@@ -118,6 +120,7 @@ impl Refcounts {
             free_hint: 0,
             pending_frees: Vec::new(),
             cache_tables,
+            active_l1: (0, 0),
         })
     }
 
@@ -138,6 +141,15 @@ impl Refcounts {
     /// Clusters described by one refcount block.
     pub fn per_block(&self) -> u64 {
         1u64 << (self.cluster_bits + 3 - self.order)
+    }
+
+    /// Tells the allocator where the active L1 table lives (`bytes` long at `offset`), so that
+    /// corrupt refcounts calling it free are reported instead of handing it out.
+    pub fn set_active_l1(&mut self, offset: u64, bytes: u64) {
+        self.active_l1 = (
+            offset >> self.cluster_bits,
+            bytes.div_ceil(self.cluster_size()),
+        );
     }
 
     /// Host offset of the refcount table.
@@ -278,6 +290,26 @@ impl Refcounts {
                 start << self.cluster_bits,
                 "image file would grow past the largest offset qcow2 can address",
             ));
+        }
+        // Refcounts that call the refcount table or the L1 table free are corrupt (for
+        // instance a refcount table entry pointing at the table itself); handing those clusters
+        // out would overwrite the tables.
+        let table_first = self.table_offset >> self.cluster_bits;
+        let table_len = (self.table.len() as u64 * 8).div_ceil(self.cluster_size());
+        for (what, first, len) in [
+            ("refcount table", table_first, table_len),
+            ("L1 table", self.active_l1.0, self.active_l1.1),
+        ] {
+            if start < first + len && first < start + n {
+                return Err(Error::corrupt(
+                    &self.file_name,
+                    first << self.cluster_bits,
+                    format!(
+                        "the refcounts say clusters {first}..{} of the {what} are free",
+                        first + len
+                    ),
+                ));
+            }
         }
         Ok(start)
     }
@@ -436,6 +468,7 @@ impl Refcounts {
         table_clusters: u32,
     ) -> Result<()> {
         let cache_tables = self.cache_tables;
+        let active_l1 = self.active_l1;
         *self = Refcounts::load(
             file,
             self.cluster_bits,
@@ -444,6 +477,7 @@ impl Refcounts {
             table_clusters,
             cache_tables,
         )?;
+        self.active_l1 = active_l1;
         Ok(())
     }
 }
