@@ -1,16 +1,14 @@
 //! `img convert`: copy images into a new (or, with -n, existing) image of any format.
 
+use super::create;
 use crate::getopt::{opt, parse};
-use crate::options::{parse_bool, parse_kv};
+use crate::open::{open, ImageSpec};
 use crate::{CliError, CmdResult};
 use blockdev::CacheMode;
 use img_core::convert::{convert, ConvertOptions};
-use img_core::qcow2::{CompressionType, Qcow2CreateOptions};
-use img_core::raw::{Preallocation, RawCreateOptions};
 use img_core::size::parse_size;
-use img_core::{open_image, Image, OpenOptions};
+use img_core::Image;
 use std::io::Write;
-use std::path::Path;
 
 const SPECS: &[crate::getopt::OptSpec] = &[
     opt(Some('f'), None, true),
@@ -43,7 +41,8 @@ const SPECS: &[crate::getopt::OptSpec] = &[
 struct Args {
     src_fmt: Option<String>,
     out_fmt: String,
-    options: Vec<(String, String)>,
+    options: Option<String>,
+    image_opts: bool,
     compress: bool,
     min_sparse: u64,
     no_create: bool,
@@ -64,7 +63,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
     let mut a = Args {
         src_fmt: None,
         out_fmt: "raw".into(),
-        options: Vec::new(),
+        options: None,
+        image_opts: false,
         compress: false,
         min_sparse: 4096,
         no_create: false,
@@ -81,12 +81,13 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "f" => a.src_fmt = Some(v),
             "O" => a.out_fmt = v,
             "o" => {
-                if v == "help" || v == "?" {
-                    return Err(CliError::new(
-                        "use 'img create -f FMT -o help' to list the options of a format",
-                    ));
+                if !create::valid_option_list(&v) {
+                    return Err(CliError::new(format!("Invalid option list: {v}")));
                 }
-                a.options.extend(parse_kv(&v)?)
+                a.options = Some(match a.options.take() {
+                    Some(prev) => format!("{prev},{v}"),
+                    None => v,
+                });
             }
             "c" => a.compress = true,
             "S" => {
@@ -110,6 +111,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
                     ))
                 }
             },
+            "image-opts" => a.image_opts = true,
             "W" | "U" | "C" => {}
             "target-is-zero" => a.target_is_zero = true,
             "B" | "F" => {
@@ -129,6 +131,11 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             }
         }
     }
+    if let Some(list) = &a.options {
+        if create::split_options(list).1 {
+            return Ok(a);
+        }
+    }
     if a.files.len() < 2 {
         return Err(CliError::usage("Expecting image file name"));
     }
@@ -144,116 +151,26 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
     Ok(a)
 }
 
-/// Creates the target image with the options given by `-o`.
-fn create_target(
-    fmt: &str,
-    path: &Path,
-    size: u64,
-    options: &[(String, String)],
-) -> Result<(), CliError> {
-    match fmt {
-        "raw" => {
-            let mut o = RawCreateOptions {
-                size,
-                preallocation: Preallocation::Off,
-            };
-            for (k, v) in options {
-                match k.as_str() {
-                    "preallocation" => o.preallocation = Preallocation::parse(v)?,
-                    "size" => {}
-                    _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
-                }
-            }
-            img_core::raw::create(path, &o)?;
-        }
-        "qcow2" => {
-            let mut o = Qcow2CreateOptions {
-                size,
-                ..Default::default()
-            };
-            for (k, v) in options {
-                match k.as_str() {
-                    "cluster_size" => {
-                        o.cluster_size = parse_size(v).ok_or_else(|| {
-                            CliError::new("Parameter 'cluster_size' expects a size".to_string())
-                        })?
-                    }
-                    "compat" => {
-                        o.version = match v.as_str() {
-                            "0.10" | "v2" => 2,
-                            "1.1" | "v3" => 3,
-                            _ => {
-                                return Err(CliError::new(format!(
-                                    "Invalid compatibility level: '{v}'"
-                                )))
-                            }
-                        }
-                    }
-                    "refcount_bits" => {
-                        o.refcount_bits = v.parse().map_err(|_| {
-                            CliError::new(
-                                "Refcount width must be a power of two and may not exceed 64 bits",
-                            )
-                        })?
-                    }
-                    "lazy_refcounts" => o.lazy_refcounts = parse_bool(k, v)?,
-                    "compression_type" => {
-                        o.compression_type = CompressionType::parse(v).ok_or_else(|| {
-                            CliError::new(format!(
-                                "Parameter 'compression-type' does not accept value '{v}'"
-                            ))
-                        })?
-                    }
-                    "extended_l2" => o.extended_l2 = parse_bool(k, v)?,
-                    "preallocation" if v == "off" => {}
-                    "size" => {}
-                    _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
-                }
-            }
-            img_core::qcow2::create(path, &o)?;
-        }
-        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
-    }
-    Ok(())
-}
-
-fn open_err(name: &str, e: img_core::Error) -> CliError {
-    CliError::new(format!("Could not open '{name}': {e}"))
-}
-
 /// Runs `img convert` with its arguments.
 pub fn run(args: &[String]) -> CmdResult {
     let a = parse_args(args)?;
+    if let Some(list) = &a.options {
+        if create::split_options(list).1 {
+            return create::print_option_help(&a.out_fmt, a.files.len() >= 2);
+        }
+    }
     let (out, inputs) = a.files.split_last().expect("checked: at least two files");
     let mut sources: Vec<Image> = Vec::new();
     for name in inputs {
-        let img = open_image(
-            Path::new(name),
-            &OpenOptions {
-                format: a.src_fmt.clone(),
-                read_only: true,
-                cache: a.src_cache,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| open_err(name, e))?;
-        sources.push(img);
+        let spec = ImageSpec::from_args(name, a.image_opts, a.src_fmt.as_deref())?;
+        sources.push(open(&spec, true, a.src_cache)?);
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
-    let out_path = Path::new(out);
     if !a.no_create {
-        create_target(&a.out_fmt, out_path, total, &a.options)?;
+        create::CreatePlan::new(&a.out_fmt, out, a.options.as_deref(), Some(total), None, None)?
+            .execute()?;
     }
-    let target = open_image(
-        out_path,
-        &OpenOptions {
-            format: Some(a.out_fmt.clone()),
-            read_only: false,
-            cache: a.dst_cache,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| open_err(out, e))?;
+    let target = open(&ImageSpec::file(out, Some(&a.out_fmt)), false, a.dst_cache)?;
     if a.no_create && target.size() < total {
         return Err(CliError::new(format!(
             "Output image is too small ({} bytes, the input needs {total})",

@@ -425,7 +425,7 @@ impl Opts {
 /// Splits an option list the way qemu does: `name=value` with `,,` for a literal comma in
 /// values, a bare `name` meaning `name=on` and a bare `noname` meaning `name=off`. Returns
 /// the pairs and whether a bare `help` or `?` asked for the option list.
-fn split_options(list: &str) -> (Vec<(String, String)>, bool) {
+pub(crate) fn split_options(list: &str) -> (Vec<(String, String)>, bool) {
     let mut out = Vec::new();
     let mut help = false;
     let b = list.as_bytes();
@@ -471,7 +471,7 @@ fn split_options(list: &str) -> (Vec<(String, String)>, bool) {
 
 /// qemu's check of one `-o` argument: not empty, not starting with a comma, and not ending in
 /// an odd number of commas.
-fn valid_option_list(s: &str) -> bool {
+pub(crate) fn valid_option_list(s: &str) -> bool {
     if s.is_empty() || s.starts_with(',') {
         return false;
     }
@@ -548,92 +548,139 @@ pub fn run(args: &[String]) -> CmdResult {
         return Err(CliError::usage(format!("Unexpected argument: {extra}")));
     }
 
-    if fmt != "raw" && fmt != "qcow2" {
-        if OTHER_FORMATS.contains(&fmt.as_str()) {
-            return Err(named(
-                &filename,
-                format!(
-                    "Creating '{fmt}' images is not supported yet (supported formats: raw, qcow2)"
-                ),
-            ));
-        }
-        return Err(named(&filename, format!("Unknown file format '{fmt}'")));
-    }
-    let mut o = Opts {
-        descs: merged_opts(&fmt),
-        given: Vec::new(),
-    };
-    if let Some(list) = &options {
-        for (k, v) in split_options(list).0 {
-            o.set(&k, &v).map_err(|m| named(&filename, m))?;
-        }
-    }
-    match (o.get("size").is_some(), img_size) {
-        (true, Some(_)) => {
-            return Err(named(
-                &filename,
-                "The image size must be specified only once",
-            ))
-        }
-        (false, Some(n)) => o
-            .set("size", &n.to_string())
-            .map_err(|m| named(&filename, m))?,
-        _ => {}
-    }
-    if let Some(b) = &base {
-        if fmt == "raw" {
-            return Err(named(
-                &filename,
-                format!("Backing file not supported for file format '{fmt}'"),
-            ));
-        }
-        o.set("backing_file", b).map_err(|m| named(&filename, m))?;
-    }
-    if let Some(bf) = &base_fmt {
-        if fmt == "raw" {
-            return Err(named(
-                &filename,
-                format!("Backing file format not supported for file format '{fmt}'"),
-            ));
-        }
-        o.set("backing_fmt", bf).map_err(|m| named(&filename, m))?;
-    }
-    if let Some(b) = o.text("backing_file") {
-        if b == filename {
-            return Err(named(
-                &filename,
-                "Error: Trying to create an image with the same filename as the backing file",
-            ));
-        }
-        if b.is_empty() {
-            return Err(named(
-                &filename,
-                "Expected backing file name, got empty string",
-            ));
-        }
-        return Err(named(
-            &filename,
-            format!("Backing files are not supported yet (backing file '{b}')"),
-        ));
-    }
-    // qemu's "no size" is the value -1, whichever way it was given.
-    let size = match o.get("size").and_then(|g| g.number) {
-        Some(n) if n != u64::MAX => n,
-        _ => return Err(named(&filename, "Image creation needs a size parameter")),
-    };
-
+    let plan = CreatePlan::new(
+        &fmt,
+        &filename,
+        options.as_deref(),
+        img_size,
+        base.as_deref(),
+        base_fmt.as_deref(),
+    )?;
     if !quiet {
-        println!("Formatting '{filename}', fmt={fmt} {}", o.describe());
+        println!("Formatting '{filename}', fmt={fmt} {}", plan.describe());
     }
-    let path = Path::new(&filename);
-    if fmt == "raw" {
-        create_raw(path, &filename, size, &o)
-    } else {
-        create_qcow2(path, &filename, size, &o)
+    plan.execute()
+}
+
+/// A validated image creation: format, file, size and options, ready to run. `img convert`
+/// creates its target through the same plan.
+pub struct CreatePlan {
+    fmt: String,
+    filename: String,
+    size: u64,
+    opts: Opts,
+}
+
+impl CreatePlan {
+    /// Checks the format and the option list (`-o`), in qemu's order and with its messages.
+    pub fn new(
+        fmt: &str,
+        filename: &str,
+        options: Option<&str>,
+        img_size: Option<u64>,
+        base: Option<&str>,
+        base_fmt: Option<&str>,
+    ) -> Result<Self, CliError> {
+        let filename = filename.to_string();
+        let fmt = fmt.to_string();
+        if fmt != "raw" && fmt != "qcow2" {
+            if OTHER_FORMATS.contains(&fmt.as_str()) {
+                return Err(named(
+                    &filename,
+                    format!(
+                        "Creating '{fmt}' images is not supported yet (supported formats: raw, qcow2)"
+                    ),
+                ));
+            }
+            return Err(named(&filename, format!("Unknown file format '{fmt}'")));
+        }
+        let mut o = Opts {
+            descs: merged_opts(&fmt),
+            given: Vec::new(),
+        };
+        if let Some(list) = options {
+            for (k, v) in split_options(list).0 {
+                o.set(&k, &v).map_err(|m| named(&filename, m))?;
+            }
+        }
+        match (o.get("size").is_some(), img_size) {
+            (true, Some(_)) => {
+                return Err(named(
+                    &filename,
+                    "The image size must be specified only once",
+                ))
+            }
+            (false, Some(n)) => o
+                .set("size", &n.to_string())
+                .map_err(|m| named(&filename, m))?,
+            _ => {}
+        }
+        if let Some(b) = base {
+            if fmt == "raw" {
+                return Err(named(
+                    &filename,
+                    format!("Backing file not supported for file format '{fmt}'"),
+                ));
+            }
+            o.set("backing_file", b).map_err(|m| named(&filename, m))?;
+        }
+        if let Some(bf) = base_fmt {
+            if fmt == "raw" {
+                return Err(named(
+                    &filename,
+                    format!("Backing file format not supported for file format '{fmt}'"),
+                ));
+            }
+            o.set("backing_fmt", bf).map_err(|m| named(&filename, m))?;
+        }
+        if let Some(b) = o.text("backing_file") {
+            if b == filename {
+                return Err(named(
+                    &filename,
+                    "Error: Trying to create an image with the same filename as the backing file",
+                ));
+            }
+            if b.is_empty() {
+                return Err(named(
+                    &filename,
+                    "Expected backing file name, got empty string",
+                ));
+            }
+            return Err(named(
+                &filename,
+                format!("Backing files are not supported yet (backing file '{b}')"),
+            ));
+        }
+        // qemu's "no size" is the value -1, whichever way it was given.
+        let size = match o.get("size").and_then(|g| g.number) {
+            Some(n) if n != u64::MAX => n,
+            _ => return Err(named(&filename, "Image creation needs a size parameter")),
+        };
+        Ok(CreatePlan {
+            fmt,
+            filename,
+            size,
+            opts: o,
+        })
+    }
+
+    /// The options part of qemu-img's "Formatting" line.
+    pub fn describe(&self) -> String {
+        self.opts.describe()
+    }
+
+    /// Creates the image.
+    pub fn execute(&self) -> CmdResult {
+        let path = Path::new(&self.filename);
+        if self.fmt == "raw" {
+            create_raw(path, &self.filename, self.size, &self.opts)
+        } else {
+            create_qcow2(path, &self.filename, self.size, &self.opts)
+        }
     }
 }
 
-fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
+pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
     if fmt != "raw" && fmt != "qcow2" {
         return Err(CliError::new(format!("Unknown file format '{fmt}'")));
     }

@@ -3,7 +3,7 @@
 mod check;
 mod compare;
 mod convert;
-mod create;
+pub(crate) mod create;
 mod info;
 
 use crate::{CliError, CmdResult};
