@@ -17,6 +17,7 @@
 
 mod imrt;
 mod repair;
+mod snapshots;
 mod walk;
 
 use super::header::{autoclear, ext, incompat, offsets, Header};
@@ -144,13 +145,41 @@ struct Res {
     compressed_clusters: u64,
 }
 
-/// An internal snapshot, as the check needs it.
-#[derive(Clone, Debug)]
+impl Res {
+    /// Adds another part's counters; with `allocation`, takes its allocation figures too.
+    fn add(&mut self, o: &Res, allocation: bool) {
+        self.corruptions += o.corruptions;
+        self.leaks += o.leaks;
+        self.check_errors += o.check_errors;
+        self.corruptions_fixed += o.corruptions_fixed;
+        self.leaks_fixed += o.leaks_fixed;
+        if allocation {
+            self.image_end_offset = o.image_end_offset;
+            self.total_clusters = o.total_clusters;
+            self.allocated_clusters = o.allocated_clusters;
+            self.fragmented_clusters = o.fragmented_clusters;
+            self.compressed_clusters = o.compressed_clusters;
+        }
+    }
+}
+
+/// An internal snapshot table entry (docs/interop/qcow2.rst, "Snapshots"), kept whole so
+/// that a repair can write the table again.
+#[derive(Clone, Debug, Default)]
 struct Snapshot {
     id: String,
     name: String,
     l1_offset: u64,
     l1_size: u32,
+    vm_state_size: u64,
+    date_sec: u32,
+    date_nsec: u32,
+    vm_clock_nsec: u64,
+    extra_data_size: u32,
+    disk_size: u64,
+    icount: u64,
+    /// Extra data past the fields this version knows.
+    unknown_extra: Vec<u8>,
 }
 
 /// Table entry masks (docs/interop/qcow2.rst).
@@ -202,11 +231,6 @@ mod ol {
     ];
 }
 
-/// The largest snapshot extra data qemu accepts.
-const MAX_SNAPSHOT_EXTRA: u32 = 1024;
-/// The largest snapshot table qemu accepts.
-const MAX_SNAPSHOTS_SIZE: u64 = 64 << 20;
-
 /// The state of one check run: what qemu keeps in its driver state, loaded from the file.
 struct Checker<'a> {
     file: &'a dyn Storage,
@@ -228,6 +252,8 @@ struct Checker<'a> {
     /// Raw refcount table entries (with any reserved bits).
     reftable: Vec<u64>,
     snapshots: Vec<Snapshot>,
+    /// Snapshot count in the header.
+    sn_count: u32,
     snapshots_offset: u64,
     snapshots_size: u64,
     /// Bitmap directory (offset, size), when the image has valid bitmaps.
@@ -237,6 +263,9 @@ struct Checker<'a> {
     rb_dirty: BTreeSet<u64>,
     /// A corruption was signalled (later ones are not repeated).
     signaled: bool,
+    /// A fatal corruption was signalled: qemu then stops using the image, so a check that
+    /// fails afterwards leaves its unwritten changes unwritten.
+    fatal_signaled: bool,
     msgs: Vec<String>,
 }
 
@@ -251,8 +280,10 @@ pub fn check(file: &Arc<dyn Storage>, fix: Fix) -> Result<CheckReport> {
     let mut res = Res::default();
     let outcome = ck.check_locked(&mut res, fix);
     let mut failed = outcome.err().map(|f| f.text().to_string());
-    if let Err(f) = ck.finish(fix, &res) {
-        failed.get_or_insert_with(|| f.text().to_string());
+    if failed.is_none() || !ck.fatal_signaled {
+        if let Err(f) = ck.finish(fix, &res) {
+            failed.get_or_insert_with(|| f.text().to_string());
+        }
     }
     let clamp = |v: i64| v.max(0) as u64;
     Ok(CheckReport {
@@ -304,6 +335,23 @@ impl<'a> Checker<'a> {
             first.resize(file_len.min(1 << cluster_bits) as usize, 0);
             file.read_at(&mut first, 0)?;
         }
+        // As qemu in check mode, leave the snapshot table to the check itself (which reports
+        // and repairs it) instead of refusing to open the image over it.
+        let sn_count = u32::from_be_bytes(
+            first
+                .get(60..64)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 4]),
+        );
+        let sn_offset = u64::from_be_bytes(
+            first
+                .get(64..72)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 8]),
+        );
+        if first.len() >= 72 {
+            first[60..72].fill(0);
+        }
         let h = Header::parse(&name, &first, file_len)?;
         let cs = h.cluster_size();
         let order = h.refcount_order;
@@ -337,58 +385,18 @@ impl<'a> Checker<'a> {
             reftable_offset: h.refcount_table_offset,
             reftable,
             snapshots: Vec::new(),
-            snapshots_offset: h.snapshots_offset,
+            sn_count,
+            snapshots_offset: sn_offset,
             snapshots_size: 0,
             bitmap_dir: None,
             rb_cache: BTreeMap::new(),
             rb_dirty: BTreeSet::new(),
             signaled: false,
+            fatal_signaled: false,
             msgs: Vec::new(),
         };
-        ck.load_snapshots(&name, h.nb_snapshots)?;
         ck.load_bitmaps_ext(&name, &h)?;
         Ok(ck)
-    }
-
-    /// Reads the snapshot table (docs/interop/qcow2.rst, "Snapshots").
-    fn load_snapshots(&mut self, name: &str, count: u32) -> Result<()> {
-        let mut offset = self.snapshots_offset;
-        for i in 0..count {
-            offset = offset.div_ceil(8) * 8;
-            let mut h = [0u8; 40];
-            read_zf(self.file, &mut h, offset, self.file_len)?;
-            offset += 40;
-            let l1_offset = u64::from_be_bytes(h[0..8].try_into().expect("8"));
-            let l1_size = u32::from_be_bytes(h[8..12].try_into().expect("4"));
-            let id_len = u16::from_be_bytes(h[12..14].try_into().expect("2")) as usize;
-            let name_len = u16::from_be_bytes(h[14..16].try_into().expect("2")) as usize;
-            let extra = u32::from_be_bytes(h[36..40].try_into().expect("4"));
-            if extra > MAX_SNAPSHOT_EXTRA {
-                return Err(Error::invalid(
-                    name,
-                    format!("Too much extra metadata in snapshot table entry {i}"),
-                ));
-            }
-            offset += extra as u64;
-            let mut strings = vec![0u8; id_len + name_len];
-            read_zf(self.file, &mut strings, offset, self.file_len)?;
-            offset += strings.len() as u64;
-            if offset - self.snapshots_offset > MAX_SNAPSHOTS_SIZE {
-                return Err(Error::invalid(name, "Snapshot table is too big"));
-            }
-            self.snapshots.push(Snapshot {
-                id: String::from_utf8_lossy(&strings[..id_len]).into_owned(),
-                name: String::from_utf8_lossy(&strings[id_len..]).into_owned(),
-                l1_offset,
-                l1_size,
-            });
-        }
-        self.snapshots_size = if count > 0 {
-            offset - self.snapshots_offset
-        } else {
-            0
-        };
-        Ok(())
     }
 
     /// Finds the bitmaps extension; qemu only trusts it while the autoclear bit is set.
@@ -447,8 +455,9 @@ impl<'a> Checker<'a> {
             self.msg(format!(
                 "qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"
             ));
+            self.fatal_signaled = true;
+            self.incompatible |= incompat::CORRUPT;
             if self.version >= 3 {
-                self.incompatible |= incompat::CORRUPT;
                 // Best effort, as in qemu: the message has been given either way.
                 let _ = self
                     .file
@@ -608,9 +617,29 @@ impl<'a> Checker<'a> {
         Err(Fail::EIO)
     }
 
-    /// qcow2's check: the refcounts (with the OFLAG_COPIED check) of the whole image.
+    /// qcow2's check: the snapshot table, then the refcounts (with the OFLAG_COPIED check),
+    /// then the snapshot table's repair, which needs sound refcounts to allocate.
     fn check_locked(&mut self, res: &mut Res, fix: Fix) -> std::result::Result<(), Fail> {
-        let r = self.check_refcounts(res, fix);
+        let mut sres = Res::default();
+        if let Err(e) = self.read_snapshot_table(&mut sres, fix) {
+            res.add(&sres, false);
+            return Err(e);
+        }
+        let mut rres = Res::default();
+        let r = self.check_refcounts(&mut rres, fix);
+        res.add(&rres, true);
+        if let Err(e) = r {
+            res.add(&sres, false);
+            if !self.fatal_signaled {
+                let _ = self.flush_refblocks();
+            }
+            return Err(e);
+        }
+        let r = self.fix_snapshot_table(&mut sres, fix);
+        res.add(&sres, false);
+        if r.is_err() && self.fatal_signaled {
+            return r;
+        }
         let flushed = self.flush_refblocks();
         r?;
         flushed
