@@ -70,7 +70,7 @@ impl Checker<'_> {
             self.msg(format!("img: ERROR {what}"));
             if count > MAX_SNAPSHOTS {
                 self.msg(format!(
-                    "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                    "You can force-remove all {} overhanging snapshots with img check -r all",
                     count - MAX_SNAPSHOTS
                 ));
             }
@@ -172,8 +172,7 @@ impl Checker<'_> {
                     return Err(ReadError {
                         message: format!("Too much extra metadata in snapshot table entry {i}"),
                         hint: Some(
-                            "You can force-remove this extra metadata with qemu-img check -r all"
-                                .into(),
+                            "You can force-remove this extra metadata with img check -r all".into(),
                         ),
                         fail: Fail::EFBIG,
                     });
@@ -223,7 +222,7 @@ impl Checker<'_> {
                     return Err(ReadError {
                         message: "Snapshot table is too big".into(),
                         hint: Some(format!(
-                            "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                            "You can force-remove all {} overhanging snapshots with img check -r all",
                             count - i
                         )),
                         fail: Fail::EFBIG,

@@ -81,7 +81,7 @@ impl Checker<'_> {
                     "ERROR: overflow cluster offset={:#x}",
                     k << self.cluster_bits
                 ));
-                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into());
+                self.msg("Use img amend to increase the refcount entry width or img convert to create a clean copy if the image cannot be opened for writing".into());
                 res.corruptions += 1;
                 continue;
             }
