@@ -696,7 +696,8 @@ fn broken_refcount_table_entries() {
 fn oflag_copied_and_reserved_bits() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_image(dir.path());
-    let cases: Vec<(&str, Box<dyn Fn(&Layout)>)> = vec![
+    type Corruption = Box<dyn Fn(&Layout)>;
+    let cases: Vec<(&str, Corruption)> = vec![
         (
             "l2copied.qcow2",
             Box::new(|l: &Layout| {
