@@ -326,6 +326,11 @@ impl Checker<'_> {
         };
         for (table_offset, entries) in tables {
             self.inc_refcounts(res, imrt, table_offset, entries * 8)?;
+            // qemu's limit for one bitmap table (1 GiB); it also bounds our memory.
+            if entries > 0x800_0000 {
+                res.corruptions += 1;
+                return Err(Fail::EINVAL);
+            }
             if table_offset & (self.cs - 1) != 0
                 || table_offset.saturating_add(entries * 8) > self.file_len
             {
