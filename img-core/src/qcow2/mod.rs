@@ -103,7 +103,14 @@ impl Qcow2 {
         if header.is_dirty() && !read_only {
             // As qemu: an image left dirty (lazy refcounts, or a crash) has its refcounts
             // rebuilt before anything is written.
-            check::check(&file, check::Fix::ALL)?;
+            let report = check::check(&file, check::Fix::ALL)?;
+            if report.failed.is_some() || report.check_errors > 0 {
+                let why = report.failed.as_deref().unwrap_or("Input/output error");
+                return Err(Error::invalid(
+                    &name,
+                    format!("Could not repair dirty image: {why}"),
+                ));
+            }
         }
         // Re-read the header: a repair may have moved the refcount table.
         let header = if header.is_dirty() && !read_only {
