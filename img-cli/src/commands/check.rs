@@ -147,17 +147,12 @@ pub fn run(args: &[String]) -> CmdResult {
     if pos.len() != 1 {
         return Err(usage("Expecting one image file name"));
     }
-    // The cache mode is validated as qemu-img does, but the check reads its metadata with
-    // small unaligned requests, so it always goes through the page cache (the result is the
-    // same; only host caching differs).
-    match cache.as_str() {
-        "none" | "directsync" | "writeback" | "writethrough" | "unsafe" => {}
-        _ => {
-            return Err(CliError::new(format!(
-                "Invalid source cache option: {cache}"
-            )))
-        }
-    }
+    // Unaligned metadata reads under O_DIRECT go through the storage's bounce buffers.
+    let Some(cache_mode) = blockdev::CacheMode::parse(&cache) else {
+        return Err(CliError::new(format!(
+            "Invalid source cache option: {cache}"
+        )));
+    };
     let target = if image_opts {
         if format.is_some() {
             return Err(CliError::new(
@@ -189,14 +184,14 @@ pub fn run(args: &[String]) -> CmdResult {
         &target.path,
         FileOptions {
             read_only: !repair,
-            direct: false,
+            cache: cache_mode,
             create: false,
         },
     ) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             let reason = match e.io_error() {
-                Some(io) => format!("Could not open '{}': {}", target.path, check::strerror(io)),
+                Some(io) => format!("Could not open '{}': {}", target.path, blockdev::os_message(io)),
                 None => e.to_string(),
             };
             return Err(could_not_open(reason));

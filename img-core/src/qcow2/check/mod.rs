@@ -106,18 +106,9 @@ impl Fail {
 impl From<blockdev::Error> for Fail {
     fn from(e: blockdev::Error) -> Fail {
         match e.io_error() {
-            Some(io) => Fail(Cow::Owned(strerror(io))),
+            Some(io) => Fail(Cow::Owned(blockdev::os_message(io))),
             None => Fail::EIO,
         }
-    }
-}
-
-/// The C library's wording of an I/O error, without Rust's "(os error N)" suffix.
-pub fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
 
