@@ -191,7 +191,11 @@ pub fn run(args: &[String]) -> CmdResult {
         Ok(s) => Arc::new(s),
         Err(e) => {
             let reason = match e.io_error() {
-                Some(io) => format!("Could not open '{}': {}", target.path, blockdev::os_message(io)),
+                Some(io) => format!(
+                    "Could not open '{}': {}",
+                    target.path,
+                    blockdev::os_message(io)
+                ),
                 None => e.to_string(),
             };
             return Err(could_not_open(reason));

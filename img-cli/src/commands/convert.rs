@@ -167,8 +167,15 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
     if !a.no_create {
-        create::CreatePlan::new(&a.out_fmt, out, a.options.as_deref(), Some(total), None, None)?
-            .execute()?;
+        create::CreatePlan::new(
+            &a.out_fmt,
+            out,
+            a.options.as_deref(),
+            Some(total),
+            None,
+            None,
+        )?
+        .execute()?;
     }
     let target = open(&ImageSpec::file(out, Some(&a.out_fmt)), false, a.dst_cache)?;
     if a.no_create && target.size() < total {

@@ -267,6 +267,36 @@ struct Checker<'a> {
 /// not complete sets [`CheckReport::failed`]. With a fix, the dirty bit is cleared (as qemu-img
 /// does when it closes the image), and the corrupt bit too once nothing is left to repair.
 pub fn check(file: &Arc<dyn Storage>, fix: Fix) -> Result<CheckReport> {
+    let mut report = check_once(file, fix)?;
+    // A repair can expose problems that only the repaired structure shows: once a refcount
+    // block that an L1 entry wrongly pointed at has been moved away, that cluster is a plain
+    // (garbage) L2 table whose entries can now be repaired. qemu stops after one round and
+    // leaves such images broken; one more round (at most two) leaves them clean.
+    for _ in 0..2 {
+        let progressed = report.corruptions_fixed > 0;
+        if !fix.errors || report.corruptions == 0 || report.failed.is_some() || !progressed {
+            break;
+        }
+        let next = check_once(file, fix)?;
+        if next.corruptions_fixed == 0 {
+            break;
+        }
+        let mut messages = std::mem::take(&mut report.messages);
+        messages.extend(next.messages.iter().cloned());
+        let fixed = report.corruptions_fixed + next.corruptions_fixed;
+        let leaks_fixed = report.leaks_fixed + next.leaks_fixed;
+        report = CheckReport {
+            messages,
+            corruptions_fixed: fixed,
+            leaks_fixed,
+            ..next
+        };
+    }
+    Ok(report)
+}
+
+/// One round of checking (and repairing).
+fn check_once(file: &Arc<dyn Storage>, fix: Fix) -> Result<CheckReport> {
     let mut ck = Checker::load(file.as_ref())?;
     let mut res = Res::default();
     let outcome = ck.check_locked(&mut res, fix);

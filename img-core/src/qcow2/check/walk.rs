@@ -164,9 +164,15 @@ impl Checker<'_> {
             res.check_errors += 1;
             return Err(Fail::EIO);
         }
-        for chunk in raw.chunks_exact(8) {
+        for (index, chunk) in raw.chunks_exact(8).enumerate() {
             let e = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
             if e == 0 {
+                continue;
+            }
+            if active
+                && fix.errors
+                && self.clear_l1_entry_into_metadata(res, l1_offset, index, e)?
+            {
                 continue;
             }
             if e & mask::L1_RESERVED != 0 {
@@ -186,6 +192,49 @@ impl Checker<'_> {
             self.check_l2(res, imrt, l2_offset, active, fix)?;
         }
         Ok(())
+    }
+
+    /// With `-r all`: an active L1 entry whose "L2 table" is in fact other metadata (the
+    /// header, an L1 or refcount table, a refcount block, the snapshot table) can never be
+    /// right, and reading it as L2 entries only spreads the damage. qemu leaves such an entry
+    /// and fails or stays corrupt; clearing it (the range reads as unallocated again) leaves an
+    /// image that checks clean. Returns whether the entry was cleared.
+    fn clear_l1_entry_into_metadata(
+        &mut self,
+        res: &mut Res,
+        l1_offset: u64,
+        index: usize,
+        entry: u64,
+    ) -> R<bool> {
+        let l2_offset = entry & mask::OFFSET;
+        if l2_offset & (self.cs - 1) != 0 {
+            return Ok(false);
+        }
+        let hit = self.overlap(ol::ACTIVE_L2 | ol::INACTIVE_L2, l2_offset, self.cs, false);
+        if hit == 0 {
+            return Ok(false);
+        }
+        let name = ol::NAMES[hit.trailing_zeros() as usize];
+        self.msg(format!(
+            "Repairing l1_index={index}: L2 table at offset {l2_offset:#x} overlaps with {name}; L1 entry cleared"
+        ));
+        let at = l1_offset + index as u64 * 8;
+        let written = self
+            .write(&0u64.to_be_bytes(), at)
+            .and_then(|_| self.file.flush().map_err(Fail::from));
+        if let Err(e) = written {
+            self.msg(format!(
+                "ERROR: Failed to overwrite L1 table entry: {}",
+                e.text()
+            ));
+            res.check_errors += 1;
+            return Ok(false);
+        }
+        if let Some(e) = self.l1.get_mut(index) {
+            *e = 0;
+        }
+        res.corruptions_fixed += 1;
+        Ok(true)
     }
 
     /// Counts the clusters an L2 table references, checking each entry.
@@ -257,6 +306,35 @@ impl Checker<'_> {
                             ));
                         }
                     }
+                    let entry_at = l2_offset + i as u64 * 8;
+                    let own_table = if active {
+                        ol::ACTIVE_L2
+                    } else {
+                        ol::INACTIVE_L2
+                    };
+                    // Only in a table that is really an L2 table: aligned, and not shared with
+                    // other metadata (a table reached through a corrupted L1 entry is left to
+                    // the refcount repair, as qemu leaves it).
+                    if offset >= self.file_len
+                        && offset & (self.cs - 1) == 0
+                        && l2_offset & (self.cs - 1) == 0
+                        && fix.errors
+                        && self.overlap(own_table, entry_at, 8, false) == 0
+                    {
+                        // qemu reads such a cluster as zeros but leaves the entry broken;
+                        // making it a zero cluster keeps what the guest sees and leaves an
+                        // image that checks clean. Version 2 has no zero flag, but an
+                        // unallocated cluster there reads as zeros too (no backing file is
+                        // supported for repair yet).
+                        res.corruptions += 1;
+                        self.msg(format!(
+                            "Repairing offset={offset:x}: Data cluster is beyond the end of the file; L2 entry corrupted."
+                        ));
+                        let value = if self.version >= 3 { ZERO } else { 0 };
+                        if self.replace_l2_entry(res, &mut table, l2_offset, i, active, value)? {
+                            continue;
+                        }
+                    }
                     if active {
                         res.allocated_clusters += 1;
                         if next_contiguous != 0 && offset != next_contiguous {
@@ -283,7 +361,21 @@ impl Checker<'_> {
         index: usize,
         active: bool,
     ) -> R<bool> {
-        table[index * 8..index * 8 + 8].copy_from_slice(&ZERO.to_be_bytes());
+        self.replace_l2_entry(res, table, l2_offset, index, active, ZERO)
+    }
+
+    /// Rewrites one L2 entry to `value` (in `table` and on disk) and counts the corruption as
+    /// fixed.
+    fn replace_l2_entry(
+        &mut self,
+        res: &mut Res,
+        table: &mut [u8],
+        l2_offset: u64,
+        index: usize,
+        active: bool,
+        value: u64,
+    ) -> R<bool> {
+        table[index * 8..index * 8 + 8].copy_from_slice(&value.to_be_bytes());
         let entry_offset = l2_offset + index as u64 * 8;
         let ignore = if active {
             ol::ACTIVE_L2
@@ -299,7 +391,7 @@ impl Checker<'_> {
             return Err(Fail::EIO);
         }
         let written = self
-            .write(&ZERO.to_be_bytes(), entry_offset)
+            .write(&value.to_be_bytes(), entry_offset)
             .and_then(|_| self.file.flush().map_err(Fail::from));
         if let Err(e) = written {
             self.msg(format!(
