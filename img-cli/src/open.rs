@@ -189,7 +189,7 @@ pub fn open(spec: &ImageSpec, read_only: bool, cache: CacheMode) -> Result<Image
 pub fn open_reason(e: &img_core::Error) -> String {
     match e {
         img_core::Error::Invalid { reason, .. } => reason.clone(),
-        img_core::Error::Unsupported { what, .. } => format!("{what} is not supported"),
+        img_core::Error::Unsupported { what, .. } => what.clone(),
         img_core::Error::InvalidArgument(m) => m.clone(),
         other => other.to_string(),
     }

@@ -31,11 +31,11 @@ pub enum Error {
     },
 
     /// The image uses a feature this version does not support.
-    #[error("'{file}': {what} is not supported")]
+    #[error("'{file}': {what}")]
     Unsupported {
         /// The image file.
         file: String,
-        /// The feature.
+        /// What is not supported, as a whole sentence ("... is not supported yet").
         what: String,
     },
 

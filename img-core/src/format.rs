@@ -111,7 +111,7 @@ pub trait Format: Send + Sync {
         let _ = (compressed, out);
         Err(crate::Error::unsupported(
             self.file_name(),
-            "compressed data in this format",
+            "compressed data is not supported in this format",
         ))
     }
 

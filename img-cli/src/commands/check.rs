@@ -259,9 +259,7 @@ fn run_check(
     let report = match check::check(storage, fix) {
         Ok(r) => r,
         Err(img_core::Error::Invalid { reason, .. }) => return Err(could_not_open(reason)),
-        Err(img_core::Error::Unsupported { what, .. }) => {
-            return Err(could_not_open(format!("{what} is not supported")))
-        }
+        Err(img_core::Error::Unsupported { what, .. }) => return Err(could_not_open(what)),
         Err(e) => return Err(could_not_open(e.to_string())),
     };
     let _ = std::io::stdout().flush();

@@ -71,7 +71,10 @@ impl Qcow2CreateOptions {
             }
         }
         if self.extended_l2 {
-            return Err(Error::unsupported("", "extended_l2=on"));
+            return Err(Error::unsupported(
+                "",
+                "extended L2 entries (extended_l2=on) are not supported yet",
+            ));
         }
         let l1 = size_to_l1(self.size, cs.trailing_zeros());
         if l1 * 8 > header::MAX_L1_BYTES {

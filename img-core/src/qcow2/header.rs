@@ -226,7 +226,10 @@ impl Header {
         }
         let version = be32(buf, 4);
         if !(2..=3).contains(&version) {
-            return Err(Error::unsupported(file, format!("qcow2 version {version}")));
+            return Err(Error::unsupported(
+                file,
+                format!("qcow2 version {version} is not supported"),
+            ));
         }
         let cluster_bits = be32(buf, 20);
         if !(9..=21).contains(&cluster_bits) {
@@ -325,7 +328,7 @@ impl Header {
                 .collect();
             return Err(Error::unsupported(
                 file,
-                format!("qcow2 feature(s) {}", names.join(", ")),
+                format!("Unsupported qcow2 feature(s): {}", names.join(", ")),
             ));
         }
 
@@ -475,19 +478,23 @@ impl Header {
         if self.crypt_method != 0 {
             return Err(Error::unsupported(
                 file,
-                "Encrypted qcow2 images (crypt_method ".to_string()
-                    + &self.crypt_method.to_string()
-                    + ")",
+                format!(
+                    "encrypted images (crypt_method {}) are not supported yet",
+                    self.crypt_method
+                ),
             ));
         }
         if self.incompatible_features & incompat::EXTL2 != 0 {
             return Err(Error::unsupported(
                 file,
-                "qcow2 extended L2 entries (extended_l2=on)",
+                "extended L2 entries (extended_l2=on) are not supported yet",
             ));
         }
         if self.incompatible_features & incompat::DATA_FILE != 0 {
-            return Err(Error::unsupported(file, "qcow2 external data files"));
+            return Err(Error::unsupported(
+                file,
+                "external data files are not supported yet",
+            ));
         }
         Ok(())
     }

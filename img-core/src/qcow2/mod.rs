@@ -90,7 +90,7 @@ impl Qcow2 {
         if let Some(backing) = &header.backing_file {
             return Err(Error::unsupported(
                 &name,
-                format!("Opening backing file '{backing}' (backing files are not supported yet; the image cannot be read without it)"),
+                format!("the image needs its backing file '{backing}', and backing files are not supported yet"),
             ));
         }
         let read_only = opts.read_only || file.is_read_only();

@@ -393,7 +393,7 @@ impl Refcounts {
         if table_bytes > super::header::MAX_REFTABLE_BYTES {
             return Err(Error::unsupported(
                 &self.file_name,
-                "an image this large for its cluster size (refcount table over 8 MiB)",
+                "an image this large for its cluster size (a refcount table over 8 MiB) is not supported",
             ));
         }
         let mut table = self.table.clone();
