@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// Formats qemu knows that this build cannot open; they get a clearer message than qemu's
 /// "Unknown driver".
-const UNSUPPORTED_FORMATS: &[&str] = &[
+pub(crate) const UNSUPPORTED_FORMATS: &[&str] = &[
     "bochs",
     "cloop",
     "dmg",

@@ -120,7 +120,7 @@ fn write_json(v: &QValue, indent: usize, out: &mut String) {
 }
 
 /// Quotes a string as qemu does: ASCII control and non-ASCII characters become `\uXXXX`.
-fn quote(s: &str, out: &mut String) {
+pub(crate) fn quote(s: &str, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {

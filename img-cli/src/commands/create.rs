@@ -229,18 +229,6 @@ const FILE_OPTS: &[Desc] = &[
     ),
 ];
 
-/// Image formats qemu-img can create but this tool cannot yet.
-const OTHER_FORMATS: &[&str] = &[
-    "luks",
-    "parallels",
-    "qcow",
-    "qed",
-    "vdi",
-    "vhdx",
-    "vmdk",
-    "vpc",
-];
-
 /// Values qemu accepts for `backing_fmt` (its block driver names).
 const BLOCK_DRIVERS: &[&str] = &[
     "blkdebug",
@@ -584,7 +572,7 @@ impl CreatePlan {
         let filename = filename.to_string();
         let fmt = fmt.to_string();
         if fmt != "raw" && fmt != "qcow2" {
-            if OTHER_FORMATS.contains(&fmt.as_str()) {
+            if crate::open::UNSUPPORTED_FORMATS.contains(&fmt.as_str()) {
                 return Err(named(
                     &filename,
                     format!(
