@@ -15,6 +15,8 @@ pub struct FileOptions {
     /// How the host page cache is used. With O_DIRECT modes, requests that do not honour the
     /// probed alignment go through an aligned bounce buffer.
     pub cache: CacheMode,
+    /// The I/O engine.
+    pub aio: crate::Aio,
     /// Create the file if it does not exist, and truncate it if it does.
     pub create: bool,
 }

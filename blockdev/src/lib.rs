@@ -6,11 +6,13 @@
 //! io_uring engine or a network backend (NBD, iSCSI, RBD) slots in as another `Storage`
 //! implementation without touching any format.
 
+mod aio;
 mod aligned;
 mod cache_mode;
 mod error;
 mod file;
 
+pub use aio::Aio;
 pub use aligned::AlignedBuf;
 pub use cache_mode::CacheMode;
 pub use error::{os_message, Error, Result};

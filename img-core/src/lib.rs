@@ -18,4 +18,4 @@ pub mod size;
 pub use error::{Error, Result};
 pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
 pub use image::{BlockStatus, Image};
-pub use open::{open_image, probe_format, OpenOptions};
+pub use open::{open_image, probe_format, DetectZeroes, DiscardMode, OpenOptions};

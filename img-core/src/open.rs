@@ -16,10 +16,59 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Host cache mode of the image file.
     pub cache: blockdev::CacheMode,
-    /// qcow2 L2 cache size in bytes.
-    pub l2_cache_size: Option<u64>,
-    /// qcow2 refcount cache size in bytes.
-    pub refcount_cache_size: Option<u64>,
+    /// The I/O engine of the image file (`aio=`).
+    pub aio: blockdev::Aio,
+    /// What discard requests do (`discard=`).
+    pub discard: DiscardMode,
+    /// Whether writes of zeros become write-zeroes requests (`detect-zeroes=`).
+    pub detect_zeroes: DetectZeroes,
+    /// qcow2 metadata cache options.
+    pub qcow2_cache: crate::qcow2::CacheOptions,
+}
+
+/// qemu's `discard=` option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// Discards are ignored (qemu's default, `discard=ignore`/`off`).
+    #[default]
+    Ignore,
+    /// Discards free clusters and punch holes in the file (`discard=unmap`/`on`).
+    Unmap,
+}
+
+impl DiscardMode {
+    /// Parses qemu's names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ignore" | "off" => Some(DiscardMode::Ignore),
+            "unmap" | "on" => Some(DiscardMode::Unmap),
+            _ => None,
+        }
+    }
+}
+
+/// qemu's `detect-zeroes=` option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes are written as given.
+    #[default]
+    Off,
+    /// Writes of all-zero buffers become write-zeroes requests.
+    On,
+    /// As `On`, and the zeroed range may be unmapped (when `discard=unmap`).
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// Parses qemu's names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(DetectZeroes::Off),
+            "on" => Some(DetectZeroes::On),
+            "unmap" => Some(DetectZeroes::Unmap),
+            _ => None,
+        }
+    }
 }
 
 /// The formats this build knows, as `-f` spells them.
@@ -45,6 +94,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
         FileOptions {
             read_only: opts.read_only,
             cache: opts.cache,
+            aio: opts.aio,
             create: false,
         },
     )?);
@@ -63,8 +113,8 @@ pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Ima
             storage,
             &Qcow2OpenOptions {
                 read_only: opts.read_only,
-                l2_cache_size: opts.l2_cache_size,
-                refcount_cache_size: opts.refcount_cache_size,
+                cache: opts.qcow2_cache.clone(),
+                discard: opts.discard,
             },
         )?),
         other => return Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),

@@ -30,7 +30,10 @@ fn assert_content(name: &str, runs: &[(u64, u64, u8)]) {
     for &(off, len, b) in runs {
         expected[off as usize..(off + len) as usize].fill(b);
     }
-    assert!(disk == expected, "{name}: content differs from what qemu-io wrote");
+    assert!(
+        disk == expected,
+        "{name}: content differs from what qemu-io wrote"
+    );
 }
 
 #[test]

@@ -173,8 +173,11 @@ fn open_image(path: &Path, cfg: &ImageConfig) -> img_core::Image {
         &img_core::OpenOptions {
             format: Some("qcow2".into()),
             read_only: false,
-            l2_cache_size: small,
-            refcount_cache_size: small,
+            qcow2_cache: img_core::qcow2::CacheOptions {
+                l2_cache_size: small,
+                refcount_cache_size: small,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )

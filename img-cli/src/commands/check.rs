@@ -185,6 +185,7 @@ pub fn run(args: &[String]) -> CmdResult {
         FileOptions {
             read_only: !repair,
             cache: cache_mode,
+            aio: blockdev::Aio::Threads,
             create: false,
         },
     ) {

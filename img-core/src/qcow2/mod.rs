@@ -39,10 +39,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct Qcow2OpenOptions {
     /// Refuse writes.
     pub read_only: bool,
-    /// L2 cache size in bytes (None: enough for the whole disk, at most 32 MiB, as qemu).
+    /// Metadata cache options.
+    pub cache: CacheOptions,
+    /// Whether freed clusters are punched out of the file.
+    pub discard: crate::open::DiscardMode,
+}
+
+/// qemu's qcow2 cache options; `None` means qemu's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// `l2-cache-size`: bytes of L2 tables to cache.
     pub l2_cache_size: Option<u64>,
-    /// Refcount block cache size in bytes (None: qemu's default).
+    /// `l2-cache-entry-size`: bytes per L2 cache entry (512 up to the cluster size).
+    pub l2_cache_entry_size: Option<u64>,
+    /// `refcount-cache-size`: bytes of refcount blocks to cache.
     pub refcount_cache_size: Option<u64>,
+    /// `cache-size`: the two caches together.
+    pub cache_size: Option<u64>,
+    /// `cache-clean-interval`: seconds after which unused entries are freed (0: never).
+    pub cache_clean_interval: Option<u64>,
 }
 
 /// Metadata state, all under one lock.
@@ -127,7 +142,7 @@ impl Qcow2 {
             .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
             .collect();
 
-        let l2_tables = match opts.l2_cache_size {
+        let l2_tables = match opts.cache.l2_cache_size {
             Some(bytes) => (bytes / cs).max(2) as usize,
             None => {
                 // Enough to map the whole disk, capped at 32 MiB of tables.
@@ -136,7 +151,7 @@ impl Qcow2 {
                 need.min((32 << 20) / cs).max(2) as usize
             }
         };
-        let refblock_tables = match opts.refcount_cache_size {
+        let refblock_tables = match opts.cache.refcount_cache_size {
             Some(bytes) => (bytes / cs).max(2) as usize,
             None => ((256 << 10) / cs).max(4) as usize,
         };

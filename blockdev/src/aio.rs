@@ -1,0 +1,34 @@
+//! The I/O engine of a file, as qemu's `aio=` option names it.
+
+/// How a file's reads and writes are issued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// Blocking positioned I/O from the calling threads (qemu's thread pool).
+    #[default]
+    Threads,
+    /// Linux native AIO in qemu; requires O_DIRECT (cache=none or directsync).
+    Native,
+    /// io_uring.
+    IoUring,
+}
+
+impl Aio {
+    /// Parses qemu's names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "threads" => Aio::Threads,
+            "native" => Aio::Native,
+            "io_uring" => Aio::IoUring,
+            _ => return None,
+        })
+    }
+
+    /// qemu's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Aio::Threads => "threads",
+            Aio::Native => "native",
+            Aio::IoUring => "io_uring",
+        }
+    }
+}
