@@ -13,6 +13,7 @@
 //!   so a crash leaks clusters at worst and never points two users at one cluster.
 
 pub mod cache;
+pub mod cache_options;
 pub mod check;
 pub mod compress;
 pub mod create;
@@ -20,6 +21,8 @@ pub mod header;
 pub mod l2;
 pub mod refcount;
 
+pub use cache::CacheStats;
+pub use cache_options::CacheOptions;
 pub use create::{create, Qcow2CreateOptions};
 pub use header::{CompressionType, Header};
 
@@ -32,7 +35,8 @@ use l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use refcount::Refcounts;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 /// Options for opening a qcow2 image.
 #[derive(Clone, Debug, Default)]
@@ -45,27 +49,16 @@ pub struct Qcow2OpenOptions {
     pub discard: crate::open::DiscardMode,
 }
 
-/// qemu's qcow2 cache options; `None` means qemu's default.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CacheOptions {
-    /// `l2-cache-size`: bytes of L2 tables to cache.
-    pub l2_cache_size: Option<u64>,
-    /// `l2-cache-entry-size`: bytes per L2 cache entry (512 up to the cluster size).
-    pub l2_cache_entry_size: Option<u64>,
-    /// `refcount-cache-size`: bytes of refcount blocks to cache.
-    pub refcount_cache_size: Option<u64>,
-    /// `cache-size`: the two caches together.
-    pub cache_size: Option<u64>,
-    /// `cache-clean-interval`: seconds after which unused entries are freed (0: never).
-    pub cache_clean_interval: Option<u64>,
-}
-
 /// Metadata state, all under one lock.
 struct Meta {
     l1: Vec<u64>,
     l1_offset: u64,
     l1_dirty: BTreeSet<usize>,
+    /// Slices of L2 tables (whole tables when the entry size is the cluster size).
     l2: MetaCache,
+    /// Metadata written since the last sync that the L1 table must not point at before
+    /// it is durable (new L2 tables, L2 slices written back early).
+    tables_unsynced: bool,
     refcounts: Refcounts,
     /// Next free byte in the host cluster that takes compressed clusters, or 0.
     compressed_cursor: u64,
@@ -79,9 +72,86 @@ pub struct Qcow2 {
     header: Header,
     read_only: bool,
     cluster_bits: u32,
-    meta: Mutex<Meta>,
+    /// log2 of the L2 cache entry size.
+    slice_bits: u32,
+    /// Shared with the cache cleaner, which holds it weakly.
+    meta: Arc<Mutex<Meta>>,
     /// Set once corruption was found (and the corrupt bit written): no more writes.
     marked_corrupt: AtomicBool,
+    /// Punch holes under clusters whose refcount drops to zero.
+    discard_unmap: bool,
+    /// Stops the cache cleaner when the image is dropped.
+    _cleaner: Option<Cleaner>,
+}
+
+/// The background thread that frees cache entries left unused for `cache-clean-interval`.
+/// It holds the metadata weakly and ends when the image (and with it the sender) is dropped.
+struct Cleaner {
+    _stop: mpsc::Sender<()>,
+}
+
+impl Cleaner {
+    fn spawn(meta: Weak<Mutex<Meta>>, interval: Duration) -> Option<Cleaner> {
+        let (tx, rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("qcow2-cache-clean".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                    let Some(meta) = meta.upgrade() else {
+                        return;
+                    };
+                    let mut m = meta.lock().unwrap_or_else(|e| e.into_inner());
+                    m.clean_unused_caches();
+                }
+            })
+            // Without a thread the caches are simply never cleaned, as with interval 0.
+            .ok()?;
+        Some(Cleaner { _stop: tx })
+    }
+}
+
+impl Meta {
+    fn clean_unused_caches(&mut self) -> usize {
+        self.l2.clean_unused() + self.refcounts.clean_unused()
+    }
+}
+
+/// Both metadata caches' counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Qcow2CacheStats {
+    /// The L2 table cache.
+    pub l2: CacheStats,
+    /// The refcount block cache.
+    pub refcount: CacheStats,
+}
+
+/// A handle on an open image's caches that outlives moving the image into an
+/// [`Image`](crate::Image): for tests and benchmarks.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct CacheProbe {
+    meta: Weak<Mutex<Meta>>,
+}
+
+impl CacheProbe {
+    /// The caches' counters, or `None` once the image is gone.
+    pub fn stats(&self) -> Option<Qcow2CacheStats> {
+        let meta = self.meta.upgrade()?;
+        let m = meta.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Qcow2CacheStats {
+            l2: m.l2.stats(),
+            refcount: m.refcounts.cache_stats(),
+        })
+    }
+
+    /// Runs one round of the cache cleaner now; returns how many entries it freed.
+    pub fn clean_now(&self) -> usize {
+        self.meta.upgrade().map_or(0, |meta| {
+            meta.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clean_unused_caches()
+        })
+    }
 }
 
 impl Qcow2 {
@@ -115,6 +185,23 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
+        // Cache options are validated before the dirty repair, as qemu does.
+        let config = opts
+            .cache
+            .resolve(header.cluster_size(), header.size)
+            .map_err(Error::InvalidArgument)?;
+        let no_memory = || Error::InvalidArgument("Could not allocate metadata caches".into());
+        let l2_cache = MetaCache::new(config.l2_entries as usize, config.l2_entry_size as usize)
+            .ok_or_else(no_memory)?;
+        let refblock_cache = MetaCache::new(
+            config.refcount_entries as usize,
+            header.cluster_size() as usize,
+        )
+        .ok_or_else(no_memory)?;
+        let clean_interval = opts
+            .cache
+            .clean_interval()
+            .map_err(Error::InvalidArgument)?;
         if header.is_dirty() && !read_only {
             // As qemu: an image left dirty (lazy refcounts, or a crash) has its refcounts
             // rebuilt before anything is written.
@@ -134,7 +221,6 @@ impl Qcow2 {
         } else {
             header
         };
-        let cs = header.cluster_size();
         let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
         file.read_at(&mut raw_l1, header.l1_table_offset)?;
         let l1: Vec<u64> = raw_l1
@@ -142,44 +228,39 @@ impl Qcow2 {
             .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
             .collect();
 
-        let l2_tables = match opts.cache.l2_cache_size {
-            Some(bytes) => (bytes / cs).max(2) as usize,
-            None => {
-                // Enough to map the whole disk, capped at 32 MiB of tables.
-                let covered_per_table = cs * (cs / 8);
-                let need = header.size.div_ceil(covered_per_table).max(1);
-                need.min((32 << 20) / cs).max(2) as usize
-            }
-        };
-        let refblock_tables = match opts.cache.refcount_cache_size {
-            Some(bytes) => (bytes / cs).max(2) as usize,
-            None => ((256 << 10) / cs).max(4) as usize,
-        };
         let mut refcounts = Refcounts::load(
             file.as_ref(),
             header.cluster_bits,
             header.refcount_order,
             header.refcount_table_offset,
             header.refcount_table_clusters,
-            refblock_tables,
+            refblock_cache,
         )?;
         refcounts.set_active_l1(header.l1_table_offset, header.l1_size as u64 * 8);
         let meta = Meta {
             l1,
             l1_offset: header.l1_table_offset,
             l1_dirty: BTreeSet::new(),
-            l2: MetaCache::new(l2_tables, cs as usize),
+            l2: l2_cache,
+            tables_unsynced: false,
             refcounts,
             compressed_cursor: 0,
             incompatible: header.incompatible_features,
         };
+        let meta = Arc::new(Mutex::new(meta));
+        let cleaner = (clean_interval > 0)
+            .then(|| Cleaner::spawn(Arc::downgrade(&meta), Duration::from_secs(clean_interval)))
+            .flatten();
         let q = Qcow2 {
             cluster_bits: header.cluster_bits,
+            slice_bits: config.l2_entry_size.trailing_zeros(),
             file,
             header,
             read_only,
-            meta: Mutex::new(meta),
+            meta,
             marked_corrupt: AtomicBool::new(false),
+            discard_unmap: opts.discard == crate::open::DiscardMode::Unmap,
+            _cleaner: cleaner,
         };
         if !read_only {
             q.clear_unknown_autoclear()?;
@@ -190,6 +271,24 @@ impl Qcow2 {
     /// The header as it was when the image was opened.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// Counters of the metadata caches.
+    #[doc(hidden)]
+    pub fn cache_stats(&self) -> Qcow2CacheStats {
+        let m = self.lock();
+        Qcow2CacheStats {
+            l2: m.l2.stats(),
+            refcount: m.refcounts.cache_stats(),
+        }
+    }
+
+    /// A handle on the caches that stays usable after the image is moved into an `Image`.
+    #[doc(hidden)]
+    pub fn cache_probe(&self) -> CacheProbe {
+        CacheProbe {
+            meta: Arc::downgrade(&self.meta),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -280,19 +379,58 @@ impl Qcow2 {
         Ok(off)
     }
 
-    fn entry_at(&self, meta: &mut Meta, l2_off: u64, l2i: usize) -> Result<L2Entry> {
-        let table = meta.l2.get(self.file.as_ref(), l2_off)?;
-        let e = L2Entry::decode(table_entry(table, l2i), self.cluster_bits);
-        if let L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } = e {
-            if offset % self.cs() != 0 {
-                return Err(self.corrupt(
-                    meta,
-                    l2_off + l2i as u64 * 8,
-                    format!("data cluster offset {offset:#x} is not cluster aligned"),
-                ));
+    /// L2 entries per cache entry (slice).
+    fn slice_entries(&self) -> u64 {
+        1 << (self.slice_bits - 3)
+    }
+
+    /// The host offset of the L2 slice that holds entry `l2i` of the table at `l2_off`, and the
+    /// entry's index inside the slice.
+    fn slice_of(&self, l2_off: u64, l2i: usize) -> (u64, usize) {
+        let per = self.slice_entries() as usize;
+        (l2_off + ((l2i / per) << self.slice_bits) as u64, l2i % per)
+    }
+
+    /// Guest clusters from `gc` to the end of its L2 slice.
+    fn clusters_left_in_slice(&self, gc: u64) -> u64 {
+        self.slice_entries() - gc % self.slice_entries()
+    }
+
+    /// The host offset of a data cluster entry that is not cluster aligned.
+    fn misaligned(&self, e: L2Entry) -> Option<u64> {
+        match e {
+            L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. }
+                if offset % self.cs() != 0 =>
+            {
+                Some(offset)
             }
+            _ => None,
+        }
+    }
+
+    fn misaligned_error(&self, meta: &Meta, l2_off: u64, l2i: usize, offset: u64) -> Error {
+        self.corrupt(
+            meta,
+            l2_off + l2i as u64 * 8,
+            format!("data cluster offset {offset:#x} is not cluster aligned"),
+        )
+    }
+
+    fn entry_at(&self, meta: &mut Meta, l2_off: u64, l2i: usize) -> Result<L2Entry> {
+        let (slice, i) = self.slice_of(l2_off, l2i);
+        let raw = table_entry(meta.l2.get(self.file.as_ref(), slice)?, i);
+        let e = L2Entry::decode(raw, self.cluster_bits);
+        if let Some(offset) = self.misaligned(e) {
+            return Err(self.misaligned_error(meta, l2_off, l2i, offset));
         }
         Ok(e)
+    }
+
+    /// Stores raw L2 entry `value` at index `l2i` of the (writable) table at `l2_off`.
+    fn write_entry(&self, meta: &mut Meta, l2_off: u64, l2i: usize, value: u64) -> Result<()> {
+        let (slice, i) = self.slice_of(l2_off, l2i);
+        set_table_entry(meta.l2.get_mut(self.file.as_ref(), slice)?, i, value);
+        Ok(())
     }
 
     /// The L2 table for `l1i`, ready to be modified: allocated if missing, copied if shared.
@@ -303,15 +441,40 @@ impl Qcow2 {
             return Ok(old);
         }
         let file = self.file.as_ref();
+        let cs = self.cs() as usize;
         let new = meta.refcounts.alloc(file, 1)? << self.cluster_bits;
-        let data = if old != 0 {
-            let d = meta.l2.get(file, old)?.to_vec();
-            meta.refcounts.free_later(old >> self.cluster_bits);
-            d
+        if self.slice_bits == self.cluster_bits {
+            // One cache entry per table: the new table lives in the cache until written back.
+            let copy = if old != 0 {
+                Some(meta.l2.get(file, old)?.to_vec())
+            } else {
+                None
+            };
+            let table = meta.l2.insert_new(new);
+            match copy {
+                Some(d) => table.copy_from_slice(&d),
+                None => table.fill(0),
+            }
         } else {
-            vec![0u8; self.cs() as usize]
-        };
-        meta.l2.insert_new(new, data);
+            // Slices are loaded from the file on demand, so the new table goes to the file
+            // whole now (zeros, or the old table with any cached slices of it). The L1 entry
+            // that points at it is written only after a sync.
+            let es = 1usize << self.slice_bits;
+            let mut table = vec![0u8; cs];
+            if old != 0 {
+                file.read_at(&mut table, old)?;
+                for (i, chunk) in table.chunks_mut(es).enumerate() {
+                    if let Some(cached) = meta.l2.peek(old + (i * es) as u64) {
+                        chunk.copy_from_slice(cached);
+                    }
+                }
+            }
+            file.write_at(&table, new)?;
+            meta.tables_unsynced = true;
+        }
+        if old != 0 {
+            meta.refcounts.free_later(old >> self.cluster_bits);
+        }
         meta.l1[l1i] = new | COPIED;
         meta.l1_dirty.insert(l1i);
         Ok(new)
@@ -331,8 +494,7 @@ impl Qcow2 {
         let (l1i, l2i) = self.split(gc);
         let l2_off = self.l2_for_write(meta, l1i)?;
         let old = self.entry_at(meta, l2_off, l2i)?;
-        let table = meta.l2.get_mut(self.file.as_ref(), l2_off)?;
-        set_table_entry(table, l2i, value);
+        self.write_entry(meta, l2_off, l2i, value)?;
         self.release(meta, old);
         Ok(())
     }
@@ -357,27 +519,45 @@ impl Qcow2 {
         self.entry_at(meta, l2_off, l2i)
     }
 
-    /// Writes metadata out in dependency order if the caches have overgrown.
+    /// Writes dirty entries back early when a cache has overgrown its capacity (every entry
+    /// dirty), in dependency order, so that it can shrink.
     fn flush_if_over_capacity(&self, meta: &mut Meta) -> Result<()> {
-        if meta.l2.over_capacity() || meta.refcounts.over_capacity() {
-            self.flush_meta(meta)?;
+        let file = self.file.as_ref();
+        if meta.l2.over_capacity() {
+            // L2 slices may go out once the data and refcounts they point at are durable. The
+            // L1 table and the pending decrements wait for a full flush.
+            meta.refcounts.flush(file)?;
+            file.flush()?;
+            meta.l2.write_dirty(file)?;
+            meta.tables_unsynced = true;
+        } else if meta.refcounts.over_capacity() {
+            // Outside `flush_meta` dirty refcount blocks hold only increments, and an
+            // increment that reaches the disk early leaks a cluster at worst.
+            meta.refcounts.flush(file)?;
         }
         Ok(())
     }
 
     /// The ordered flush: refcounts, sync, L2 tables, sync, L1, sync, then the decrements that
-    /// became safe, and a final sync.
+    /// became safe (and, with `discard=unmap`, holes under the clusters they freed), and a
+    /// final sync.
     fn flush_meta(&self, meta: &mut Meta) -> Result<()> {
         let file = self.file.as_ref();
         let l1_dirty = !meta.l1_dirty.is_empty();
-        let refs_written = meta.refcounts.flush(file)?;
-        if refs_written && (meta.l2.has_dirty() || l1_dirty) {
+        meta.refcounts.flush(file)?;
+        if meta.l2.has_dirty() || l1_dirty {
+            // Data and refcount increments (possibly written back earlier, unsynced) must be
+            // durable before the entries that point at them.
             file.flush()?;
+            meta.tables_unsynced = false;
         }
-        let l2_written = meta.l2.write_dirty(file)? > 0;
+        if meta.l2.write_dirty(file)? > 0 {
+            meta.tables_unsynced = true;
+        }
         if l1_dirty {
-            if l2_written {
+            if meta.tables_unsynced {
                 file.flush()?;
+                meta.tables_unsynced = false;
             }
             for &i in &meta.l1_dirty {
                 file.write_at(&meta.l1[i].to_be_bytes(), meta.l1_offset + i as u64 * 8)?;
@@ -386,17 +566,42 @@ impl Qcow2 {
         }
         if meta.refcounts.has_pending_frees() {
             file.flush()?;
-            let freed = meta.refcounts.apply_pending_frees(file)?;
-            for c in freed {
-                // A freed L2 table must not be served from the cache if its cluster is reused.
-                meta.l2.forget(c << self.cluster_bits);
-                if meta.compressed_cursor >> self.cluster_bits == c {
-                    meta.compressed_cursor = 0;
-                }
+            let mut freed = meta.refcounts.apply_pending_frees(file)?;
+            freed.sort_unstable();
+            freed.dedup();
+            // A freed L2 table must not be served from the cache if its cluster is reused.
+            meta.l2.forget_clusters(&freed, self.cluster_bits);
+            if freed
+                .binary_search(&(meta.compressed_cursor >> self.cluster_bits))
+                .is_ok()
+            {
+                meta.compressed_cursor = 0;
+            }
+            if self.discard_unmap {
+                self.punch_holes(&freed)?;
             }
             meta.refcounts.flush(file)?;
         }
         file.flush()?;
+        meta.tables_unsynced = false;
+        Ok(())
+    }
+
+    /// Discards the host clusters `clusters` (sorted), one request per contiguous run. Nothing
+    /// references them any more (their refcount is zero and the entries that dropped the
+    /// references are durable), so at worst a crash leaks them, now reading as zeros.
+    fn punch_holes(&self, clusters: &[u64]) -> Result<()> {
+        let mut i = 0;
+        while i < clusters.len() {
+            let first = clusters[i];
+            let mut n = 1;
+            while i + (n as usize) < clusters.len() && clusters[i + n as usize] == first + n {
+                n += 1;
+            }
+            self.file
+                .discard(first << self.cluster_bits, n << self.cluster_bits)?;
+            i += n as usize;
+        }
         Ok(())
     }
 
@@ -429,6 +634,28 @@ impl Qcow2 {
             off + size
         };
         Ok(off)
+    }
+
+    /// Whether `next`, `n` clusters after `first`, continues `first`'s extent.
+    fn continues(first: L2Entry, next: L2Entry, n: u64, cs: u64) -> bool {
+        match (first, next) {
+            (
+                L2Entry::Normal {
+                    offset: a,
+                    copied: ca,
+                },
+                L2Entry::Normal {
+                    offset: b,
+                    copied: cb,
+                },
+            ) => b == a + n * cs && ca == cb,
+            (L2Entry::Unallocated, L2Entry::Unallocated) => true,
+            (
+                L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
+                L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
+            ) => true,
+            _ => false,
+        }
     }
 
     /// Grows the active L1 table to `entries` entries (used by create and resize).
@@ -505,43 +732,40 @@ impl Format for Qcow2 {
         let cs = self.cs();
         let gc = offset >> self.cluster_bits;
         let in_cluster = offset & (cs - 1);
-        let len = len.min(self.clusters_left_in_table(gc) * cs - in_cluster);
-        let wanted = (in_cluster + len).div_ceil(cs);
         let mut meta = self.lock();
         let (l1i, l2i) = self.split(gc);
         let l2_off = self.l2_offset(&meta, l1i)?;
         if l2_off == 0 {
             return Ok(Extent {
                 mapping: Mapping::Unallocated,
-                len,
+                len: len.min(self.clusters_left_in_table(gc) * cs - in_cluster),
             });
         }
-        let first = self.entry_at(&mut meta, l2_off, l2i)?;
-        let mut n = 1u64;
-        while n < wanted {
-            let next = self.entry_at(&mut meta, l2_off, l2i + n as usize)?;
-            let same = match (first, next) {
-                (
-                    L2Entry::Normal {
-                        offset: a,
-                        copied: ca,
-                    },
-                    L2Entry::Normal {
-                        offset: b,
-                        copied: cb,
-                    },
-                ) => b == a + n * cs && ca == cb,
-                (L2Entry::Unallocated, L2Entry::Unallocated) => true,
-                (
-                    L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
-                    L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
-                ) => true,
-                _ => false,
-            };
-            if !same {
-                break;
+        // One extent never leaves the L2 slice: a single cache lookup serves it.
+        let len = len.min(self.clusters_left_in_slice(gc) * cs - in_cluster);
+        let wanted = (in_cluster + len).div_ceil(cs) as usize;
+        let (slice_off, i0) = self.slice_of(l2_off, l2i);
+        let (first, n, bad) = {
+            let slice = meta.l2.get(self.file.as_ref(), slice_off)?;
+            let decode = |k: usize| L2Entry::decode(table_entry(slice, i0 + k), self.cluster_bits);
+            let first = decode(0);
+            let mut n = 1usize;
+            let mut bad = self.misaligned(first).map(|o| (0, o));
+            while bad.is_none() && n < wanted {
+                let next = decode(n);
+                if let Some(o) = self.misaligned(next) {
+                    bad = Some((n, o));
+                    break;
+                }
+                if !Self::continues(first, next, n as u64, cs) {
+                    break;
+                }
+                n += 1;
             }
-            n += 1;
+            (first, n as u64, bad)
+        };
+        if let Some((k, offset)) = bad {
+            return Err(self.misaligned_error(&meta, l2_off, l2i + k, offset));
         }
         let ext_len = (n * cs - in_cluster).min(len);
         let mapping = match first {
@@ -569,7 +793,8 @@ impl Format for Qcow2 {
         let cs = self.cs();
         let first = offset >> self.cluster_bits;
         let last = (offset + len.max(1) - 1) >> self.cluster_bits;
-        let limit = (last - first + 1).min(self.clusters_left_in_table(first));
+        // One allocation stays inside one L2 slice, so that it touches one cache entry.
+        let limit = (last - first + 1).min(self.clusters_left_in_slice(first));
         let mut meta = self.lock();
         self.mark_dirty(&mut meta)?;
         let mut n = 1;
@@ -617,7 +842,8 @@ impl Format for Qcow2 {
             return Ok(0);
         }
         let gc = offset >> self.cluster_bits;
-        let n = ((whole_end - offset) >> self.cluster_bits).min(self.clusters_left_in_table(gc));
+        let whole = (whole_end - offset) >> self.cluster_bits;
+        let n = whole.min(self.clusters_left_in_slice(gc));
         let mut meta = self.lock();
         let v3 = self.header.version >= 3;
         let backing = self.header.backing_file.is_some();
@@ -628,7 +854,7 @@ impl Format for Qcow2 {
         let (l1i, _) = self.split(gc);
         if self.l2_offset(&meta, l1i)? == 0 && !backing {
             // No L2 table: everything here is unallocated and reads as zeros already.
-            return Ok(n * cs);
+            return Ok(whole.min(self.clusters_left_in_table(gc)) * cs);
         }
         self.mark_dirty(&mut meta)?;
         for i in 0..n {
@@ -657,8 +883,7 @@ impl Format for Qcow2 {
                     // Keep the cluster, mark it zero (a "zero-allocated" cluster).
                     let (l1i, l2i) = self.split(gc + i);
                     let l2_off = self.l2_for_write(&mut meta, l1i)?;
-                    let table = meta.l2.get_mut(self.file.as_ref(), l2_off)?;
-                    set_table_entry(table, l2i, offset | COPIED | ZERO);
+                    self.write_entry(&mut meta, l2_off, l2i, offset | COPIED | ZERO)?;
                     continue;
                 }
                 _ if v3 => ZERO,

@@ -5,7 +5,7 @@
 //! cluster cannot be handed out again, so a crash can never leave an old L2 entry pointing at
 //! a cluster that was meanwhile reused for other data: the worst case is a leak.
 
-use super::cache::MetaCache;
+use super::cache::{CacheStats, MetaCache};
 use super::header::{offsets, MAX_HOST_OFFSET};
 use crate::{Error, Result};
 use blockdev::Storage;
@@ -25,7 +25,6 @@ pub struct Refcounts {
     cache: MetaCache,
     free_hint: u64,
     pending_frees: Vec<u64>,
-    cache_tables: usize,
     /// Clusters of the active L1 table (first, count), which the allocator must never hand out.
     active_l1: (u64, u64),
 }
@@ -92,36 +91,54 @@ pub fn refcount_metadata_clusters(
     }
 }
 
+fn read_table(
+    file: &dyn Storage,
+    cluster_bits: u32,
+    table_offset: u64,
+    table_clusters: u32,
+) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; (table_clusters as usize) << cluster_bits];
+    file.read_at(&mut raw, table_offset)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8")) & REFTABLE_OFFSET_MASK)
+        .collect())
+}
+
 impl Refcounts {
-    /// Loads the refcount table described by the header.
+    /// Loads the refcount table described by the header; refcount blocks are cached in
+    /// `cache`, whose entries must be one cluster.
     pub fn load(
         file: &dyn Storage,
         cluster_bits: u32,
         order: u32,
         table_offset: u64,
         table_clusters: u32,
-        cache_tables: usize,
+        cache: MetaCache,
     ) -> Result<Self> {
-        let cs = 1usize << cluster_bits;
-        let mut raw = vec![0u8; table_clusters as usize * cs];
-        file.read_at(&mut raw, table_offset)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")) & REFTABLE_OFFSET_MASK)
-            .collect();
+        debug_assert_eq!(cache.entry_size(), 1 << cluster_bits);
         Ok(Refcounts {
             file_name: file.name().to_string(),
             cluster_bits,
             order,
             table_offset,
-            table,
+            table: read_table(file, cluster_bits, table_offset, table_clusters)?,
             table_dirty: BTreeSet::new(),
-            cache: MetaCache::new(cache_tables, cs),
+            cache,
             free_hint: 0,
             pending_frees: Vec::new(),
-            cache_tables,
             active_l1: (0, 0),
         })
+    }
+
+    /// The block cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Frees cached blocks unused since the previous call (see [`MetaCache::clean_unused`]).
+    pub fn clean_unused(&mut self) -> usize {
+        self.cache.clean_unused()
     }
 
     /// Refcount width in bits.
@@ -262,27 +279,37 @@ impl Refcounts {
         self.pending_frees.push(cluster);
     }
 
-    /// Finds `n` contiguous clusters with refcount 0, starting the search at the hint.
+    /// Finds `n` contiguous clusters with refcount 0, starting the search at the hint. Each
+    /// refcount block is looked up once and scanned in place.
     fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let per_block = self.per_block();
+        let order = self.order;
         let mut start = self.free_hint.max(1);
         let mut c = start;
         while c - start < n {
-            let block_index = (c / per_block) as usize;
-            if self.block_offset(block_index)?.is_none() {
+            let block_index = c / per_block;
+            let block_end = (block_index + 1) * per_block;
+            let Some(block) = self.block_offset(block_index as usize)? else {
                 // No block describes this range yet, so every cluster in it is free. A block
                 // created for it later lands past the run (the hint moves first), as in qemu.
-                c = (c + 1)
-                    .max((block_index as u64 + 1) * per_block)
-                    .min(start + n);
+                c = block_end.min(start + n);
                 continue;
+            };
+            let data = self.cache.get(file, block)?;
+            let base = block_index * per_block;
+            let end = block_end.min(start + n);
+            let mut i = (c - base) as usize;
+            // Stop at the block's end or once the run is long enough; a used cluster restarts
+            // the run after it (and so pushes the end further).
+            let mut stop = (end - base) as usize;
+            while i < stop {
+                if get_entry(data, order, i) != 0 {
+                    start = base + i as u64 + 1;
+                    stop = (block_end.min(start + n) - base) as usize;
+                }
+                i += 1;
             }
-            if self.get(file, c)? == 0 {
-                c += 1;
-            } else {
-                c += 1;
-                start = c;
-            }
+            c = base + i as u64;
         }
         if (start + n) << self.cluster_bits > MAX_HOST_OFFSET {
             return Err(Error::corrupt(
@@ -318,8 +345,27 @@ impl Refcounts {
     pub fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let start = self.find_free(file, n)?;
         self.free_hint = start + n;
-        for c in start..start + n {
+        let per_block = self.per_block();
+        let mut c = start;
+        while c < start + n {
+            // The first cluster of each block goes through `update`, which creates the block
+            // if needed; the rest of the block's share is set in place.
             self.update(file, c, 1)?;
+            let block_index = c / per_block;
+            let block = self
+                .block_offset(block_index as usize)?
+                .expect("update created the block");
+            let run_end = ((block_index + 1) * per_block).min(start + n);
+            if run_end > c + 1 {
+                let order = self.order;
+                let base = block_index * per_block;
+                let data = self.cache.get_mut(file, block)?;
+                for x in c + 1..run_end {
+                    // find_free saw these at zero, and nothing allocated since.
+                    set_entry(data, order, (x - base) as usize, 1);
+                }
+            }
+            c = run_end;
         }
         Ok(start)
     }
@@ -348,12 +394,13 @@ impl Refcounts {
         let c = self.find_free(file, 1)?;
         self.free_hint = self.free_hint.max(c + 1);
         let off = c << self.cluster_bits;
-        let mut data = vec![0u8; self.cluster_size() as usize];
         let self_describing = c / per_block == index as u64;
+        let order = self.order;
+        let data = self.cache.insert_new(off);
+        data.fill(0);
         if self_describing {
-            set_entry(&mut data, self.order, (c % per_block) as usize, 1);
+            set_entry(data, order, (c % per_block) as usize, 1);
         }
-        self.cache.insert_new(off, data);
         self.table[index] = off;
         self.table_dirty.insert(index);
         if !self_describing {
@@ -467,17 +514,12 @@ impl Refcounts {
         table_offset: u64,
         table_clusters: u32,
     ) -> Result<()> {
-        let cache_tables = self.cache_tables;
-        let active_l1 = self.active_l1;
-        *self = Refcounts::load(
-            file,
-            self.cluster_bits,
-            self.order,
-            table_offset,
-            table_clusters,
-            cache_tables,
-        )?;
-        self.active_l1 = active_l1;
+        self.table = read_table(file, self.cluster_bits, table_offset, table_clusters)?;
+        self.table_offset = table_offset;
+        self.table_dirty.clear();
+        self.cache.clear();
+        self.free_hint = 0;
+        self.pending_frees.clear();
         Ok(())
     }
 }
