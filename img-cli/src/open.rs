@@ -1,10 +1,11 @@
 //! Opening images named on the command line, with qemu-img's `-f`, `--image-opts`, `-T` and
 //! `-U` handling and its error messages.
 
-use crate::options::parse_kv;
+use crate::options::{parse_bool, parse_kv};
 use crate::CliError;
-use blockdev::CacheMode;
-use img_core::{open_image, Image, OpenOptions};
+use blockdev::{Aio, CacheMode};
+use img_core::qcow2::CacheOptions;
+use img_core::{open_image, DetectZeroes, DiscardMode, Image, OpenOptions};
 use std::path::Path;
 
 /// Formats qemu knows that this build cannot open; they get a clearer message than qemu's
@@ -35,7 +36,56 @@ pub struct ImageSpec {
     pub format: Option<String>,
     /// `driver=file` with `--image-opts`: the file itself, without a format layer.
     pub protocol_only: bool,
+    /// The other `--image-opts` options, applied when the image is opened.
+    pub options: ImageOptions,
 }
+
+/// Options of an `--image-opts` string besides the file name and the driver. Values are
+/// kept as written where qemu reports bad ones only once it opens the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// `read-only=on`.
+    pub read_only: bool,
+    /// `cache.direct` (`file.cache.direct` wins for the file, which is what we open).
+    pub cache_direct: Option<bool>,
+    /// `cache.no-flush` (`file.cache.no-flush` likewise).
+    pub cache_no_flush: Option<bool>,
+    /// `file.aio` (`aio` with `driver=file`).
+    pub aio: Option<String>,
+    /// `discard`.
+    pub discard: Option<String>,
+    /// `detect-zeroes`.
+    pub detect_zeroes: Option<String>,
+    /// `file.locking` (`locking` with `driver=file`), validated only.
+    pub locking: Option<String>,
+    /// Options for the format driver (the qcow2 cache options, or options no layer knows),
+    /// in order of first appearance, the last value of a repeated option winning.
+    pub format_options: Vec<(String, String)>,
+    /// The first option the file layer does not know, as qemu names it in its message.
+    pub unknown_file_option: Option<String>,
+}
+
+/// The qcow2 options this build implements, in the order qemu reports bad values.
+const QCOW2_OPTIONS: &[&str] = &[
+    "refcount-cache-size",
+    "cache-size",
+    "cache-clean-interval",
+    "l2-cache-entry-size",
+    "l2-cache-size",
+];
+
+/// Options every node takes: flags of the block layer (no-op here beyond validation where
+/// they do not apply: `node-name`, `auto-read-only`, `force-share`).
+const NODE_OPTIONS: &[&str] = &[
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "force-share",
+    "discard",
+    "detect-zeroes",
+    "cache.direct",
+    "cache.no-flush",
+];
 
 impl ImageSpec {
     /// An image named by a plain file name, with an optional `-f` format.
@@ -45,11 +95,13 @@ impl ImageSpec {
             path: arg.to_string(),
             format: format.map(str::to_string),
             protocol_only: false,
+            options: ImageOptions::default(),
         }
     }
 
     /// An image named by an `--image-opts` option string such as
-    /// `driver=qcow2,file.filename=disk.qcow2`.
+    /// `driver=qcow2,file.filename=disk.qcow2,l2-cache-size=4M`. Structural errors and bad
+    /// flag values are reported here; the rest when the image is opened, as qemu orders them.
     pub fn from_image_opts(arg: &str) -> Result<Self, CliError> {
         let fail = |m: String| CliError::new(format!("Could not open '{arg}': {m}"));
         let mut pairs = parse_kv(arg)?;
@@ -59,85 +111,111 @@ impl ImageSpec {
                 pairs[0] = ("file".to_string(), pairs[0].0.clone());
             }
         }
-        let mut driver: Option<String> = None;
-        let mut file_filename: Option<String> = None;
-        let mut filename: Option<String> = None;
-        for (k, v) in &pairs {
-            match k.as_str() {
-                "driver" => driver = Some(v.clone()),
-                "file.filename" => file_filename = Some(v.clone()),
-                "filename" => filename = Some(v.clone()),
-                "file" => {
-                    return Err(fail(format!(
-                        "Cannot find device='{v}' nor node-name='{v}'"
-                    )))
-                }
-                "file.driver" if v != "file" => {
-                    return Err(fail(format!("Unknown protocol driver '{v}'")))
-                }
-                // Options that change nothing this tool does.
-                "file.driver"
-                | "node-name"
-                | "read-only"
-                | "auto-read-only"
-                | "force-share"
-                | "discard"
-                | "detect-zeroes"
-                | "cache.direct"
-                | "cache.no-flush"
-                | "file.node-name"
-                | "file.locking"
-                | "file.aio"
-                | "file.cache.direct"
-                | "file.cache.no-flush"
-                | "l2-cache-size"
-                | "refcount-cache-size"
-                | "cache-size"
-                | "locking"
-                | "aio" => {}
-                other => {
-                    let what = match driver.as_deref() {
-                        Some("file") | None if other.starts_with("file.") => {
-                            format!(
-                                "Block protocol 'file' does not support the option '{}'",
-                                &other["file.".len()..]
-                            )
-                        }
-                        Some("file") => {
-                            format!("Block protocol 'file' does not support the option '{other}'")
-                        }
-                        Some(d) => {
-                            format!("Block format '{d}' does not support the option '{other}'")
-                        }
-                        None => format!("Invalid parameter '{other}'"),
-                    };
-                    return Err(fail(what));
-                }
+        // qemu keeps the last value of a repeated option.
+        let mut opts: Vec<(String, String)> = Vec::new();
+        for (k, v) in pairs {
+            match opts.iter_mut().find(|(x, _)| *x == k) {
+                Some(slot) => slot.1 = v,
+                None => opts.push((k, v)),
             }
         }
-        if driver.as_deref() == Some("file") {
-            let path = filename
+        let get = |key: &str| opts.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let driver = get("driver").map(str::to_string);
+        if let Some(v) = get("file") {
+            return Err(fail(format!(
+                "Cannot find device='{v}' nor node-name='{v}'"
+            )));
+        }
+        if let Some(v) = get("file.driver").filter(|&v| v != "file") {
+            return Err(fail(format!("Unknown protocol driver '{v}'")));
+        }
+        let protocol_only = driver.as_deref() == Some("file");
+        // Flags are parsed before anything is opened, in qemu's order.
+        let flag = |key: &str, shown: &str| -> Result<Option<bool>, CliError> {
+            get(key)
+                .map(|v| parse_bool(shown, v).map_err(|e| fail(e.message)))
+                .transpose()
+        };
+        let no_flush = flag("cache.no-flush", "cache.no-flush")?;
+        let read_only = flag("read-only", "read-only")?;
+        let direct = flag("cache.direct", "cache.direct")?;
+        flag("auto-read-only", "auto-read-only")?;
+        flag("force-share", "force-share")?;
+        let mut options = ImageOptions {
+            read_only: read_only == Some(true),
+            cache_direct: direct,
+            cache_no_flush: no_flush,
+            discard: get("discard").map(str::to_string),
+            detect_zeroes: get("detect-zeroes").map(str::to_string),
+            ..Default::default()
+        };
+        if protocol_only {
+            options.aio = get("aio").map(str::to_string);
+            options.locking = get("locking").map(str::to_string);
+            options.unknown_file_option = opts
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .find(|k| {
+                    !NODE_OPTIONS.contains(k)
+                        && !["driver", "filename", "aio", "locking"].contains(k)
+                })
+                .map(str::to_string);
+            let path = get("filename")
                 .ok_or_else(|| fail("The 'file' block driver requires a file name".into()))?;
             return Ok(ImageSpec {
                 arg: arg.to_string(),
-                path,
+                path: path.to_string(),
                 format: Some("raw".to_string()),
                 protocol_only: true,
+                options,
             });
         }
-        if filename.is_some() {
-            return Err(fail(format!(
-                "Block format '{}' does not support the option 'filename'",
-                driver.as_deref().unwrap_or("raw")
-            )));
+        // The file node inherits the format node's cache flags unless given its own.
+        if let Some(d) = flag("file.cache.direct", "cache.direct")? {
+            options.cache_direct = Some(d);
         }
-        let path = file_filename
+        if let Some(n) = flag("file.cache.no-flush", "cache.no-flush")? {
+            options.cache_no_flush = Some(n);
+        }
+        flag("file.read-only", "read-only")?;
+        flag("file.auto-read-only", "auto-read-only")?;
+        flag("file.force-share", "force-share")?;
+        options.aio = get("file.aio").map(str::to_string);
+        options.locking = get("file.locking").map(str::to_string);
+        for (k, v) in &opts {
+            if let Some(child) = k.strip_prefix("file.") {
+                let known = [
+                    "filename",
+                    "driver",
+                    "aio",
+                    "locking",
+                    "node-name",
+                    "cache.direct",
+                    "cache.no-flush",
+                    "read-only",
+                    "auto-read-only",
+                    "force-share",
+                ];
+                if !known.contains(&child) && options.unknown_file_option.is_none() {
+                    options.unknown_file_option = Some(child.to_string());
+                }
+            } else if k == "filename" {
+                return Err(fail(format!(
+                    "Block format '{}' does not support the option 'filename'",
+                    driver.as_deref().unwrap_or("raw")
+                )));
+            } else if k != "driver" && !NODE_OPTIONS.contains(&k.as_str()) {
+                options.format_options.push((k.clone(), v.clone()));
+            }
+        }
+        let path = get("file.filename")
             .ok_or_else(|| fail("A block device must be specified for \"file\"".into()))?;
         Ok(ImageSpec {
             arg: arg.to_string(),
-            path,
+            path: path.to_string(),
             format: driver,
             protocol_only: false,
+            options,
         })
     }
 
@@ -156,8 +234,30 @@ pub fn parse_cache(mode: &str) -> Option<CacheMode> {
     CacheMode::parse(mode)
 }
 
-/// Opens the image read-only (or read-write) with `cache`, mapping failures to qemu-img's
-/// "Could not open 'name': reason" messages.
+/// The cache mode of the file once `cache.direct` and `cache.no-flush` override the command's
+/// mode (whose synchronous writes, qemu's `write-cache=off`, they leave alone). O_DIRECT
+/// without flushes has no mode of its own; it keeps the flushes.
+fn combine_cache(base: CacheMode, direct: Option<bool>, no_flush: Option<bool>) -> CacheMode {
+    let direct = direct.unwrap_or(base.direct());
+    let no_flush = no_flush.unwrap_or(base.ignores_flush());
+    match (direct, no_flush, base.sync_writes()) {
+        (false, true, _) => CacheMode::Unsafe,
+        (false, false, false) => CacheMode::Writeback,
+        (false, false, true) => CacheMode::Writethrough,
+        (true, _, false) => CacheMode::None,
+        (true, _, true) => CacheMode::Directsync,
+    }
+}
+
+/// The cache mode of the spec's file: `base` (the command's `-t`/`-T`) with the
+/// `--image-opts` cache flags applied.
+pub fn file_cache_mode(spec: &ImageSpec, base: CacheMode) -> CacheMode {
+    combine_cache(base, spec.options.cache_direct, spec.options.cache_no_flush)
+}
+
+/// Opens the image read-only (or read-write) with `cache`, applying the spec's
+/// `--image-opts` options, and maps failures to qemu-img's "Could not open 'name': reason"
+/// messages, reporting bad options in the order qemu does.
 pub fn open(spec: &ImageSpec, read_only: bool, cache: CacheMode) -> Result<Image, CliError> {
     let fail = |m: String| CliError::new(format!("Could not open '{}': {m}", spec.arg));
     if let Some(f) = spec.format.as_deref() {
@@ -165,23 +265,340 @@ pub fn open(spec: &ImageSpec, read_only: bool, cache: CacheMode) -> Result<Image
             return Err(fail(format!("The '{f}' format is not supported by img")));
         }
     }
+    let o = &spec.options;
+    // The file layer's options.
+    let cache = file_cache_mode(spec, cache);
+    let aio = match o.aio.as_deref() {
+        None => Aio::default(),
+        Some(a) => Aio::parse(a).ok_or_else(|| fail(format!("invalid parameter value: {a}")))?,
+    };
+    if let Some(l) = o.locking.as_deref() {
+        if !["on", "off", "auto"].contains(&l) {
+            return Err(fail(format!("invalid parameter value: {l}")));
+        }
+    }
+    if aio == Aio::Native && !cache.direct() {
+        return Err(fail(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                .into(),
+        ));
+    }
     let path = Path::new(&spec.path);
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+    let meta = std::fs::metadata(path);
+    if meta.as_ref().is_ok_and(|m| m.is_dir()) {
         return Err(fail(format!(
             "'file' driver requires '{}' to be a regular file",
             spec.path
         )));
     }
-    open_image(
-        path,
-        &OpenOptions {
-            format: spec.format.clone(),
-            read_only,
-            cache,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| fail(open_reason(&e)))
+    let mut opts = OpenOptions {
+        format: spec.format.clone(),
+        read_only: read_only || o.read_only,
+        cache,
+        aio,
+        ..Default::default()
+    };
+    // What follows is checked once the file opened; a file that cannot be opened is reported
+    // by open_image below, first, as qemu does.
+    if meta.is_ok() {
+        if let Some(k) = &o.unknown_file_option {
+            return Err(fail(format!(
+                "Block protocol 'file' doesn't support the option '{k}'"
+            )));
+        }
+        if let Some(d) = o.discard.as_deref() {
+            opts.discard =
+                DiscardMode::parse(d).ok_or_else(|| fail("Invalid discard option".into()))?;
+        }
+        if let Some(d) = o.detect_zeroes.as_deref() {
+            opts.detect_zeroes = DetectZeroes::parse(d)
+                .ok_or_else(|| fail(format!("invalid parameter value: {d}")))?;
+        }
+        if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != DiscardMode::Unmap {
+            return Err(fail(
+                "setting detect-zeroes to unmap is not allowed without setting discard \
+                 operation to unmap"
+                    .into(),
+            ));
+        }
+        if !o.format_options.is_empty() && !spec.protocol_only {
+            if opts.format.is_none() {
+                // The options belong to the format, so it must be known to parse them.
+                opts.format = blockdev::FileStorage::open_read_only(path)
+                    .ok()
+                    .and_then(|f| img_core::probe_format(&f).ok())
+                    .map(str::to_string);
+            }
+            if opts.format.as_deref() == Some("qcow2") {
+                opts.qcow2_cache = qcow2_cache_options(&o.format_options).map_err(fail)?;
+            }
+        }
+    }
+    let image = open_image(path, &opts).map_err(|e| fail(open_reason(&e)))?;
+    // Options no layer took are refused once the image opened, as qemu does.
+    let qcow2 = image.format().driver() == "qcow2" && !spec.protocol_only;
+    if let Some((k, _)) = o
+        .format_options
+        .iter()
+        .find(|(k, _)| !(qcow2 && QCOW2_OPTIONS.contains(&k.as_str())))
+    {
+        let what = if spec.protocol_only {
+            format!("Block protocol 'file' doesn't support the option '{k}'")
+        } else {
+            format!(
+                "Block format '{}' does not support the option '{k}'",
+                image.format().driver()
+            )
+        };
+        return Err(fail(what));
+    }
+    Ok(image)
+}
+
+/// qemu's text after a size option it cannot parse.
+const SIZE_HINT: &str = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, \
+                         peta-\nand exabytes, respectively.";
+
+/// Parses the qcow2 cache options among `options`, in the order qemu reports bad values.
+fn qcow2_cache_options(options: &[(String, String)]) -> Result<CacheOptions, String> {
+    let mut c = CacheOptions::default();
+    for &name in QCOW2_OPTIONS {
+        let Some((_, v)) = options.iter().find(|(k, _)| k == name) else {
+            continue;
+        };
+        let value = if name == "cache-clean-interval" {
+            qemu_strtou64(v, 0).map_err(|_| format!("Parameter '{name}' expects a number"))?
+        } else {
+            match qemu_strtosz(v) {
+                Ok(n) => n,
+                Err(NumError::Range) => {
+                    return Err(format!(
+                        "Value '{v}' is out of range for parameter '{name}'"
+                    ))
+                }
+                Err(NumError::Invalid) => {
+                    return Err(format!(
+                        "Parameter '{name}' expects a non-negative number below 2^64\n{SIZE_HINT}"
+                    ))
+                }
+            }
+        };
+        let slot = match name {
+            "refcount-cache-size" => &mut c.refcount_cache_size,
+            "cache-size" => &mut c.cache_size,
+            "cache-clean-interval" => &mut c.cache_clean_interval,
+            "l2-cache-entry-size" => &mut c.l2_cache_entry_size,
+            _ => &mut c.l2_cache_size,
+        };
+        *slot = Some(value);
+    }
+    Ok(c)
+}
+
+/// Why a number was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NumError {
+    /// Not a number of the expected form.
+    Invalid,
+    /// A number, but negative or too large.
+    Range,
+}
+
+/// C's `isspace` in the C locale.
+fn is_c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// `strtoull` on the start of `s`: the value (wrapped when negative, as C does), whether it
+/// overflowed, and how many bytes it used (0: no number).
+fn strtoull(s: &[u8], base: u32) -> (u64, bool, usize) {
+    let mut i = 0;
+    while i < s.len() && is_c_space(s[i]) {
+        i += 1;
+    }
+    let neg = match s.get(i) {
+        Some(b'-') => {
+            i += 1;
+            true
+        }
+        Some(b'+') => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    let hex_digit_at = |j: usize| s.get(j).is_some_and(|c| c.is_ascii_hexdigit());
+    let mut base = base;
+    let has_prefix =
+        s.get(i) == Some(&b'0') && matches!(s.get(i + 1), Some(b'x' | b'X')) && hex_digit_at(i + 2);
+    if (base == 0 || base == 16) && has_prefix {
+        i += 2;
+        base = 16;
+    } else if base == 0 {
+        base = if s.get(i) == Some(&b'0') { 8 } else { 10 };
+    }
+    let start = i;
+    let (mut value, mut overflow) = (0u64, false);
+    while let Some(d) = s.get(i).and_then(|&c| (c as char).to_digit(base)) {
+        match value
+            .checked_mul(base as u64)
+            .and_then(|v| v.checked_add(d as u64))
+        {
+            Some(v) => value = v,
+            None => overflow = true,
+        }
+        i += 1;
+    }
+    if i == start {
+        return (0, false, 0);
+    }
+    let value = if overflow {
+        u64::MAX
+    } else if neg {
+        value.wrapping_neg()
+    } else {
+        value
+    };
+    (value, overflow, i)
+}
+
+/// qemu's `qemu_strtou64(s, NULL, base)`: the whole string must be the number; negative
+/// numbers wrap around, as `strtoull` makes them.
+fn qemu_strtou64(s: &str, base: u32) -> Result<u64, NumError> {
+    let (v, overflow, used) = strtoull(s.as_bytes(), base);
+    if used == 0 || used < s.len() {
+        return Err(NumError::Invalid);
+    }
+    if overflow {
+        return Err(NumError::Range);
+    }
+    Ok(v)
+}
+
+/// qemu's size syntax (`qemu_strtosz`): a decimal number with an optional fraction, or a hex
+/// number, then an optional suffix b, k, M, G, T, P or E (powers of 1024, either case).
+/// Fractions need a suffix other than b; the result is rounded to the nearest byte.
+fn qemu_strtosz(text: &str) -> Result<u64, NumError> {
+    let s = text.as_bytes();
+    // The integral part, in decimal; a sign makes it out of range (after the trailing
+    // characters check, which wins).
+    let (mut val, overflow, used) = strtoull(s, 10);
+    let mut ws = 0;
+    while ws < s.len() && is_c_space(s[ws]) {
+        ws += 1;
+    }
+    let negative = used > 0 && s[ws] == b'-';
+    let mut end = used;
+    let range_or_trailing = |end: usize| {
+        if end < s.len() {
+            Err(NumError::Invalid)
+        } else {
+            Err(NumError::Range)
+        }
+    };
+    if used > 0 && (overflow || negative) {
+        return range_or_trailing(end);
+    }
+    let suffix_mul = |c: Option<&u8>| -> Option<u32> {
+        Some(match c?.to_ascii_uppercase() {
+            b'B' => 0,
+            b'K' => 10,
+            b'M' => 20,
+            b'G' => 30,
+            b'T' => 40,
+            b'P' => 50,
+            b'E' => 60,
+            _ => return None,
+        })
+    };
+    let mut frac: u64 = 0;
+    if used > 0 && val == 0 && matches!(s.get(end), Some(b'x' | b'X')) {
+        // Hex: no fraction and no suffix.
+        let (v, overflow, used) = strtoull(s, 16);
+        if overflow {
+            return range_or_trailing(used);
+        }
+        end = used;
+        if s.get(end) == Some(&b'.') || suffix_mul(s.get(end)).is_some_and(|m| m > 0) {
+            return Err(NumError::Invalid);
+        }
+        val = v;
+    } else if s.get(end) == Some(&b'.') || (used == 0 && s.contains(&b'.')) {
+        if used > 0 && !s.get(end + 1).is_some_and(u8::is_ascii_digit) {
+            // "1." and "1.k": no fractional digits.
+            end += 1;
+        } else {
+            // The fraction, where e/E is a suffix and never an exponent.
+            let rest = &s[end..];
+            let cut = rest
+                .iter()
+                .position(|&c| c == b'e' || c == b'E')
+                .unwrap_or(rest.len());
+            let part = &rest[..cut];
+            let mut i = 0;
+            while i < part.len() && is_c_space(part[i]) {
+                i += 1;
+            }
+            let sign_neg = match part.get(i) {
+                Some(b'-') => {
+                    i += 1;
+                    true
+                }
+                Some(b'+') => {
+                    i += 1;
+                    false
+                }
+                _ => false,
+            };
+            if part.get(i) != Some(&b'.') || !part.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                return Err(NumError::Invalid);
+            }
+            let digits_start = i + 1;
+            let mut j = digits_start;
+            while j < part.len() && part[j].is_ascii_digit() {
+                j += 1;
+            }
+            end += j;
+            if sign_neg {
+                return range_or_trailing(end);
+            }
+            let digits = std::str::from_utf8(&part[digits_start..j]).expect("ASCII digits");
+            let fraction: f64 = format!("0.{digits}").parse().expect("a decimal fraction");
+            if fraction >= 1.0 {
+                val = val.checked_add(1).ok_or(NumError::Range)?;
+            } else {
+                frac = (fraction * 18_446_744_073_709_551_616.0) as u64;
+                if frac == 0 && digits.bytes().any(|d| d != b'0') {
+                    frac = 1;
+                }
+            }
+        }
+    } else if used == 0 {
+        return Err(NumError::Invalid);
+    }
+    let shift = match suffix_mul(s.get(end)) {
+        Some(m) => {
+            end += 1;
+            m
+        }
+        None => 0,
+    };
+    if end < s.len() {
+        return Err(NumError::Invalid);
+    }
+    if shift == 0 {
+        // Fractional bytes are refused.
+        return if frac != 0 {
+            Err(NumError::Invalid)
+        } else {
+            Ok(val)
+        };
+    }
+    // 64.64 fixed point times 2^shift, rounded to the nearest byte.
+    let mul = 1u128 << shift;
+    let f = frac as u128 * mul;
+    let total = val as u128 * mul + (f >> 64) + ((f as u64) >> 63) as u128;
+    u64::try_from(total).map_err(|_| NumError::Range)
 }
 
 /// The reason part of an open failure, without the file name the core error already carries
@@ -217,9 +634,168 @@ mod tests {
         assert!(e
             .message
             .ends_with("A block device must be specified for \"file\""));
-        let e = ImageSpec::from_image_opts("driver=qcow2,file.filename=a,foo=bar").unwrap_err();
+        // Unknown options are reported once the image is open, as qemu does.
+        let s =
+            ImageSpec::from_image_opts("driver=qcow2,file.filename=a,foo=bar,file.x=1").unwrap();
+        assert_eq!(s.options.format_options, vec![("foo".into(), "bar".into())]);
+        assert_eq!(s.options.unknown_file_option.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn image_opts_options() {
+        let s = ImageSpec::from_image_opts(
+            "driver=qcow2,file.filename=a,l2-cache-size=1M,l2-cache-size=4M,file.aio=native,\
+             cache.direct=on,file.cache.no-flush=on,read-only=on,discard=unmap,detect-zeroes=on,\
+             cache-clean-interval=1",
+        )
+        .unwrap();
+        let o = &s.options;
+        assert!(o.read_only);
+        assert_eq!((o.cache_direct, o.cache_no_flush), (Some(true), Some(true)));
+        assert_eq!(o.aio.as_deref(), Some("native"));
+        assert_eq!(o.discard.as_deref(), Some("unmap"));
+        assert_eq!(o.detect_zeroes.as_deref(), Some("on"));
+        assert_eq!(
+            o.format_options,
+            vec![
+                ("l2-cache-size".into(), "4M".into()),
+                ("cache-clean-interval".into(), "1".into())
+            ]
+        );
+        let c = qcow2_cache_options(&o.format_options).unwrap();
+        assert_eq!(
+            (c.l2_cache_size, c.cache_clean_interval),
+            (Some(4 << 20), Some(1))
+        );
+        // Flags are checked at once, the file's under their own name.
+        let e = ImageSpec::from_image_opts("driver=qcow2,file.filename=a,file.cache.direct=x")
+            .unwrap_err();
         assert!(e
             .message
-            .ends_with("Block format 'qcow2' does not support the option 'foo'"));
+            .ends_with("Parameter 'cache.direct' expects 'on' or 'off'"));
+        let e =
+            ImageSpec::from_image_opts("driver=qcow2,file.filename=a,read-only=x,cache.no-flush=x")
+                .unwrap_err();
+        assert!(e
+            .message
+            .ends_with("Parameter 'cache.no-flush' expects 'on' or 'off'"));
+        // With driver=file the options are the file's own.
+        let s =
+            ImageSpec::from_image_opts("driver=file,filename=a,aio=io_uring,file.aio=x").unwrap();
+        assert_eq!(s.options.aio.as_deref(), Some("io_uring"));
+        assert_eq!(s.options.unknown_file_option.as_deref(), Some("file.aio"));
+    }
+
+    #[test]
+    fn cache_option_values() {
+        let e = |v: &str| qcow2_cache_options(&[("l2-cache-size".into(), v.into())]).unwrap_err();
+        assert_eq!(
+            e("abc"),
+            format!(
+                "Parameter 'l2-cache-size' expects a non-negative number below 2^64\n{SIZE_HINT}"
+            )
+        );
+        assert_eq!(
+            e("-1"),
+            "Value '-1' is out of range for parameter 'l2-cache-size'"
+        );
+        let e = qcow2_cache_options(&[("cache-clean-interval".into(), "1k".into())]).unwrap_err();
+        assert_eq!(e, "Parameter 'cache-clean-interval' expects a number");
+        // Later options are not looked at once one is bad, in qemu's order.
+        let e = qcow2_cache_options(&[
+            ("l2-cache-size".into(), "x".into()),
+            ("cache-size".into(), "y".into()),
+        ])
+        .unwrap_err();
+        assert!(e.starts_with("Parameter 'cache-size'"));
+    }
+
+    #[test]
+    fn sizes_as_qemu_parses_them() {
+        use NumError::{Invalid, Range};
+        let ok = [
+            ("0", 0),
+            ("512", 512),
+            ("1k", 1024),
+            ("1K", 1024),
+            ("1m", 1 << 20),
+            ("1b", 1),
+            ("1B", 1),
+            ("1.5M", 3 << 19),
+            (".5k", 512),
+            ("+1k", 1024),
+            ("1.k", 1024),
+            ("1.", 1),
+            ("1.0", 1),
+            ("0.0", 0),
+            ("1.5e", 3 << 59),
+            ("0x100000", 1 << 20),
+            ("0X10", 16),
+            ("00010", 10),
+            (" 1M", 1 << 20),
+            ("\t1M", 1 << 20),
+            ("0xffffffffffffffff", u64::MAX),
+            ("18446744073709551615", u64::MAX),
+            ("15E", 15 << 60),
+            ("1.0000000001k", 1024),
+            ("12.345M", 12944671),
+        ];
+        for (text, want) in ok {
+            assert_eq!(qemu_strtosz(text), Ok(want), "{text:?}");
+        }
+        let bad = [
+            ("", Invalid),
+            ("abc", Invalid),
+            ("1x", Invalid),
+            ("1M ", Invalid),
+            ("1 k", Invalid),
+            ("1kB", Invalid),
+            ("1.5", Invalid),
+            ("0.5", Invalid),
+            ("1.5b", Invalid),
+            ("1e3", Invalid),
+            ("0x10k", Invalid),
+            ("0x1.8", Invalid),
+            ("0x", Invalid),
+            ("0x-1", Invalid),
+            ("1..5k", Invalid),
+            ("1.5.k", Invalid),
+            ("1.-5k", Invalid),
+            ("1.5kk", Invalid),
+            ("-1k", Invalid),
+            ("- 1", Invalid),
+            ("-1", Range),
+            ("-0", Range),
+            ("16E", Range),
+            ("18446744073709551616", Range),
+            ("0x10000000000000000", Range),
+        ];
+        for (text, want) in bad {
+            assert_eq!(qemu_strtosz(text), Err(want), "{text:?}");
+        }
+        assert_eq!(qemu_strtou64("-1", 0), Ok(u64::MAX));
+        assert_eq!(qemu_strtou64("0x10", 0), Ok(16));
+        assert_eq!(qemu_strtou64("010", 0), Ok(8));
+        assert_eq!(qemu_strtou64(" 5", 0), Ok(5));
+        assert_eq!(qemu_strtou64("08", 0), Err(NumError::Invalid));
+        assert_eq!(qemu_strtou64("", 0), Err(NumError::Invalid));
+        assert_eq!(
+            qemu_strtou64("99999999999999999999", 0),
+            Err(NumError::Range)
+        );
+    }
+
+    #[test]
+    fn cache_flags_combine_with_the_command_mode() {
+        use CacheMode as M;
+        assert_eq!(combine_cache(M::Writeback, None, None), M::Writeback);
+        assert_eq!(combine_cache(M::Writeback, Some(true), None), M::None);
+        assert_eq!(combine_cache(M::None, Some(false), None), M::Writeback);
+        assert_eq!(combine_cache(M::Writeback, None, Some(true)), M::Unsafe);
+        assert_eq!(
+            combine_cache(M::Writethrough, Some(true), None),
+            M::Directsync
+        );
+        assert_eq!(combine_cache(M::Unsafe, None, Some(false)), M::Writeback);
     }
 }
