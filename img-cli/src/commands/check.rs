@@ -58,32 +58,16 @@ struct Target {
     format: Option<String>,
 }
 
-/// Parses an `--image-opts` specification (`driver=qcow2,file.filename=x.qcow2`).
-fn parse_image_opts(spec: &str) -> Result<Target, CliError> {
-    let mut path = None;
-    let mut format = None;
-    for item in spec.split(',') {
-        let (k, v) = item.split_once('=').unwrap_or((item, ""));
-        match k {
-            "driver" => format = Some(v.to_string()),
-            "file.filename" | "filename" => path = Some(v.to_string()),
-            "file.driver" if v == "file" => {}
-            _ => {
-                return Err(CliError::new(format!(
-                    "Could not open '{spec}': Unsupported image option '{k}'"
-                )))
-            }
-        }
-    }
-    let path = path.ok_or_else(|| {
-        CliError::new(format!(
-            "Could not open '{spec}': A block device must be specified for \"file\""
-        ))
-    })?;
+/// Parses an `--image-opts` specification (`driver=qcow2,file.filename=x.qcow2,...`) with the
+/// parser the other commands use. Of its options only the cache flags matter to a check,
+/// which reads the metadata directly rather than through the driver's caches.
+fn parse_image_opts(spec: &str, cache: &mut blockdev::CacheMode) -> Result<Target, CliError> {
+    let s = crate::open::ImageSpec::from_image_opts(spec)?;
+    *cache = crate::open::file_cache_mode(&s, *cache);
     Ok(Target {
-        display: spec.to_string(),
-        path,
-        format,
+        display: s.arg,
+        path: s.path,
+        format: s.format,
     })
 }
 
@@ -148,7 +132,7 @@ pub fn run(args: &[String]) -> CmdResult {
         return Err(usage("Expecting one image file name"));
     }
     // Unaligned metadata reads under O_DIRECT go through the storage's bounce buffers.
-    let Some(cache_mode) = blockdev::CacheMode::parse(&cache) else {
+    let Some(mut cache_mode) = blockdev::CacheMode::parse(&cache) else {
         return Err(CliError::new(format!(
             "Invalid source cache option: {cache}"
         )));
@@ -159,7 +143,7 @@ pub fn run(args: &[String]) -> CmdResult {
                 "--image-opts and --format are mutually exclusive",
             ));
         }
-        parse_image_opts(&pos[0])?
+        parse_image_opts(&pos[0], &mut cache_mode)?
     } else {
         Target {
             display: pos[0].clone(),
