@@ -767,6 +767,11 @@ impl Format for Qcow2 {
         if let Some((k, offset)) = bad {
             return Err(self.misaligned_error(&meta, l2_off, l2i + k, offset));
         }
+        if meta.l2.over_capacity() && !self.read_only {
+            // A lookup found every entry dirty and took one more: write back now, rather than
+            // at the next modification, so that the cache does not stay overgrown.
+            self.flush_if_over_capacity(&mut meta)?;
+        }
         let ext_len = (n * cs - in_cluster).min(len);
         let mapping = match first {
             L2Entry::Normal { offset, copied } => Mapping::Data {
