@@ -53,10 +53,7 @@ impl RangeLocks {
     fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         while held.iter().any(|&(s, e)| s < end && start < e) {
-            held = self
-                .released
-                .wait(held)
-                .unwrap_or_else(|e| e.into_inner());
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
         }
         held.push((start, end));
         RangeGuard {
