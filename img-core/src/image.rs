@@ -325,6 +325,13 @@ impl Image {
         let data_file = self.format.data_file();
         if head == 0 && tail == 0 {
             data_file.write_at(&buf[..n], alloc.host_offset)?;
+        } else if self.cow_is_free(&alloc, head, n)? {
+            // The rest of the cluster reads as zeros and the cluster lies past the end of the
+            // file: extend the file over the whole allocation with zeros the filesystem does
+            // not write (fallocate), then write just the data, which no longer extends the
+            // file (extending O_DIRECT writes are serialised by filesystems).
+            data_file.write_zeroes(alloc.host_offset, alloc.len, false)?;
+            data_file.write_at(&buf[..n], alloc.host_offset + head as u64)?;
         } else {
             let mut whole = vec![0u8; alloc.len as usize];
             if head > 0 {
@@ -341,6 +348,27 @@ impl Image {
         }
         self.format.commit(alloc)?;
         Ok(n)
+    }
+
+    /// Whether the parts of a fresh allocation that a write does not cover can be left
+    /// unwritten: they must read as zeros now, and the host range must lie past the end of
+    /// the file (so it holds no stale data of a freed cluster).
+    fn cow_is_free(&self, alloc: &Allocation, head: usize, n: usize) -> Result<bool> {
+        if alloc.host_offset < self.format.data_file().size()? {
+            return Ok(false);
+        }
+        let zero = |from: u64, len: u64| -> Result<bool> {
+            if len == 0 {
+                return Ok(true);
+            }
+            let st = self.block_status(from, len)?;
+            Ok(st.zero && !st.data && st.len >= len)
+        };
+        let tail_start = alloc.guest_offset + (head + n) as u64;
+        let tail_len = (alloc.guest_offset + alloc.len)
+            .min(self.size())
+            .saturating_sub(tail_start);
+        Ok(zero(alloc.guest_offset, head as u64)? && zero(tail_start, tail_len)?)
     }
 
     /// Reads the current content of a range that is about to be remapped; the allocation is not
