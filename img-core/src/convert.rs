@@ -1,10 +1,14 @@
 //! Copying the content of one or more images into another (`img convert`).
 //!
-//! Block status decides what to read: ranges that read as zeros in the source are never read
-//! and stay unallocated in a fresh target. Data that is read is scanned for zero runs of at
-//! least `min_sparse` bytes, which are skipped too, as qemu-img does with `-S`.
+//! The target is cut into chunks. Several workers (`-m`) take chunks in turn: each asks the
+//! sources for block status (ranges that read as zeros are never read), reads the rest, scans
+//! it for zero runs of at least `min_sparse` bytes (skipped, as qemu-img does with `-S`), and
+//! compresses clusters when asked to (so compression runs on all workers at once). Writes
+//! then happen in chunk order, or as soon as each chunk is ready with `-W`.
 
 use crate::{Image, Result};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 /// How to convert.
 #[derive(Clone, Copy, Debug)]
@@ -16,8 +20,12 @@ pub struct ConvertOptions {
     pub compress: bool,
     /// The target reads as zeros already (freshly created), so zero ranges need no write.
     pub target_is_zero: bool,
-    /// Bytes read per request.
+    /// Bytes per chunk (rounded up to the target's cluster size).
     pub chunk: usize,
+    /// `-m`: chunks in flight at once.
+    pub parallel: usize,
+    /// `-W`: chunks may be written out of order.
+    pub out_of_order: bool,
 }
 
 impl Default for ConvertOptions {
@@ -27,142 +35,247 @@ impl Default for ConvertOptions {
             compress: false,
             target_is_zero: true,
             chunk: 2 << 20,
+            parallel: 8,
+            out_of_order: false,
         }
     }
 }
 
+/// One write a chunk needs.
+enum Op {
+    /// Bytes `range` of the chunk buffer go to the target at the chunk offset plus `range.start`.
+    Data(std::ops::Range<usize>),
+    /// The range reads as zeros.
+    Zero(std::ops::Range<usize>),
+    /// One cluster, compressed when that shrinks it.
+    Cluster(std::ops::Range<usize>, Option<Vec<u8>>),
+}
+
+/// A chunk ready to be written.
+struct Plan {
+    offset: u64,
+    buf: Vec<u8>,
+    ops: Vec<Op>,
+}
+
 /// Copies the concatenation of `sources` into `target`, calling `progress(done, total)` as
-/// bytes are processed.
+/// chunks are written.
 pub fn convert(
     sources: &[&Image],
     target: &Image,
     opts: &ConvertOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<()> {
     let total: u64 = sources.iter().map(|s| s.size()).sum();
-    let mut copier = Copier {
+    let cs = target.format().cluster_size();
+    let chunk = (opts.chunk as u64).div_ceil(cs).max(1) * cs;
+    let chunks = total.div_ceil(chunk);
+    let job = Job {
+        sources,
         target,
         opts,
-        buf: vec![0u8; opts.chunk.max(target.format().cluster_size() as usize)],
+        chunk,
+        next_chunk: AtomicU64::new(0),
+        written: Mutex::new(Written {
+            next: 0,
+            bytes: 0,
+            progress,
+        }),
+        turn: Condvar::new(),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
     };
-    let mut base = 0u64;
-    progress(0, total);
-    for src in sources {
-        copier.copy_image(src, base, &mut |done| progress(base + done, total))?;
-        base += src.size();
+    {
+        let mut w = job.written.lock().unwrap_or_else(|e| e.into_inner());
+        (w.progress)(0, total);
     }
-    progress(total, total);
+    let workers = opts.parallel.clamp(1, 64).min(chunks.max(1) as usize);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| job.work(chunks, total));
+        }
+    });
+    if let Some(e) = job.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
     target.flush()
 }
 
-struct Copier<'a> {
-    target: &'a Image,
-    opts: &'a ConvertOptions,
-    buf: Vec<u8>,
+/// Progress of the writes, under one lock: the next chunk allowed to write (in order mode)
+/// and the bytes done.
+struct Written<'p> {
+    next: u64,
+    bytes: u64,
+    progress: &'p mut (dyn FnMut(u64, u64) + Send),
 }
 
-impl Copier<'_> {
-    fn copy_image(&mut self, src: &Image, base: u64, progress: &mut dyn FnMut(u64)) -> Result<()> {
-        if self.opts.compress {
-            return self.copy_compressed(src, base, progress);
-        }
-        let size = src.size();
-        let mut pos = 0u64;
-        while pos < size {
-            let want = (self.buf.len() as u64).min(size - pos);
-            let status = src.block_status(pos, want)?;
-            let len = status.len.min(want);
-            if status.zero && !status.data && self.opts.min_sparse != 0 {
-                self.zero(base + pos, len)?;
-            } else {
-                let buf = &mut self.buf[..len as usize];
-                src.read_at(buf, pos)?;
-                self.write_sparse(base + pos, len as usize)?;
+struct Job<'a, 'p> {
+    sources: &'a [&'a Image],
+    target: &'a Image,
+    opts: &'a ConvertOptions,
+    chunk: u64,
+    next_chunk: AtomicU64,
+    written: Mutex<Written<'p>>,
+    turn: Condvar,
+    failed: AtomicBool,
+    error: Mutex<Option<crate::Error>>,
+}
+
+impl Job<'_, '_> {
+    fn work(&self, chunks: u64, total: u64) {
+        loop {
+            let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+            if index >= chunks || self.failed.load(Ordering::Relaxed) {
+                // Let anyone waiting for this chunk's turn go on (and find the failure).
+                self.turn.notify_all();
+                return;
             }
-            pos += len;
-            progress(pos);
+            let offset = index * self.chunk;
+            let len = self.chunk.min(total - offset);
+            let result = self
+                .plan(offset, len as usize)
+                .and_then(|plan| self.write_in_turn(index, plan));
+            if let Err(e) = result {
+                self.failed.store(true, Ordering::Relaxed);
+                self.error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+                self.turn.notify_all();
+                return;
+            }
         }
-        Ok(())
     }
 
-    fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        if !self.opts.target_is_zero {
-            self.target.write_zeroes(offset, len, true)?;
-        }
-        Ok(())
-    }
-
-    /// Writes `self.buf[..len]` to `offset`, skipping aligned zero runs of at least
-    /// `min_sparse` bytes.
-    fn write_sparse(&self, offset: u64, len: usize) -> Result<()> {
-        let data = &self.buf[..len];
-        let unit = self.opts.min_sparse as usize;
-        if unit == 0 {
-            return self.target.write_at(data, offset);
-        }
-        // Units are aligned to absolute offsets so the result does not depend on chunking.
-        let mut i = 0usize;
-        while i < len {
-            let unit_end = |at: usize| {
-                let abs = offset + at as u64;
-                (((abs / unit as u64) + 1) * unit as u64 - offset).min(len as u64) as usize
-            };
-            // A run of units of one kind (zero or not).
-            let first_end = unit_end(i);
-            let zero = is_zero(&data[i..first_end]);
-            let mut j = first_end;
-            while j < len {
-                let e = unit_end(j);
-                if is_zero(&data[j..e]) != zero {
-                    break;
-                }
-                j = e;
+    /// Reads the chunk at target offset `offset` from the sources and decides its writes.
+    fn plan(&self, offset: u64, len: usize) -> Result<Plan> {
+        let mut buf = vec![0u8; len];
+        // Ranges of the chunk known to read as zeros without reading them.
+        let mut holes: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut base = 0u64;
+        for src in self.sources {
+            let (start, end) = (base, base + src.size());
+            base = end;
+            let (from, to) = (offset.max(start), (offset + len as u64).min(end));
+            if from >= to {
+                continue;
             }
-            // A zero piece shorter than a unit (at the edges of the buffer) is written as data
-            // unless it is a full unit run.
-            if zero && (j - i) >= unit.min(len) {
-                self.zero(offset + i as u64, (j - i) as u64)?;
-            } else {
-                self.target.write_at(&data[i..j], offset + i as u64)?;
-            }
-            i = j;
-        }
-        Ok(())
-    }
-
-    /// Copies cluster by cluster, writing each non-zero target cluster compressed.
-    fn copy_compressed(
-        &mut self,
-        src: &Image,
-        base: u64,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
-        let cs = self.target.format().cluster_size();
-        let size = src.size();
-        let mut pos = 0u64;
-        while pos < size {
-            // Clusters of the target, which need not line up with the source when several
-            // sources are concatenated.
-            let abs = base + pos;
-            let n = (cs - abs % cs).min(size - pos);
-            let status = src.block_status(pos, n)?;
-            if !(status.zero && !status.data && status.len >= n) {
-                let buf = &mut self.buf[..n as usize];
-                src.read_at(buf, pos)?;
-                if !is_zero(buf) {
-                    if abs.is_multiple_of(cs) && (n == cs || abs + n == self.target.size()) {
-                        self.target.write_compressed(abs, buf)?;
-                    } else {
-                        self.target.write_at(buf, abs)?;
-                    }
+            let mut pos = from;
+            while pos < to {
+                let status = src.block_status(pos - start, to - pos)?;
+                let n = status.len.min(to - pos);
+                let at = (pos - offset) as usize..(pos - offset + n) as usize;
+                if status.zero && !status.data && self.opts.min_sparse != 0 {
+                    holes.push(at);
                 } else {
-                    self.zero(abs, n)?;
+                    src.read_at(&mut buf[at], pos - start)?;
                 }
-            } else {
-                self.zero(abs, n)?;
+                pos += n;
             }
-            pos += n;
-            progress(pos);
+        }
+        let ops = if self.opts.compress {
+            self.compressed_ops(offset, &buf, &holes)
+        } else if self.opts.min_sparse == 0 {
+            vec![Op::Data(0..len)]
+        } else {
+            self.sparse_ops(offset, &buf, &holes)
+        };
+        Ok(Plan { offset, buf, ops })
+    }
+
+    /// Splits the chunk into data and zero runs; zero runs shorter than `min_sparse` (in
+    /// units aligned to absolute offsets, so chunking does not change the result) are data.
+    fn sparse_ops(&self, offset: u64, buf: &[u8], holes: &[std::ops::Range<usize>]) -> Vec<Op> {
+        let unit = self.opts.min_sparse;
+        let len = buf.len();
+        let in_hole = |i: usize| holes.iter().any(|h| h.contains(&i));
+        let unit_end = |i: usize| {
+            let abs = offset + i as u64;
+            let mut e = (((abs / unit) + 1) * unit - offset).min(len as u64) as usize;
+            // Never let a unit straddle a hole edge: holes are exact.
+            for h in holes {
+                if h.start > i && h.start < e {
+                    e = h.start;
+                }
+                if h.end > i && h.end < e {
+                    e = h.end;
+                }
+            }
+            e
+        };
+        let mut ops: Vec<Op> = Vec::new();
+        let mut i = 0;
+        while i < len {
+            let e = unit_end(i);
+            let zero = in_hole(i) || (e - i == unit as usize && is_zero(&buf[i..e]));
+            // Whole units (or hole pieces) of zeros are skipped; merge with the previous op
+            // when it is of the same kind.
+            match (ops.last_mut(), zero) {
+                (Some(Op::Zero(r)), true) | (Some(Op::Data(r)), false) if r.end == i => r.end = e,
+                (_, true) => ops.push(Op::Zero(i..e)),
+                (_, false) => ops.push(Op::Data(i..e)),
+            }
+            i = e;
+        }
+        ops
+    }
+
+    /// One op per target cluster: zero clusters are skipped, the others compressed here, on
+    /// this worker's thread.
+    fn compressed_ops(&self, offset: u64, buf: &[u8], holes: &[std::ops::Range<usize>]) -> Vec<Op> {
+        let cs = self.target.format().cluster_size() as usize;
+        let mut ops = Vec::new();
+        let mut i = 0;
+        while i < buf.len() {
+            let e = (i + cs).min(buf.len());
+            let hole = holes.iter().any(|h| h.start <= i && e <= h.end);
+            if hole || is_zero(&buf[i..e]) {
+                ops.push(Op::Zero(i..e));
+            } else {
+                let c = self.target.compress_cluster(offset + i as u64, &buf[i..e]);
+                ops.push(Op::Cluster(i..e, c));
+            }
+            i = e;
+        }
+        ops
+    }
+
+    /// Writes a planned chunk, waiting for its turn unless writes may be out of order.
+    fn write_in_turn(&self, index: u64, plan: Plan) -> Result<()> {
+        if !self.opts.out_of_order {
+            let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            while w.next != index && !self.failed.load(Ordering::Relaxed) {
+                w = self.turn.wait(w).unwrap_or_else(|e| e.into_inner());
+            }
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
+        let result = self.write(plan.offset, &plan.buf, plan.ops);
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.next += 1;
+        w.bytes += plan.buf.len() as u64;
+        let (done, total) = (w.bytes, self.sources.iter().map(|s| s.size()).sum());
+        (w.progress)(done, total);
+        drop(w);
+        self.turn.notify_all();
+        result
+    }
+
+    fn write(&self, offset: u64, buf: &[u8], ops: Vec<Op>) -> Result<()> {
+        let t = self.target;
+        for op in ops {
+            match op {
+                Op::Data(r) => t.write_at(&buf[r.clone()], offset + r.start as u64)?,
+                Op::Zero(r) => {
+                    if !self.opts.target_is_zero {
+                        t.write_zeroes(offset + r.start as u64, r.len() as u64, true)?;
+                    }
+                }
+                Op::Cluster(r, c) => {
+                    t.write_precompressed(offset + r.start as u64, &buf[r.clone()], c)?
+                }
+            }
         }
         Ok(())
     }

@@ -131,11 +131,22 @@ pub trait Format: Send + Sync {
     /// (or from the backing image). Partial clusters are left alone, as in qemu.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
 
-    /// Writes one whole guest cluster compressed. Formats without compression return
-    /// `Ok(false)` and the caller writes the data normally.
-    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        let _ = (offset, data);
-        Ok(false)
+    /// Compresses one guest cluster (`data` is the cluster, or the disk's shorter last one).
+    /// `None` when the format cannot compress or the data would not shrink; the caller then
+    /// writes it normally. Pure computation, so callers run it on many threads at once.
+    fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let _ = data;
+        None
+    }
+
+    /// Stores `compressed` (from [`Format::compress_cluster`]) as the guest cluster at the
+    /// cluster-aligned `offset`, releasing what the cluster held before.
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        let _ = (offset, compressed);
+        Err(crate::Error::unsupported(
+            self.file_name(),
+            "compressed writes are not supported in this format",
+        ))
     }
 
     /// Writes all cached metadata in the required order and makes everything durable.

@@ -2,8 +2,10 @@
 //! down a backing chain.
 
 use crate::format::{Allocation, Extent, Format, Mapping, ZeroMode};
+use crate::open::{DetectZeroes, DiscardMode};
 use crate::{Error, Result};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 /// How a guest range is stored, as `img map` and `img convert` see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,11 +32,63 @@ struct DecompressedCluster {
     data: Vec<u8>,
 }
 
+/// Guest ranges whose mapping a request is changing (allocation with copy-on-write, zeroing,
+/// discarding). A second request that needs to change a mapping in an overlapping range waits,
+/// so two writers never allocate the same cluster, a copy-on-write never copies data another
+/// request is replacing, and no L2 entry is committed over another request's fresh data.
+/// Reads and in-place writes of allocated clusters never take it.
+#[derive(Default)]
+struct RangeLocks {
+    held: Mutex<Vec<(u64, u64)>>,
+    released: Condvar,
+}
+
+/// A held range; released on drop.
+struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (u64, u64),
+}
+
+impl RangeLocks {
+    fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while held.iter().any(|&(s, e)| s < end && start < e) {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.push((start, end));
+        RangeGuard {
+            locks: self,
+            range: (start, end),
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|&r| r == self.range) {
+            held.swap_remove(i);
+        }
+        self.locks.released.notify_all();
+    }
+}
+
 /// An opened image: a format, and the image that backs it.
+///
+/// `Image` is `Sync`: many requests may run against it at once from several threads.
 pub struct Image {
     format: Box<dyn Format>,
     backing: Option<Box<Image>>,
     last_decompressed: Mutex<Option<DecompressedCluster>>,
+    /// Bumped by every write, so a decompression that raced with one is not cached.
+    generation: AtomicU64,
+    remapping: RangeLocks,
+    /// Held shared by every request while it does I/O, exclusively by flush. A flush is
+    /// where freed clusters become reusable; waiting for requests that mapped a cluster before
+    /// it was freed keeps their I/O from landing in a cluster already handed to other data.
+    io_barrier: RwLock<()>,
+    discard: DiscardMode,
+    detect_zeroes: DetectZeroes,
     closed: bool,
 }
 
@@ -55,8 +109,26 @@ impl Image {
             format,
             backing: backing.map(Box::new),
             last_decompressed: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            remapping: RangeLocks::default(),
+            io_barrier: RwLock::new(()),
+            discard: DiscardMode::default(),
+            detect_zeroes: DetectZeroes::default(),
             closed: false,
         }
+    }
+
+    /// Sets what discards do and whether zero writes are detected (qemu's `discard=` and
+    /// `detect-zeroes=`).
+    pub fn set_request_options(&mut self, discard: DiscardMode, detect_zeroes: DetectZeroes) {
+        self.discard = discard;
+        self.detect_zeroes = detect_zeroes;
+    }
+
+    /// The cluster-aligned range around `[offset, offset + len)`.
+    fn cluster_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        let cs = self.format.cluster_size();
+        (offset / cs * cs, (offset + len).div_ceil(cs) * cs)
     }
 
     /// The format driver underneath.
@@ -108,6 +180,15 @@ impl Image {
 
     /// Reads `buf.len()` guest bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let _io = self.io_shared();
+        self.read_inner(buf, offset)
+    }
+
+    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_barrier.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
@@ -153,14 +234,18 @@ impl Image {
     }
 
     fn with_decompressed(&self, host_offset: u64, len: u64, f: impl FnOnce(&[u8])) -> Result<()> {
-        let mut cache = self
-            .last_decompressed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.as_ref().filter(|c| c.host_offset == host_offset) {
-            f(&c.data);
-            return Ok(());
+        let generation = self.generation.load(Ordering::Acquire);
+        {
+            let cache = self
+                .last_decompressed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = cache.as_ref().filter(|c| c.host_offset == host_offset) {
+                f(&c.data);
+                return Ok(());
+            }
         }
+        // Decompress outside the lock, so that readers of different clusters run in parallel.
         let mut compressed = vec![0u8; len as usize];
         read_clamped(
             self.format.data_file().as_ref(),
@@ -170,7 +255,13 @@ impl Image {
         let mut data = vec![0u8; self.format.cluster_size() as usize];
         self.format.decompress(&compressed, &mut data)?;
         f(&data);
-        *cache = Some(DecompressedCluster { host_offset, data });
+        let mut cache = self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::Acquire) == generation {
+            *cache = Some(DecompressedCluster { host_offset, data });
+        }
         Ok(())
     }
 
@@ -178,6 +269,16 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        let _io = self.io_shared();
+        if self.detect_zeroes != DetectZeroes::Off && crate::convert::is_zero(buf) {
+            let unmap =
+                self.detect_zeroes == DetectZeroes::Unmap && self.discard == DiscardMode::Unmap;
+            return self.write_zeroes_inner(offset, buf.len() as u64, unmap);
+        }
+        self.write_data(buf, offset)
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -204,6 +305,19 @@ impl Image {
     /// does not cover from the current content (copy-on-write), writes the data, then commits
     /// the mapping. Returns how many bytes of `buf` were written.
     fn write_allocating(&self, buf: &[u8], pos: u64) -> Result<usize> {
+        let (start, end) = self.cluster_range(pos, buf.len() as u64);
+        let _remapping = self.remapping.lock(start, end);
+        // Another request may have allocated the cluster while we waited.
+        let extent = self.format.map(pos, buf.len() as u64)?;
+        if let Mapping::Data {
+            offset: host,
+            writable: true,
+        } = extent.mapping
+        {
+            let n = extent.len as usize;
+            self.format.data_file().write_at(&buf[..n], host)?;
+            return Ok(n);
+        }
         let alloc = self.format.allocate(pos, buf.len() as u64)?;
         let head = (pos - alloc.guest_offset) as usize;
         let n = buf.len().min(alloc.len as usize - head);
@@ -211,6 +325,13 @@ impl Image {
         let data_file = self.format.data_file();
         if head == 0 && tail == 0 {
             data_file.write_at(&buf[..n], alloc.host_offset)?;
+        } else if self.cow_is_free(&alloc, head, n)? {
+            // The rest of the cluster reads as zeros and the cluster lies past the end of the
+            // file: extend the file over the whole allocation with zeros the filesystem does
+            // not write (fallocate), then write just the data, which no longer extends the
+            // file (extending O_DIRECT writes are serialised by filesystems).
+            data_file.write_zeroes(alloc.host_offset, alloc.len, false)?;
+            data_file.write_at(&buf[..n], alloc.host_offset + head as u64)?;
         } else {
             let mut whole = vec![0u8; alloc.len as usize];
             if head > 0 {
@@ -229,16 +350,38 @@ impl Image {
         Ok(n)
     }
 
+    /// Whether the parts of a fresh allocation that a write does not cover can be left
+    /// unwritten: they must read as zeros now, and the host range must lie past the end of
+    /// the file (so it holds no stale data of a freed cluster).
+    fn cow_is_free(&self, alloc: &Allocation, head: usize, n: usize) -> Result<bool> {
+        if alloc.host_offset < self.format.data_file().size()? {
+            return Ok(false);
+        }
+        let zero = |from: u64, len: u64| -> Result<bool> {
+            if len == 0 {
+                return Ok(true);
+            }
+            let st = self.block_status(from, len)?;
+            Ok(st.zero && !st.data && st.len >= len)
+        };
+        let tail_start = alloc.guest_offset + (head + n) as u64;
+        let tail_len = (alloc.guest_offset + alloc.len)
+            .min(self.size())
+            .saturating_sub(tail_start);
+        Ok(zero(alloc.guest_offset, head as u64)? && zero(tail_start, tail_len)?)
+    }
+
     /// Reads the current content of a range that is about to be remapped; the allocation is not
     /// committed yet, so the old mapping is still what `map` returns.
     fn read_old(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
-        self.read_at(buf, offset)
+        self.read_inner(buf, offset)
     }
 
     fn invalidate_decompressed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         *self
             .last_decompressed
             .lock()
@@ -250,6 +393,11 @@ impl Image {
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        let _io = self.io_shared();
+        self.write_zeroes_inner(offset, len, may_unmap)
+    }
+
+    fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let mode = if may_unmap {
             ZeroMode::MayUnmap
         } else {
@@ -259,7 +407,13 @@ impl Image {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let handled = self.format.zero_clusters(pos, end - pos, mode)?;
+            // Metadata changes under the range lock; partial clusters are written as data,
+            // which takes the lock itself when it allocates.
+            let handled = {
+                let (s, e) = self.cluster_range(pos, end - pos);
+                let _remapping = self.remapping.lock(s, e);
+                self.format.zero_clusters(pos, end - pos, mode)?
+            };
             if handled > 0 {
                 pos += handled;
                 continue;
@@ -271,7 +425,7 @@ impl Image {
                 pos = next;
                 continue;
             }
-            self.write_at(&vec![0u8; n], pos)?;
+            self.write_data(&vec![0u8; n], pos)?;
             pos = next;
         }
         self.invalidate_decompressed();
@@ -284,10 +438,17 @@ impl Image {
         Ok(st.zero && st.len >= len)
     }
 
-    /// Discards whole clusters in the range; they read as zeros afterwards.
+    /// Discards whole clusters in the range; they read as zeros afterwards. With
+    /// `discard=ignore` the request does nothing, as in qemu.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        if self.discard == DiscardMode::Ignore {
+            return Ok(());
+        }
+        let _io = self.io_shared();
+        let (s, e) = self.cluster_range(offset, len);
+        let _remapping = self.remapping.lock(s, e);
         self.format.discard(offset, len)?;
         self.invalidate_decompressed();
         Ok(())
@@ -296,10 +457,40 @@ impl Image {
     /// Writes one whole cluster compressed, falling back to a plain write where the format
     /// cannot compress or the data does not shrink.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let compressed = self.compress_cluster(offset, data);
+        self.write_precompressed(offset, data, compressed)
+    }
+
+    /// Compresses the guest cluster at `offset` for [`Image::write_precompressed`]; `None`
+    /// when it is not a whole cluster (or the disk's last one), the format cannot compress,
+    /// or the data would not shrink.
+    pub fn compress_cluster(&self, offset: u64, data: &[u8]) -> Option<Vec<u8>> {
+        let cs = self.format.cluster_size();
+        let whole = data.len() as u64 == cs || offset + data.len() as u64 == self.size();
+        if !offset.is_multiple_of(cs) || !whole || data.len() as u64 > cs {
+            return None;
+        }
+        self.format.compress_cluster(data)
+    }
+
+    /// Writes a cluster whose compression was done beforehand (perhaps on another thread):
+    /// compressed when `compressed` is given, else `data` as it is.
+    pub fn write_precompressed(
+        &self,
+        offset: u64,
+        data: &[u8],
+        compressed: Option<Vec<u8>>,
+    ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
-        if !self.format.write_compressed(offset, data)? {
-            self.write_at(data, offset)?;
+        let _io = self.io_shared();
+        match compressed {
+            Some(c) => {
+                let (s, e) = self.cluster_range(offset, data.len() as u64);
+                let _remapping = self.remapping.lock(s, e);
+                self.format.write_compressed(offset, &c)?;
+            }
+            None => self.write_data(data, offset)?,
         }
         self.invalidate_decompressed();
         Ok(())
@@ -343,6 +534,7 @@ impl Image {
 
     /// Makes every completed write durable, metadata included.
     pub fn flush(&self) -> Result<()> {
+        let _quiesced = self.io_barrier.write().unwrap_or_else(|e| e.into_inner());
         self.format.flush()
     }
 

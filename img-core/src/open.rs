@@ -27,12 +27,16 @@ pub struct OpenOptions {
 }
 
 /// qemu's `discard=` option.
+///
+/// The library default is `Unmap`, which is what qemu-img and qemu-io do with discard
+/// requests; a device exposed to a guest chooses `Ignore` (qemu's `-drive` default) unless the
+/// user asks for unmap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DiscardMode {
-    /// Discards are ignored (qemu's default, `discard=ignore`/`off`).
-    #[default]
+    /// Discards are ignored (`discard=ignore`/`off`).
     Ignore,
     /// Discards free clusters and punch holes in the file (`discard=unmap`/`on`).
+    #[default]
     Unmap,
 }
 
@@ -119,5 +123,7 @@ pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Ima
         )?),
         other => return Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
     };
-    Ok(Image::new(format, None))
+    let mut image = Image::new(format, None);
+    image.set_request_options(opts.discard, opts.detect_zeroes);
+    Ok(image)
 }

@@ -51,6 +51,8 @@ struct Args {
     dst_cache: CacheMode,
     src_cache: CacheMode,
     target_is_zero: bool,
+    parallel: usize,
+    out_of_order: bool,
     files: Vec<String>,
 }
 
@@ -73,6 +75,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         dst_cache: CacheMode::Unsafe,
         src_cache: CacheMode::Writeback,
         target_is_zero: false,
+        parallel: 8,
+        out_of_order: false,
         files,
     };
     for o in opts {
@@ -101,10 +105,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "q" => a.quiet = true,
             "t" => a.dst_cache = parse_cache(&v)?,
             "T" => a.src_cache = parse_cache(&v)?,
-            "m" => match v.parse::<u32>() {
-                // Requests in flight: the copy is sequential in this version; the option is
-                // validated as qemu-img does so that scripts keep working.
-                Ok(1..=16) => {}
+            "m" => match v.parse::<usize>() {
+                Ok(n @ 1..=16) => a.parallel = n,
                 _ => {
                     return Err(CliError::new(
                         "Invalid number of coroutines specified. Must be between 1 and 16.",
@@ -112,7 +114,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
                 }
             },
             "image-opts" => a.image_opts = true,
-            "W" | "U" | "C" => {}
+            "W" => a.out_of_order = true,
+            "U" | "C" => {}
             "target-is-zero" => a.target_is_zero = true,
             "B" | "F" => {
                 return Err(CliError::new(
@@ -188,6 +191,8 @@ pub fn run(args: &[String]) -> CmdResult {
         min_sparse: a.min_sparse,
         compress: a.compress,
         target_is_zero: !a.no_create || a.target_is_zero,
+        parallel: a.parallel,
+        out_of_order: a.out_of_order,
         ..Default::default()
     };
     let show = a.progress && !a.quiet;

@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the dispatcher.
 
+mod bench;
 mod check;
 mod compare;
 mod convert;
@@ -25,6 +26,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
     match cmd.as_str() {
         "create" => create::run(rest),
         "info" => info::run(rest),
+        "bench" => bench::run(rest),
         "check" => check::run(rest),
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),

@@ -937,36 +937,39 @@ impl Format for Qcow2 {
         self.flush_if_over_capacity(&mut meta)
     }
 
-    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        self.check_writable()?;
-        let cs = self.cs();
-        if !offset.is_multiple_of(cs) || data.len() as u64 > cs {
-            return Ok(false);
+    fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let cs = self.cs() as usize;
+        if data.len() > cs {
+            return None;
         }
         let padded;
-        let input = if (data.len() as u64) < cs {
+        let input = if data.len() < cs {
             // The last cluster of the disk may be short; compress it zero-padded, as qemu.
-            padded = [data, &vec![0u8; (cs as usize) - data.len()]].concat();
+            padded = [data, &vec![0u8; cs - data.len()]].concat();
             &padded[..]
         } else {
             data
         };
-        let Some(compressed) = compress::compress(self.header.compression_type, input, cs as usize)
-        else {
-            return Ok(false);
-        };
-        let mut meta = self.lock();
-        self.mark_dirty(&mut meta)?;
+        compress::compress(self.header.compression_type, input, cs)
+    }
+
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        self.check_writable()?;
         let len = compressed.len() as u64;
-        // The L2 table first, as qemu, so compressed data packs at the end of the file.
-        let (l1i, _) = self.split(offset >> self.cluster_bits);
-        self.l2_for_write(&mut meta, l1i)?;
-        let host = self.alloc_compressed_bytes(&mut meta, len)?;
-        self.file.write_at(&compressed, host)?;
+        let host = {
+            let mut meta = self.lock();
+            self.mark_dirty(&mut meta)?;
+            // The L2 table first, as qemu, so compressed data packs at the end of the file.
+            let (l1i, _) = self.split(offset >> self.cluster_bits);
+            self.l2_for_write(&mut meta, l1i)?;
+            self.alloc_compressed_bytes(&mut meta, len)?
+        };
+        // The data goes out without the metadata lock; the entry points at it only after.
+        self.file.write_at(compressed, host)?;
+        let mut meta = self.lock();
         let entry = L2Entry::compressed(host, len, self.cluster_bits);
         self.set_entry(&mut meta, offset >> self.cluster_bits, entry)?;
-        self.flush_if_over_capacity(&mut meta)?;
-        Ok(true)
+        self.flush_if_over_capacity(&mut meta)
     }
 
     fn flush(&self) -> Result<()> {
