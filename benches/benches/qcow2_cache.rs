@@ -156,7 +156,14 @@ fn random_4k(c: &mut Criterion) {
         ("l2_eighth_64k_entries", Some(128 * K), Some(64 * K)),
         ("l2_eighth_4k_entries", Some(128 * K), Some(4 * K)),
     ];
-    random_io(c, "qcow2_8GiB_mapped_random_4k_read", &sparse, 8 * G, &configs, false);
+    random_io(
+        c,
+        "qcow2_8GiB_mapped_random_4k_read",
+        &sparse,
+        8 * G,
+        &configs,
+        false,
+    );
 }
 
 fn allocation(c: &mut Criterion) {

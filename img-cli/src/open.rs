@@ -314,7 +314,10 @@ pub fn open(spec: &ImageSpec, read_only: bool, cache: CacheMode) -> Result<Image
             opts.detect_zeroes = DetectZeroes::parse(d)
                 .ok_or_else(|| fail(format!("invalid parameter value: {d}")))?;
         }
-        if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != DiscardMode::Unmap {
+        // qemu-img opens images without unmap unless the option asks for it, whatever the
+        // library's default.
+        let unmap_asked = o.discard.is_some() && opts.discard == DiscardMode::Unmap;
+        if opts.detect_zeroes == DetectZeroes::Unmap && !unmap_asked {
             return Err(fail(
                 "setting detect-zeroes to unmap is not allowed without setting discard \
                  operation to unmap"
