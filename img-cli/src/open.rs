@@ -259,6 +259,17 @@ pub fn file_cache_mode(spec: &ImageSpec, base: CacheMode) -> CacheMode {
 /// `--image-opts` options, and maps failures to qemu-img's "Could not open 'name': reason"
 /// messages, reporting bad options in the order qemu does.
 pub fn open(spec: &ImageSpec, read_only: bool, cache: CacheMode) -> Result<Image, CliError> {
+    open_with_aio(spec, read_only, cache, Aio::default())
+}
+
+/// [`open`] for commands with an I/O engine option of their own (`-i`): `aio` applies unless
+/// the spec names one (`file.aio`).
+pub fn open_with_aio(
+    spec: &ImageSpec,
+    read_only: bool,
+    cache: CacheMode,
+    aio: Aio,
+) -> Result<Image, CliError> {
     let fail = |m: String| CliError::new(format!("Could not open '{}': {m}", spec.arg));
     if let Some(f) = spec.format.as_deref() {
         if UNSUPPORTED_FORMATS.contains(&f) {
@@ -269,7 +280,7 @@ pub fn open(spec: &ImageSpec, read_only: bool, cache: CacheMode) -> Result<Image
     // The file layer's options.
     let cache = file_cache_mode(spec, cache);
     let aio = match o.aio.as_deref() {
-        None => Aio::default(),
+        None => aio,
         Some(a) => Aio::parse(a).ok_or_else(|| fail(format!("invalid parameter value: {a}")))?,
     };
     if let Some(l) = o.locking.as_deref() {

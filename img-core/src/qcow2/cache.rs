@@ -129,6 +129,19 @@ impl Pool {
     }
 }
 
+#[cfg(test)]
+impl Pool {
+    /// Pages of the mapping that are resident in memory.
+    fn resident_pages(&self, page: usize) -> usize {
+        let pages = self.len.div_ceil(page);
+        let mut v = vec![0u8; pages];
+        // SAFETY: the range is our mapping and `v` has one byte per page of it.
+        let r = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.len, v.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore failed");
+        v.iter().filter(|&&b| b & 1 != 0).count()
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         if self.len > 0 {
@@ -724,6 +737,38 @@ mod tests {
         assert_eq!(c.clean_unused(), 1);
         assert_eq!(c.len(), 1);
         assert!(c.has_dirty());
+    }
+
+    #[test]
+    fn cleaning_gives_the_memory_back() {
+        let es = 64 << 10;
+        let f = mem(64, es);
+        let mut c = MetaCache::new(64, es).unwrap();
+        let page = c.page;
+        assert_eq!(
+            c.pool.resident_pages(page),
+            0,
+            "memory is only touched when used"
+        );
+        for i in 0..64u64 {
+            c.get(&f, i * es as u64).unwrap();
+        }
+        assert_eq!(c.pool.resident_pages(page), 64 * es / page);
+        c.clean_unused();
+        c.clean_unused();
+        assert!(c.is_empty());
+        assert_eq!(c.pool.resident_pages(page), 0);
+        // Small entries release the pages they fill together.
+        let f = mem(64, 512);
+        let mut c = MetaCache::new(64, 512).unwrap();
+        for i in 0..64u64 {
+            c.get(&f, i * 512).unwrap();
+        }
+        c.clean_unused();
+        c.get(&f, 0).unwrap();
+        assert_eq!(c.clean_unused(), 63);
+        // Entry 0 keeps its page; the other 3.5 pages' worth went back.
+        assert_eq!(c.pool.resident_pages(page), 1.max(512 / page));
     }
 
     #[test]

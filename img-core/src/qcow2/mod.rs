@@ -11,6 +11,15 @@
 //!   relies on them;
 //! - decrements are applied only after the entries that dropped the references are durable,
 //!   so a crash leaks clusters at worst and never points two users at one cluster.
+//!
+//! Caches ([`cache`], sized by qemu's options in [`cache_options`]): L2 tables are cached
+//! whole or in slices (`l2-cache-entry-size`), refcount blocks whole. A cache whose entries
+//! are all dirty grows past its size for the rest of one request and is then written back in
+//! the order above (L2 slices early, once the data and refcounts they point at are synced; L1
+//! only in a full flush). With `cache-clean-interval` (600 s by default, as qemu on Linux) a
+//! background thread frees the clean entries left unused for a whole interval and gives their
+//! memory back, so an idle image holds no cached metadata. With `discard=unmap`, clusters
+//! whose refcount drops to zero have holes punched under them when the decrement is applied.
 
 pub mod cache;
 pub mod cache_options;
