@@ -64,6 +64,10 @@ fn output_and_errors_match_qemu_img() {
         &["--flush-interval=10", "-c", "3"],
         &["-t", "foo", "-c", "3"],
         &["-i", "foo", "-c", "3"],
+        &["-n", "-c", "3"],
+        &["-i", "native", "-c", "3"],
+        &["-i", "native", "-t", "none", "-c", "30"],
+        &["-i", "io_uring", "-c", "300", "-d", "8"],
     ];
     for args in lines {
         let mut a = vec!["bench"];
@@ -85,6 +89,25 @@ fn output_and_errors_match_qemu_img() {
             normalise(&ours.stderr),
             normalise(&theirs.stderr),
             "stderr of {a:?}"
+        );
+    }
+    // --image-opts, with cache options.
+    let spec = format!("driver=qcow2,file.filename={p},l2-cache-size=64k,file.aio=threads");
+    for extra in [&[][..], &["-w", "-c", "100"][..]] {
+        let mut a = vec!["bench", "-c", "100", "--image-opts"];
+        a.extend(extra);
+        a.push(&spec);
+        let ours = img(&a);
+        let theirs = run("qemu-img", &a);
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "exit code of {a:?}"
+        );
+        assert_eq!(
+            normalise(&ours.stdout),
+            normalise(&theirs.stdout),
+            "stdout of {a:?}"
         );
     }
     common::assert_qemu_check_clean(&image);
