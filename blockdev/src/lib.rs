@@ -16,7 +16,7 @@ pub use aio::Aio;
 pub use aligned::AlignedBuf;
 pub use cache_mode::CacheMode;
 pub use error::{os_message, Error, Result};
-pub use file::{FileOptions, FileStorage};
+pub use file::{EngineOptions, FileOptions, FileStorage, DEFAULT_QUEUE_DEPTH, NATIVE_NEEDS_DIRECT};
 
 use std::fmt::Debug;
 
