@@ -11,10 +11,18 @@ use std::sync::Barrier;
 /// ring is full most of the time and requesters wait for free entries.
 #[test]
 fn ring_saturation() {
-    for cache in [CacheMode::Writeback, CacheMode::None] {
+    for (cache, sqpoll) in [
+        (CacheMode::Writeback, false),
+        (CacheMode::None, false),
+        (CacheMode::None, true),
+    ] {
         let dir = common::tempdir();
         let path = common::file(&dir, "sat.img");
-        let s = common::open(&path, Aio::IoUring, cache, Some(2));
+        let engine = blockdev::EngineOptions {
+            queue_depth: 2,
+            sqpoll,
+        };
+        let s = common::open_engine(&path, Aio::IoUring, cache, engine);
         if s.engine() == Aio::IoUring {
             assert_eq!(s.queue_depth(), Some(2));
         }

@@ -21,7 +21,12 @@ fn no_thread_or_descriptor_leaks() {
         } else {
             CacheMode::Directsync
         };
-        let s = common::open(&path, aio, cache, Some(1 + i as u32 % 64));
+        let engine = blockdev::EngineOptions {
+            queue_depth: 1 + i as u32 % 64,
+            // Every fifth io_uring also has a kernel thread polling its queue.
+            sqpoll: i % 5 == 1,
+        };
+        let s = common::open_engine(&path, aio, cache, engine);
         if i % 4 != 0 {
             // Requests from other threads too: io_uring's worker threads belong to the
             // submitting threads and must go when the ring does.
@@ -39,7 +44,7 @@ fn no_thread_or_descriptor_leaks() {
         }
         drop(s);
     }
-    // io_uring worker threads exit asynchronously after their ring is gone; give them a moment.
+    // io_uring worker and SQPOLL threads exit asynchronously after their ring is gone; give them a moment.
     let mut now = common::thread_count();
     for _ in 0..200 {
         if now <= threads {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use blockdev::{Aio, AlignedBuf, CacheMode, Storage};
+use blockdev::{Aio, AlignedBuf, CacheMode, EngineOptions, Storage};
 use common::{Rng, CACHES, ENGINES};
 use std::sync::Barrier;
 
@@ -22,10 +22,14 @@ struct Region {
     max_end: u64,
 }
 
-fn stress(aio: Aio, cache: CacheMode, ops: usize, seed: u64) {
+fn stress(aio: Aio, cache: CacheMode, sqpoll: bool, ops: usize, seed: u64) {
     let dir = common::tempdir();
     let path = common::file(&dir, "stress.img");
-    let s = common::open(&path, aio, cache, None);
+    let engine = EngineOptions {
+        sqpoll,
+        ..Default::default()
+    };
+    let s = common::open_engine(&path, aio, cache, engine);
     let barrier = Barrier::new(THREADS);
     let regions: Vec<Region> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..THREADS)
@@ -126,28 +130,33 @@ fn ops(cache: CacheMode) -> usize {
     }
 }
 
-fn run_engine(aio: Aio) {
+fn run_engine(aio: Aio, sqpoll: bool) {
     for (i, cache) in CACHES.into_iter().enumerate() {
         if aio == Aio::Native && !cache.direct() {
             continue;
         }
-        stress(aio, cache, ops(cache), 0x5eed_0000 + i as u64);
+        stress(aio, cache, sqpoll, ops(cache), 0x5eed_0000 + i as u64);
     }
 }
 
 #[test]
 fn threads_engine_every_cache_mode() {
-    run_engine(Aio::Threads);
+    run_engine(Aio::Threads, false);
 }
 
 #[test]
 fn io_uring_engine_every_cache_mode() {
-    run_engine(Aio::IoUring);
+    run_engine(Aio::IoUring, false);
+}
+
+#[test]
+fn io_uring_sqpoll_every_cache_mode() {
+    run_engine(Aio::IoUring, true);
 }
 
 #[test]
 fn native_engine_direct_cache_modes() {
-    run_engine(Aio::Native);
+    run_engine(Aio::Native, false);
 }
 
 #[test]

@@ -55,12 +55,17 @@ pub struct EngineOptions {
     /// For io_uring (and native): the ring size, which bounds the requests in flight at once.
     /// Further requests wait for a free entry. Clamped to 1..=4096.
     pub queue_depth: u32,
+    /// For io_uring (and native): let a kernel thread poll the submission queue
+    /// (IORING_SETUP_SQPOLL), so that requesters never enter the kernel to submit. It costs a
+    /// CPU that spins while requests come in (and for a moment after).
+    pub sqpoll: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            sqpoll: false,
         }
     }
 }
@@ -78,10 +83,10 @@ enum Engine {
 impl Engine {
     /// Sets up the engine `aio` asks for on `file`, falling back to threads if io_uring is not
     /// available. `depth` is not clamped here, so tests can make the setup fail.
-    fn new(aio: Aio, file: &File, depth: u32) -> Engine {
+    fn new(aio: Aio, file: &File, depth: u32, sqpoll: bool) -> Engine {
         match aio {
             Aio::Threads => Engine::Threads,
-            Aio::IoUring | Aio::Native => match uring::Ring::new(file.as_raw_fd(), depth) {
+            Aio::IoUring | Aio::Native => match uring::Ring::new(file.as_raw_fd(), depth, sqpoll) {
                 Ok(ring) => Engine::Uring(Box::new(ring)),
                 Err(_) => Engine::Threads,
             },
@@ -137,10 +142,14 @@ impl FileStorage {
         opts: FileOptions,
         engine: EngineOptions,
     ) -> Result<Self> {
-        Self::open_inner(path.as_ref(), opts, engine.queue_depth.clamp(1, 4096))
+        let engine = EngineOptions {
+            queue_depth: engine.queue_depth.clamp(1, 4096),
+            ..engine
+        };
+        Self::open_inner(path.as_ref(), opts, engine)
     }
 
-    fn open_inner(path: &Path, opts: FileOptions, depth: u32) -> Result<Self> {
+    fn open_inner(path: &Path, opts: FileOptions, engine: EngineOptions) -> Result<Self> {
         let name = path.display().to_string();
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
@@ -170,7 +179,7 @@ impl FileStorage {
         } else {
             Alignment::default()
         };
-        let engine = Engine::new(opts.aio, &file, depth);
+        let engine = Engine::new(opts.aio, &file, engine.queue_depth, engine.sqpoll);
         Ok(FileStorage {
             engine,
             aio: opts.aio,
@@ -796,7 +805,10 @@ mod tests {
                 aio: Aio::IoUring,
                 ..Default::default()
             },
-            0,
+            EngineOptions {
+                queue_depth: 0,
+                sqpoll: false,
+            },
         )
         .unwrap();
         assert_eq!(s.engine(), Aio::Threads);
@@ -821,7 +833,10 @@ mod tests {
                     aio: Aio::IoUring,
                     ..Default::default()
                 },
-                EngineOptions { queue_depth: asked },
+                EngineOptions {
+                    queue_depth: asked,
+                    ..Default::default()
+                },
             )
             .unwrap();
             assert_eq!(s.queue_depth(), Some(got));

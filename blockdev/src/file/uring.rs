@@ -45,6 +45,10 @@ use std::thread::{self, Thread};
 
 /// `IORING_ENTER_GETEVENTS`: wait for `min_complete` completions.
 const ENTER_GETEVENTS: u32 = 1;
+/// `IORING_ENTER_SQ_WAKEUP`: wake the SQPOLL kernel thread.
+const ENTER_SQ_WAKEUP: u32 = 2;
+/// How long the SQPOLL kernel thread polls an idle queue before it sleeps, in milliseconds.
+const SQPOLL_IDLE_MS: u32 = 50;
 
 /// Largest length one SQE carries; longer requests complete short and are resubmitted.
 pub(super) const MAX_SQE_LEN: usize = 1 << 30;
@@ -119,6 +123,8 @@ pub(super) struct Ring {
     ring: IoUring,
     target: Target,
     depth: u32,
+    /// A kernel thread polls the submission queue and submits; nobody else enters to submit.
+    sqpoll: bool,
     state: Mutex<State>,
     slot_freed: Condvar,
 }
@@ -135,9 +141,13 @@ impl std::fmt::Debug for Ring {
 impl Ring {
     /// Sets up a ring of `depth` entries for `fd`. Fails if the kernel lacks io_uring, forbids
     /// it (seccomp, `kernel.io_uring_disabled`), or lacks the opcodes this engine uses.
-    pub(super) fn new(fd: RawFd, depth: u32) -> io::Result<Ring> {
+    pub(super) fn new(fd: RawFd, depth: u32, sqpoll: bool) -> io::Result<Ring> {
         // The submission queue has room for twice the requests in flight (see `execute`).
-        let ring: IoUring = IoUring::builder().build(depth.saturating_mul(2))?;
+        let mut builder = IoUring::builder();
+        if sqpoll {
+            builder.setup_sqpoll(SQPOLL_IDLE_MS);
+        }
+        let ring: IoUring = builder.build(depth.saturating_mul(2))?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE] {
@@ -157,6 +167,7 @@ impl Ring {
             ring,
             target,
             depth,
+            sqpoll,
             state: Mutex::new(State {
                 slots: vec![None; depth as usize],
                 free: (0..depth).rev().collect(),
@@ -221,9 +232,11 @@ impl Ring {
         };
         let become_reaper;
         let to_submit;
+        let wake;
         {
             let mut st = self.lock();
-            let slot = loop {
+            let slot;
+            (slot, wake) = loop {
                 let Some(&slot) = st.free.last() else {
                     // Ring full: every slot is in flight, so a reaper exists and will free one.
                     st.slot_waiters += 1;
@@ -236,15 +249,15 @@ impl Ring {
                 // hold, so this is the only one. The entry's buffer is valid until we return
                 // (contract of this function) and we do not return before the request
                 // completes.
-                let pushed = unsafe {
+                let (pushed, wake) = unsafe {
                     let mut sq = self.ring.submission_shared();
                     let r = sq.push(&entry);
                     sq.sync();
-                    r
+                    (r, self.sqpoll && sq.need_wakeup())
                 };
                 if pushed.is_ok() {
                     st.free.pop();
-                    break slot;
+                    break (slot, wake);
                 }
                 // The queue is twice the depth, but the kernel posts completions before it
                 // publishes how far it has consumed the queue, so a slot can free up a moment
@@ -252,9 +265,10 @@ impl Ring {
                 // drains even if nobody else would) or let the kernel finish, and try again.
                 let n = std::mem::take(&mut st.pending);
                 drop(st);
-                if n > 0 {
-                    self.submit(n);
-                } else {
+                if n > 0 || self.sqpoll {
+                    self.submit(n, true);
+                }
+                if n == 0 {
                     thread::yield_now();
                 }
                 st = self.lock();
@@ -271,7 +285,7 @@ impl Ring {
         }
         if !become_reaper {
             if to_submit > 0 {
-                self.submit(to_submit);
+                self.submit(to_submit, wake);
             }
             loop {
                 match waiter.state.load(Ordering::Acquire) {
@@ -287,8 +301,21 @@ impl Ring {
 
     /// Submits `n` pending SQEs without waiting, retrying until the kernel has taken them all:
     /// the SQEs sit in the shared queue and their requesters wait for them, so they cannot be
-    /// abandoned.
-    fn submit(&self, mut n: u32) {
+    /// abandoned. With SQPOLL the kernel thread takes them; it is woken if `wake` says it
+    /// sleeps.
+    fn submit(&self, mut n: u32, wake: bool) {
+        if self.sqpoll {
+            if wake {
+                // SAFETY: io_uring_enter with no argument struct, only waking the SQ thread.
+                // Errors are harmless: the next enter wakes it again.
+                let _ = unsafe {
+                    self.ring
+                        .submitter()
+                        .enter::<libc::sigset_t>(0, 0, ENTER_SQ_WAKEUP, None)
+                };
+            }
+            return;
+        }
         let mut failures = 0u32;
         while n > 0 {
             // SAFETY: io_uring_enter with no argument struct; the SQEs it consumes are
@@ -314,14 +341,24 @@ impl Ring {
     fn reap_until(&self, own: &Waiter) {
         let mut failures = 0u32;
         loop {
-            let n = std::mem::take(&mut self.lock().pending);
+            let (n, flags) = {
+                let mut st = self.lock();
+                let n = std::mem::take(&mut st.pending);
+                // SAFETY: SubmissionQueues are only created under the state mutex.
+                let wake = self.sqpoll && unsafe { self.ring.submission_shared() }.need_wakeup();
+                let flags = ENTER_GETEVENTS | if wake { ENTER_SQ_WAKEUP } else { 0 };
+                (n, flags)
+            };
+            // With SQPOLL the kernel thread submits; the count only matters without it.
+            let to_submit = if self.sqpoll { 0 } else { n };
             // SAFETY: as in `submit`; GETEVENTS with min_complete 1 waits for one completion.
             let r = unsafe {
                 self.ring
                     .submitter()
-                    .enter::<libc::sigset_t>(n, 1, ENTER_GETEVENTS, None)
+                    .enter::<libc::sigset_t>(to_submit, 1, flags, None)
             };
             let submitted = match r {
+                Ok(_) if self.sqpoll => n,
                 Ok(k) => {
                     failures = 0;
                     (k as u32).min(n)

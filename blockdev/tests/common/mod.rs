@@ -23,14 +23,20 @@ pub fn tempdir() -> tempfile::TempDir {
 
 /// Opens (creating) `path` with `aio` and `cache`, and an optional queue depth.
 pub fn open(path: &Path, aio: Aio, cache: CacheMode, depth: Option<u32>) -> FileStorage {
+    let engine = EngineOptions {
+        queue_depth: depth.unwrap_or(blockdev::DEFAULT_QUEUE_DEPTH),
+        sqpoll: false,
+    };
+    open_engine(path, aio, cache, engine)
+}
+
+/// Opens (creating) `path` with `aio`, `cache` and engine tuning.
+pub fn open_engine(path: &Path, aio: Aio, cache: CacheMode, engine: EngineOptions) -> FileStorage {
     let opts = FileOptions {
         read_only: false,
         cache,
         aio,
         create: !path.exists(),
-    };
-    let engine = EngineOptions {
-        queue_depth: depth.unwrap_or(blockdev::DEFAULT_QUEUE_DEPTH),
     };
     let s = FileStorage::open_with(path, opts, engine).unwrap();
     // Fallback from io_uring to threads is allowed by design, but say so: the run then tests
