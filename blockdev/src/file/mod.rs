@@ -109,9 +109,10 @@ pub struct FileStorage {
     read_only: bool,
     cache: CacheMode,
     alignment: Alignment,
-    /// O_DIRECT only. Held shared by every write, exclusively by an unaligned write whose
-    /// padding reaches past the end of the file: that write grows the file to a block boundary
-    /// and then cuts it back, and no other write may grow the file in between.
+    /// O_DIRECT only. Held shared by every write (and write-zeroes), exclusively by truncate and
+    /// by an unaligned write whose padding reaches past the end of the file: that write grows
+    /// the file to a block boundary and then cuts it back, and no other write may grow the file
+    /// in between.
     resize: RwLock<()>,
     /// O_DIRECT only. An unaligned write holds the stripes of its first and last blocks while
     /// it reads, patches and writes them back.
@@ -593,6 +594,12 @@ impl Storage for FileStorage {
 
     fn truncate(&self, size: u64) -> Result<()> {
         self.check_writable()?;
+        // Exclusive, like an unaligned write that grows the file: neither may undo the other's
+        // size.
+        let _excl = self
+            .cache
+            .direct()
+            .then(|| self.resize.write().unwrap_or_else(|e| e.into_inner()));
         self.set_len(size)
     }
 
@@ -617,11 +624,18 @@ impl Storage for FileStorage {
             if self.fallocate(mode, offset, end.min(size) - offset).is_ok() {
                 return Ok(());
             }
-        } else if self
-            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
-            .is_ok()
-        {
-            return Ok(());
+        } else {
+            // ZERO_RANGE grows the file like a write does, so it holds the lock as writes do.
+            let _shared = self
+                .cache
+                .direct()
+                .then(|| self.resize.read().unwrap_or_else(|e| e.into_inner()));
+            if self
+                .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                .is_ok()
+            {
+                return Ok(());
+            }
         }
         self.write_zero_buffers(offset, len)
     }
