@@ -84,12 +84,21 @@ impl Engine {
     /// Sets up the engine `aio` asks for on `file`, falling back to threads if io_uring is not
     /// available. `depth` is not clamped here, so tests can make the setup fail.
     fn new(aio: Aio, file: &File, depth: u32, sqpoll: bool) -> Engine {
-        match aio {
-            Aio::Threads => Engine::Threads,
-            Aio::IoUring | Aio::Native => match uring::Ring::new(file.as_raw_fd(), depth, sqpoll) {
-                Ok(ring) => Engine::Uring(Box::new(ring)),
-                Err(_) => Engine::Threads,
-            },
+        if aio == Aio::Threads {
+            return Engine::Threads;
+        }
+        let fd = file.as_raw_fd();
+        // SQPOLL needs privileges on older kernels; a plain ring is the next best thing.
+        let ring = uring::Ring::new(fd, depth, sqpoll).or_else(|e| {
+            if sqpoll {
+                uring::Ring::new(fd, depth, false)
+            } else {
+                Err(e)
+            }
+        });
+        match ring {
+            Ok(ring) => Engine::Uring(Box::new(ring)),
+            Err(_) => Engine::Threads,
         }
     }
 }
