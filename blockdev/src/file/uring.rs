@@ -374,6 +374,9 @@ impl Ring {
             let mut st = self.lock();
             st.pending += n - submitted;
             let mut freed = 0u32;
+            // Threads to wake, woken after the lock is released so that they do not wake up
+            // only to wait for it.
+            let mut wake = Vec::new();
             // SAFETY: only the reaper creates a CompletionQueue, and there is one reaper (the
             // role is handed over under the state mutex).
             let cq = unsafe { self.ring.completion_shared() };
@@ -388,18 +391,16 @@ impl Ring {
                 // store below as the last access (after cloning the thread handle).
                 let w = unsafe { &*w };
                 w.result.store(cqe.result(), Ordering::Relaxed);
-                if std::ptr::eq(w, own) {
-                    w.state.store(DONE, Ordering::Release);
-                } else {
-                    let t = w.thread.clone();
-                    w.state.store(DONE, Ordering::Release);
-                    t.unpark();
+                if !std::ptr::eq(w, own) {
+                    wake.push(w.thread.clone());
                 }
+                w.state.store(DONE, Ordering::Release);
             }
             if freed > 0 && st.slot_waiters > 0 {
                 self.slot_freed.notify_all();
             }
-            if own.state.load(Ordering::Acquire) == DONE {
+            let done = own.state.load(Ordering::Acquire) == DONE;
+            if done {
                 st.reaper = false;
                 if let Some(WaiterPtr(next)) = st.slots.iter().flatten().next().copied() {
                     st.reaper = true;
@@ -407,10 +408,16 @@ impl Ring {
                     // PROMOTED hands it the role, and it stays alive until it has reaped its own
                     // completion.
                     let next = unsafe { &*next };
-                    let t = next.thread.clone();
+                    wake.push(next.thread.clone());
                     next.state.store(PROMOTED, Ordering::Release);
-                    t.unpark();
                 }
+            }
+            drop(st);
+            // The handles are our own clones, valid after their waiters are gone.
+            for t in wake {
+                t.unpark();
+            }
+            if done {
                 return;
             }
         }
