@@ -6,9 +6,11 @@ pub enum Aio {
     /// Blocking positioned I/O from the calling threads (qemu's thread pool).
     #[default]
     Threads,
-    /// Linux native AIO in qemu; requires O_DIRECT (cache=none or directsync).
+    /// Linux native AIO in qemu; requires O_DIRECT (cache=none or directsync), and opening
+    /// without it fails with qemu's message. Here it runs on the io_uring engine.
     Native,
-    /// io_uring.
+    /// io_uring: one ring per file, shared by all threads that use it. Where io_uring cannot be
+    /// set up, the file quietly uses threads instead (qemu would fail to open it).
     IoUring,
 }
 

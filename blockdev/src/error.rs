@@ -45,6 +45,12 @@ pub enum Error {
         /// Size of the storage.
         size: u64,
     },
+    /// The options given to open the storage cannot be honoured together (qemu's wording).
+    #[error("{message}")]
+    InvalidOptions {
+        /// What is wrong, as qemu says it.
+        message: String,
+    },
     /// A write was attempted on storage opened read-only.
     #[error("'{name}' is opened read-only")]
     ReadOnly {

@@ -2,9 +2,12 @@
 //!
 //! Everything an image format needs from the bytes underneath it is behind the [`Storage`] trait:
 //! positioned reads and writes, flush, size and truncate, write-zeroes and discard, allocation
-//! status, and the alignment a backend demands. Formats never see a file descriptor, so an
-//! io_uring engine or a network backend (NBD, iSCSI, RBD) slots in as another `Storage`
-//! implementation without touching any format.
+//! status, and the alignment a backend demands. Formats never see a file descriptor, so a
+//! network backend (NBD, iSCSI, RBD) slots in as another `Storage` implementation without
+//! touching any format.
+//!
+//! [`FileStorage`] issues its I/O through the engine chosen by [`Aio`]: blocking calls from the
+//! calling threads, or one io_uring shared by them (see the `file` module).
 
 mod aio;
 mod aligned;
@@ -16,7 +19,7 @@ pub use aio::Aio;
 pub use aligned::AlignedBuf;
 pub use cache_mode::CacheMode;
 pub use error::{os_message, Error, Result};
-pub use file::{FileOptions, FileStorage};
+pub use file::{EngineOptions, FileOptions, FileStorage, DEFAULT_QUEUE_DEPTH, NATIVE_NEEDS_DIRECT};
 
 use std::fmt::Debug;
 
