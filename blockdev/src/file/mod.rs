@@ -282,13 +282,24 @@ impl FileStorage {
         Ok(())
     }
 
+    /// The ring, for requests that benefit from it: O_DIRECT ones. Buffered requests through
+    /// io_uring only cost more here: ext4 hands buffered ring writes to kernel worker threads,
+    /// and a buffered read that hits the page cache is a memcpy that a positioned syscall does
+    /// with one kernel entry and no wake-up (measured in benches/benches/storage.rs).
+    fn ring(&self) -> Option<&uring::Ring> {
+        match &self.engine {
+            Engine::Uring(ring) if self.cache.direct() => Some(ring),
+            _ => None,
+        }
+    }
+
     /// One read through the engine; may be short, 0 at the end of the file.
     fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        match &self.engine {
-            Engine::Threads => threads::read_once(&self.file, buf, offset),
+        match self.ring() {
+            None => threads::read_once(&self.file, buf, offset),
             // SAFETY: `buf` is exclusively borrowed for the whole call, and execute does not
             // return before the kernel is done writing to it.
-            Engine::Uring(ring) => unsafe {
+            Some(ring) => unsafe {
                 ring.execute(uring::Op::Read {
                     buf: buf.as_mut_ptr(),
                     len: buf.len().min(uring::MAX_SQE_LEN),
@@ -300,11 +311,11 @@ impl FileStorage {
 
     /// One write through the engine; may be short.
     fn write_once(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        match &self.engine {
-            Engine::Threads => threads::write_once(&self.file, buf, offset),
+        match self.ring() {
+            None => threads::write_once(&self.file, buf, offset),
             // SAFETY: `buf` is borrowed for the whole call, and execute does not return before
             // the kernel is done reading it.
-            Engine::Uring(ring) => unsafe {
+            Some(ring) => unsafe {
                 ring.execute(uring::Op::Write {
                     buf: buf.as_ptr(),
                     len: buf.len().min(uring::MAX_SQE_LEN),

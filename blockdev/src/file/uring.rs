@@ -121,6 +121,10 @@ enum Target {
 /// An io_uring shared by all threads that use one file.
 pub(super) struct Ring {
     ring: IoUring,
+    /// Small private rings for requests that arrive while the shared ring is busy (see
+    /// `execute_private`).
+    spare: Mutex<Vec<IoUring>>,
+    fd: RawFd,
     target: Target,
     depth: u32,
     /// A kernel thread polls the submission queue and submits; nobody else enters to submit.
@@ -165,6 +169,8 @@ impl Ring {
         let depth = depth.min(ring.params().sq_entries());
         Ok(Ring {
             ring,
+            spare: Mutex::new(Vec::new()),
+            fd,
             target,
             depth,
             sqpoll,
@@ -191,28 +197,9 @@ impl Ring {
     }
 
     fn sqe(&self, op: &Op) -> squeue::Entry {
-        macro_rules! build {
-            ($t:expr) => {
-                match op {
-                    Op::Read { buf, len, offset } => {
-                        opcode::Read::new($t, *buf, (*len).min(MAX_SQE_LEN) as u32)
-                            .offset(*offset)
-                            .build()
-                    }
-                    Op::Write { buf, len, offset } => {
-                        opcode::Write::new($t, *buf, (*len).min(MAX_SQE_LEN) as u32)
-                            .offset(*offset)
-                            .build()
-                    }
-                    Op::DataSync => opcode::Fsync::new($t)
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build(),
-                }
-            };
-        }
         match self.target {
-            Target::Fixed => build!(types::Fixed(0)),
-            Target::Fd(fd) => build!(types::Fd(fd)),
+            Target::Fixed => build_sqe(op, types::Fixed(0)),
+            Target::Fd(fd) => build_sqe(op, types::Fd(fd)),
         }
     }
 
@@ -225,6 +212,15 @@ impl Ring {
     /// `Write`) for `len` bytes until this function returns. It does not return before the
     /// kernel is done with the request.
     pub(super) unsafe fn execute(&self, op: Op) -> io::Result<usize> {
+        // When another request is already in flight, this one would park and be woken by the
+        // reaper: two extra kernel entries (futex wait and wake) for every request, which at
+        // high concurrency costs more than the ring saves (measured: 32 O_DIRECT requesters
+        // ran 30% slower than with positioned syscalls). A private ring instead makes the
+        // request one io_uring_enter that submits and waits, on this thread.
+        if !self.sqpoll && self.lock().reaper {
+            // SAFETY: forwarded from this function's contract.
+            return unsafe { self.execute_private(op) };
+        }
         let waiter = Waiter {
             thread: thread::current(),
             state: AtomicU8::new(PENDING),
@@ -297,6 +293,44 @@ impl Ring {
         }
         self.reap_until(&waiter);
         decode(waiter.result.load(Ordering::Relaxed))
+    }
+
+    /// Runs one request on a private ring taken from (and returned to) the spare pool.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Ring::execute`].
+    unsafe fn execute_private(&self, op: Op) -> io::Result<usize> {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut ring = match spare {
+            Some(r) => r,
+            None => IoUring::new(4)?,
+        };
+        let entry = build_sqe(&op, types::Fd(self.fd)).user_data(0);
+        // SAFETY: the ring is ours alone (popped from the pool or new), its queue is empty,
+        // and the buffer stays valid until the completion is reaped below.
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    // The SQE may still be queued with our buffer in it: do not reuse or
+                    // drop-close the ring while the kernel might act on it later; leak it.
+                    std::mem::forget(ring);
+                    return Err(e);
+                }
+            }
+            let res = ring.completion().next().map(|cqe| cqe.result());
+            if let Some(res) = res {
+                self.spare
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(ring);
+                return decode(res);
+            }
+        }
     }
 
     /// Submits `n` pending SQEs without waiting, retrying until the kernel has taken them all:
@@ -421,6 +455,53 @@ impl Ring {
                 return;
             }
         }
+    }
+}
+
+/// The SQE for `op` on file `target` (a registered index or a plain descriptor).
+fn build_sqe(op: &Op, target: impl Into<FileTarget> + Copy) -> squeue::Entry {
+    let t = target.into();
+    macro_rules! build {
+        ($t:expr) => {
+            match op {
+                Op::Read { buf, len, offset } => {
+                    opcode::Read::new($t, *buf, (*len).min(MAX_SQE_LEN) as u32)
+                        .offset(*offset)
+                        .build()
+                }
+                Op::Write { buf, len, offset } => {
+                    opcode::Write::new($t, *buf, (*len).min(MAX_SQE_LEN) as u32)
+                        .offset(*offset)
+                        .build()
+                }
+                Op::DataSync => opcode::Fsync::new($t)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+            }
+        };
+    }
+    match t {
+        FileTarget::Fixed(i) => build!(types::Fixed(i)),
+        FileTarget::Fd(fd) => build!(types::Fd(fd)),
+    }
+}
+
+/// Either way of naming the file in an SQE.
+#[derive(Clone, Copy)]
+enum FileTarget {
+    Fixed(u32),
+    Fd(RawFd),
+}
+
+impl From<types::Fixed> for FileTarget {
+    fn from(f: types::Fixed) -> Self {
+        FileTarget::Fixed(f.0)
+    }
+}
+
+impl From<types::Fd> for FileTarget {
+    fn from(f: types::Fd) -> Self {
+        FileTarget::Fd(f.0)
     }
 }
 
