@@ -26,6 +26,10 @@ pub struct ConvertOptions {
     pub parallel: usize,
     /// `-W`: chunks may be written out of order.
     pub out_of_order: bool,
+    /// `-C`: copy raw data extents between raw files inside the kernel (copy_file_range,
+    /// reflinks where the filesystem shares extents). Holes still stay holes; zeros inside
+    /// data extents are not looked for, since the data is never read.
+    pub copy_offload: bool,
 }
 
 impl Default for ConvertOptions {
@@ -37,6 +41,7 @@ impl Default for ConvertOptions {
             chunk: 2 << 20,
             parallel: 8,
             out_of_order: false,
+            copy_offload: false,
         }
     }
 }
@@ -49,6 +54,12 @@ enum Op {
     Zero(std::ops::Range<usize>),
     /// One cluster, compressed when that shrinks it.
     Cluster(std::ops::Range<usize>, Option<Vec<u8>>),
+    /// Copied in the kernel from source `src` at `from`.
+    Copy {
+        src: usize,
+        from: u64,
+        range: std::ops::Range<usize>,
+    },
 }
 
 /// A chunk ready to be written.
@@ -149,6 +160,9 @@ impl Job<'_, '_> {
 
     /// Reads the chunk at target offset `offset` from the sources and decides its writes.
     fn plan(&self, offset: u64, len: usize) -> Result<Plan> {
+        if self.offloading() {
+            return self.plan_offloaded(offset, len);
+        }
         let mut buf = vec![0u8; len];
         // Ranges of the chunk known to read as zeros without reading them.
         let mut holes: Vec<std::ops::Range<usize>> = Vec::new();
@@ -181,6 +195,48 @@ impl Job<'_, '_> {
             self.sparse_ops(offset, &buf, &holes)
         };
         Ok(Plan { offset, buf, ops })
+    }
+
+    /// Whether data moves file to file in the kernel: asked for, and every image is a raw file.
+    fn offloading(&self) -> bool {
+        let raw_file =
+            |i: &Image| i.format().driver() == "raw" && i.format().data_file().as_file().is_some();
+        self.opts.copy_offload
+            && !self.opts.compress
+            && raw_file(self.target)
+            && self.sources.iter().all(|s| raw_file(s))
+    }
+
+    /// A chunk as kernel copies of its data extents and zero ranges for its holes.
+    fn plan_offloaded(&self, offset: u64, len: usize) -> Result<Plan> {
+        let mut ops = Vec::new();
+        let mut base = 0u64;
+        for (i, src) in self.sources.iter().enumerate() {
+            let (start, end) = (base, base + src.size());
+            base = end;
+            let (from, to) = (offset.max(start), (offset + len as u64).min(end));
+            let mut pos = from;
+            while pos < to {
+                let status = src.block_status(pos - start, to - pos)?;
+                let n = status.len.min(to - pos);
+                let range = (pos - offset) as usize..(pos - offset + n) as usize;
+                if status.zero && !status.data {
+                    ops.push(Op::Zero(range));
+                } else {
+                    ops.push(Op::Copy {
+                        src: i,
+                        from: pos - start,
+                        range,
+                    });
+                }
+                pos += n;
+            }
+        }
+        Ok(Plan {
+            offset,
+            buf: Vec::new(),
+            ops,
+        })
     }
 
     /// Splits the chunk into data and zero runs; zero runs shorter than `min_sparse` (in
@@ -251,10 +307,11 @@ impl Job<'_, '_> {
                 return Ok(());
             }
         }
+        let bytes: u64 = plan.ops.iter().map(Op::len).sum();
         let result = self.write(plan.offset, &plan.buf, plan.ops);
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         w.next += 1;
-        w.bytes += plan.buf.len() as u64;
+        w.bytes += bytes;
         let (done, total) = (w.bytes, self.sources.iter().map(|s| s.size()).sum());
         (w.progress)(done, total);
         drop(w);
@@ -275,7 +332,69 @@ impl Job<'_, '_> {
                 Op::Cluster(r, c) => {
                     t.write_precompressed(offset + r.start as u64, &buf[r.clone()], c)?
                 }
+                Op::Copy { src, from, range } => self.copy(
+                    self.sources[src],
+                    from,
+                    offset + range.start as u64,
+                    range.len(),
+                )?,
             }
+        }
+        Ok(())
+    }
+}
+
+impl Op {
+    /// Bytes of the chunk the op covers.
+    fn len(&self) -> u64 {
+        match self {
+            Op::Data(r) | Op::Zero(r) | Op::Cluster(r, _) | Op::Copy { range: r, .. } => {
+                r.len() as u64
+            }
+        }
+    }
+}
+
+impl Job<'_, '_> {
+    /// Copies `len` bytes of raw source `src` at `from` to the raw target at `to` in the
+    /// kernel; through memory where the kernel cannot (files on different filesystems on old
+    /// kernels).
+    fn copy(&self, src: &Image, from: u64, to: u64, len: usize) -> Result<()> {
+        let (Some(sf), Some(tf)) = (
+            src.format().data_file().as_file(),
+            self.target.format().data_file().as_file(),
+        ) else {
+            return Err(crate::Error::InvalidArgument(
+                "copy offloading needs raw files on both sides".into(),
+            ));
+        };
+        let done = match blockdev::copy_file_range(sf, from, tf, to, len as u64) {
+            Ok(n) => n as usize,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV)
+                        | Some(libc::EOPNOTSUPP)
+                        | Some(libc::EINVAL)
+                        | Some(libc::ENOSYS)
+                ) =>
+            {
+                0
+            }
+            Err(e) => {
+                return Err(blockdev::Error::Io {
+                    op: "copy_file_range",
+                    name: self.target.file_name().to_string(),
+                    offset: to,
+                    source: e,
+                }
+                .into())
+            }
+        };
+        if done < len {
+            let mut buf = vec![0u8; len - done];
+            src.read_at(&mut buf, from + done as u64)?;
+            self.target.write_at(&buf, to + done as u64)?;
         }
         Ok(())
     }

@@ -359,3 +359,44 @@ fn parallel_and_out_of_order_conversions_are_identical() {
     ]);
     assert!(std::fs::read(&one).unwrap() == std::fs::read(&many).unwrap());
 }
+
+#[test]
+fn copy_offload_between_raw_files_keeps_content_and_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_source(dir.path());
+    let out = dir.path().join("out.raw");
+    img_ok(&[
+        "convert",
+        "-C",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&out).unwrap());
+    // The source's holes are holes in the copy too (allocated blocks about the same).
+    let blocks = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks()
+    };
+    assert!(
+        blocks(&out) <= blocks(&src) + 16,
+        "{} vs {}",
+        blocks(&out),
+        blocks(&src)
+    );
+    // -C into qcow2 falls back to the ordinary path.
+    let q = dir.path().join("out.qcow2");
+    img_ok(&[
+        "convert",
+        "-C",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    assert_qemu_check_clean(&q);
+    compare(&src, &q);
+}

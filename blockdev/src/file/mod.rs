@@ -712,6 +712,10 @@ impl Storage for FileStorage {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
 }
 
 /// Finds the smallest request alignment O_DIRECT accepts on this file, as qemu does: try reads

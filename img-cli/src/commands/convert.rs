@@ -53,6 +53,7 @@ struct Args {
     target_is_zero: bool,
     parallel: usize,
     out_of_order: bool,
+    copy_offload: bool,
     files: Vec<String>,
 }
 
@@ -77,6 +78,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         target_is_zero: false,
         parallel: 8,
         out_of_order: false,
+        copy_offload: false,
         files,
     };
     for o in opts {
@@ -115,7 +117,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             },
             "image-opts" => a.image_opts = true,
             "W" => a.out_of_order = true,
-            "U" | "C" => {}
+            "C" => a.copy_offload = true,
+            "U" => {}
             "target-is-zero" => a.target_is_zero = true,
             "B" | "F" => {
                 return Err(CliError::new(
@@ -193,6 +196,7 @@ pub fn run(args: &[String]) -> CmdResult {
         target_is_zero: !a.no_create || a.target_is_zero,
         parallel: a.parallel,
         out_of_order: a.out_of_order,
+        copy_offload: a.copy_offload,
         ..Default::default()
     };
     let show = a.progress && !a.quiet;
