@@ -89,6 +89,8 @@ pub fn convert(
         next_chunk: AtomicU64::new(0),
         written: Mutex::new(Written {
             next: 0,
+            ready: std::collections::BTreeMap::new(),
+            writing: false,
             bytes: 0,
             progress,
         }),
@@ -115,7 +117,12 @@ pub fn convert(
 /// Progress of the writes, under one lock: the next chunk allowed to write (in order mode)
 /// and the bytes done.
 struct Written<'p> {
+    /// The next chunk to write, in order mode.
     next: u64,
+    /// Planned chunks waiting for their turn (order mode).
+    ready: std::collections::BTreeMap<u64, Plan>,
+    /// Whether some worker is writing the ready chunks in order.
+    writing: bool,
     bytes: u64,
     progress: &'p mut (dyn FnMut(u64, u64) + Send),
 }
@@ -297,18 +304,56 @@ impl Job<'_, '_> {
     }
 
     /// Writes a planned chunk, waiting for its turn unless writes may be out of order.
+    /// Writes a planned chunk: at once with `-W`; otherwise it joins the chunks waiting for
+    /// their turn, and whichever worker finds no writer at work writes every chunk that is
+    /// next in order while the others go on reading and planning. Planning runs at most
+    /// `2 * parallel` chunks ahead of the writes, which bounds memory.
     fn write_in_turn(&self, index: u64, plan: Plan) -> Result<()> {
-        if !self.opts.out_of_order {
-            let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
-            while w.next != index && !self.failed.load(Ordering::Relaxed) {
+        if self.opts.out_of_order {
+            let bytes: u64 = plan.ops.iter().map(Op::len).sum();
+            let result = self.write(plan.offset, &plan.buf, plan.ops);
+            self.account(bytes);
+            return result;
+        }
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.ready.insert(index, plan);
+        if w.writing {
+            // Hold back while too far ahead of the writer.
+            let window = 2 * self.opts.parallel.max(1) as u64;
+            while index >= w.next + window && !self.failed.load(Ordering::Relaxed) {
                 w = self.turn.wait(w).unwrap_or_else(|e| e.into_inner());
             }
+            return Ok(());
+        }
+        w.writing = true;
+        loop {
+            let next = w.next;
+            let Some(plan) = w.ready.remove(&next) else {
+                w.writing = false;
+                return Ok(());
+            };
+            drop(w);
+            let bytes: u64 = plan.ops.iter().map(Op::len).sum();
+            let result = self.write(plan.offset, &plan.buf, plan.ops);
+            w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            w.next += 1;
+            w.bytes += bytes;
+            let (done, total) = (w.bytes, self.sources.iter().map(|s| s.size()).sum());
+            (w.progress)(done, total);
+            self.turn.notify_all();
+            if let Err(e) = result {
+                w.writing = false;
+                return Err(e);
+            }
             if self.failed.load(Ordering::Relaxed) {
+                w.writing = false;
                 return Ok(());
             }
         }
-        let bytes: u64 = plan.ops.iter().map(Op::len).sum();
-        let result = self.write(plan.offset, &plan.buf, plan.ops);
+    }
+
+    /// Counts written bytes and reports progress.
+    fn account(&self, bytes: u64) {
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         w.next += 1;
         w.bytes += bytes;
@@ -316,7 +361,6 @@ impl Job<'_, '_> {
         (w.progress)(done, total);
         drop(w);
         self.turn.notify_all();
-        result
     }
 
     fn write(&self, offset: u64, buf: &[u8], ops: Vec<Op>) -> Result<()> {
