@@ -4,7 +4,8 @@
 
 mod common;
 
-use blockdev::{Allocation, FileStorage, Storage};
+use blockdev::{FileStorage, Storage};
+use common::recording::{crash_image, LogOp, RecordingStorage};
 use common::{apply_to_image, apply_to_model, assert_qemu_check_clean, Op};
 use img_core::qcow2::{
     self, CacheOptions, CacheProbe, Qcow2, Qcow2CacheStats, Qcow2CreateOptions, Qcow2OpenOptions,
@@ -15,7 +16,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const K: u64 = 1024;
@@ -422,116 +423,6 @@ fn discard_unmap_punches_holes_under_freed_clusters() {
 // ---------------------------------------------------------------------------------------------
 // Crash safety with small caches: every state a crash can leave is at worst leaky.
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug)]
-enum LogOp {
-    Write(u64, Vec<u8>),
-    Truncate(u64),
-    Flush,
-}
-
-/// An in-memory disk that logs what reaches it.
-#[derive(Debug, Default)]
-struct RecordingStorage {
-    state: Mutex<(Vec<u8>, Vec<LogOp>)>,
-}
-
-impl Storage for RecordingStorage {
-    fn name(&self) -> &str {
-        "recorded.qcow2"
-    }
-    fn size(&self) -> blockdev::Result<u64> {
-        Ok(self.state.lock().unwrap().0.len() as u64)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
-        let s = self.state.lock().unwrap();
-        let end = offset as usize + buf.len();
-        if end > s.0.len() {
-            return Err(blockdev::Error::PastEnd {
-                name: self.name().into(),
-                offset,
-                len: buf.len() as u64,
-                size: s.0.len() as u64,
-            });
-        }
-        buf.copy_from_slice(&s.0[offset as usize..end]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
-        let mut s = self.state.lock().unwrap();
-        let end = offset as usize + buf.len();
-        if end > s.0.len() {
-            s.0.resize(end, 0);
-        }
-        s.0[offset as usize..end].copy_from_slice(buf);
-        s.1.push(LogOp::Write(offset, buf.to_vec()));
-        Ok(())
-    }
-    fn flush(&self) -> blockdev::Result<()> {
-        self.state.lock().unwrap().1.push(LogOp::Flush);
-        Ok(())
-    }
-    fn truncate(&self, size: u64) -> blockdev::Result<()> {
-        let mut s = self.state.lock().unwrap();
-        s.0.resize(size as usize, 0);
-        s.1.push(LogOp::Truncate(size));
-        Ok(())
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> blockdev::Result<()> {
-        self.write_at(&vec![0u8; len as usize], offset)
-    }
-    fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
-        let size = self.size()?;
-        if offset < size {
-            self.write_zeroes(offset, len.min(size - offset), true)?;
-        }
-        Ok(())
-    }
-    fn allocation(&self, _offset: u64, len: u64) -> blockdev::Result<(Allocation, u64)> {
-        Ok((Allocation::Data, len))
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-}
-
-/// The disk after a crash: all of the first `epochs` flush epochs, and of the next epoch's
-/// writes the 512-byte sectors `keep` selects.
-fn crash_image(log: &[LogOp], epochs: usize, keep: &mut dyn FnMut() -> bool) -> Vec<u8> {
-    let mut disk = Vec::new();
-    let mut epoch = 0;
-    for op in log {
-        match op {
-            LogOp::Flush => {
-                epoch += 1;
-                if epoch > epochs {
-                    break;
-                }
-            }
-            LogOp::Truncate(size) => {
-                if epoch < epochs || keep() {
-                    disk.resize(*size as usize, 0);
-                }
-            }
-            LogOp::Write(off, data) => {
-                let mut pos = *off as usize;
-                let end = pos + data.len();
-                while pos < end {
-                    let next = ((pos / 512 + 1) * 512).min(end);
-                    if epoch < epochs || keep() {
-                        if next > disk.len() {
-                            disk.resize(next, 0);
-                        }
-                        disk[pos..next]
-                            .copy_from_slice(&data[pos - *off as usize..next - *off as usize]);
-                    }
-                    pos = next;
-                }
-            }
-        }
-    }
-    disk
-}
 
 fn qemu_check_json(path: &Path) -> serde_json::Value {
     let out = Command::new("qemu-img")

@@ -6,133 +6,17 @@
 //! such image must pass `qemu-img check` with no corruptions (leaks are allowed), and open in
 //! img; data that was flushed before the crash must read back.
 
-use blockdev::{Allocation, Storage};
+mod common;
+
+use blockdev::Storage;
+use common::recording::{crash_image, LogOp, RecordingStorage};
 use img_core::open::open_storage;
 use img_core::qcow2::{create::create_on, Qcow2CreateOptions};
 use img_core::OpenOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
-
-#[derive(Clone, Debug)]
-enum Op {
-    Write(u64, Vec<u8>),
-    Truncate(u64),
-    Flush,
-}
-
-/// An in-memory disk that logs what reaches it.
-#[derive(Debug, Default)]
-struct RecordingStorage {
-    state: Mutex<(Vec<u8>, Vec<Op>)>,
-}
-
-impl Storage for RecordingStorage {
-    fn name(&self) -> &str {
-        "recorded.qcow2"
-    }
-    fn size(&self) -> blockdev::Result<u64> {
-        Ok(self.state.lock().unwrap().0.len() as u64)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
-        let s = self.state.lock().unwrap();
-        let end = offset as usize + buf.len();
-        if end > s.0.len() {
-            return Err(blockdev::Error::PastEnd {
-                name: self.name().into(),
-                offset,
-                len: buf.len() as u64,
-                size: s.0.len() as u64,
-            });
-        }
-        buf.copy_from_slice(&s.0[offset as usize..end]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
-        let mut s = self.state.lock().unwrap();
-        let end = offset as usize + buf.len();
-        if end > s.0.len() {
-            s.0.resize(end, 0);
-        }
-        s.0[offset as usize..end].copy_from_slice(buf);
-        s.1.push(Op::Write(offset, buf.to_vec()));
-        Ok(())
-    }
-    fn flush(&self) -> blockdev::Result<()> {
-        self.state.lock().unwrap().1.push(Op::Flush);
-        Ok(())
-    }
-    fn truncate(&self, size: u64) -> blockdev::Result<()> {
-        let mut s = self.state.lock().unwrap();
-        s.0.resize(size as usize, 0);
-        s.1.push(Op::Truncate(size));
-        Ok(())
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> blockdev::Result<()> {
-        self.write_at(&vec![0u8; len as usize], offset)
-    }
-    fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
-        let size = self.size()?;
-        if offset < size {
-            self.write_zeroes(offset, len.min(size - offset), true)?;
-        }
-        Ok(())
-    }
-    fn allocation(&self, _offset: u64, len: u64) -> blockdev::Result<(Allocation, u64)> {
-        Ok((Allocation::Data, len))
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-}
-
-/// The disk content after a crash: all ops of the first `epochs` flush epochs, then the
-/// sectors of the next epoch's writes that `keep` selects.
-fn crash_image(log: &[Op], epochs: usize, keep: &mut dyn FnMut() -> bool) -> Vec<u8> {
-    let mut disk = Vec::new();
-    let mut epoch = 0;
-    for op in log {
-        match op {
-            Op::Flush => {
-                epoch += 1;
-                if epoch > epochs {
-                    break;
-                }
-            }
-            Op::Truncate(size) => {
-                if epoch < epochs || keep() {
-                    disk.resize(*size as usize, 0);
-                }
-            }
-            Op::Write(off, data) => {
-                let end = *off as usize + data.len();
-                if epoch < epochs {
-                    if end > disk.len() {
-                        disk.resize(end, 0);
-                    }
-                    disk[*off as usize..end].copy_from_slice(data);
-                    continue;
-                }
-                // Sector by sector: a disk may persist any of them.
-                let mut pos = *off as usize;
-                while pos < end {
-                    let next = ((pos / 512) + 1) * 512;
-                    let next = next.min(end);
-                    if keep() {
-                        if next > disk.len() {
-                            disk.resize(next, 0);
-                        }
-                        disk[pos..next]
-                            .copy_from_slice(&data[pos - *off as usize..next - *off as usize]);
-                    }
-                    pos = next;
-                }
-            }
-        }
-    }
-    disk
-}
+use std::sync::Arc;
 
 /// Checks a crash image; returns a hash of the guest content as img reads it.
 fn check_crash_image(bytes: &[u8], what: &str) -> u64 {
@@ -192,7 +76,7 @@ fn content_hash(disk: &[u8]) -> u64 {
 /// What a workload left: the storage log, and for each completed `flush` of the image the
 /// number of storage flushes by then and the hash of the guest content at that moment.
 struct Recorded {
-    log: Vec<Op>,
+    log: Vec<LogOp>,
     durable: Vec<(usize, u64)>,
 }
 
@@ -217,7 +101,7 @@ fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Recorded {
     let mut durable = Vec::new();
     let flushes = |storage: &RecordingStorage| {
         let s = storage.state.lock().unwrap();
-        s.1.iter().filter(|o| matches!(o, Op::Flush)).count()
+        s.1.iter().filter(|o| matches!(o, LogOp::Flush)).count()
     };
     for i in 0..120 {
         let off = rng.random_range(0..size - 1);
@@ -267,14 +151,20 @@ fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Recorded {
 
 fn crash_everywhere(cluster_size: u64, refcount_bits: u32, seed: u64) {
     let Recorded { log, durable } = workload(cluster_size, refcount_bits, seed);
-    let epochs = log.iter().filter(|o| matches!(o, Op::Flush)).count();
+    let epochs = log.iter().filter(|o| matches!(o, LogOp::Flush)).count();
     let mut rng = StdRng::seed_from_u64(7);
     // Every epoch boundary with nothing of the next epoch, all of it, and random halves.
     // The first epochs belong to create, which is not crash-safe (nor is qemu's).
     let first = log
         .iter()
-        .position(|o| matches!(o, Op::Write(off, _) if *off >= 3 * cluster_size))
-        .map(|p| log[..p].iter().filter(|o| matches!(o, Op::Flush)).count() + 2)
+        .position(|o| matches!(o, LogOp::Write(off, _) if *off >= 3 * cluster_size))
+        .map(|p| {
+            log[..p]
+                .iter()
+                .filter(|o| matches!(o, LogOp::Flush))
+                .count()
+                + 2
+        })
         .unwrap_or(0);
     let step = ((epochs - first) / 40).max(1);
     for e in (first..=epochs).step_by(step) {

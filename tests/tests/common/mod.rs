@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: running qemu-img and img, making patterns.
 #![allow(dead_code)]
 
+pub mod recording;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
