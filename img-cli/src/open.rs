@@ -182,6 +182,15 @@ impl ImageSpec {
         flag("file.force-share", "force-share")?;
         options.aio = get("file.aio").map(str::to_string);
         options.locking = get("file.locking").map(str::to_string);
+        // The engine has one discard and one zero-detection setting per image; the file
+        // node's apply when the format node names none (qemu passes a format's discards on to
+        // the file only when the file allows them, which `discard=unmap` here implies).
+        if options.discard.is_none() {
+            options.discard = get("file.discard").map(str::to_string);
+        }
+        if options.detect_zeroes.is_none() {
+            options.detect_zeroes = get("file.detect-zeroes").map(str::to_string);
+        }
         for (k, v) in &opts {
             if let Some(child) = k.strip_prefix("file.") {
                 let known = [
@@ -195,6 +204,8 @@ impl ImageSpec {
                     "read-only",
                     "auto-read-only",
                     "force-share",
+                    "discard",
+                    "detect-zeroes",
                 ];
                 if !known.contains(&child) && options.unknown_file_option.is_none() {
                     options.unknown_file_option = Some(child.to_string());
