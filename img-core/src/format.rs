@@ -16,6 +16,12 @@ pub enum Mapping {
     },
     /// Reads as zeros; nothing underneath is consulted.
     Zero,
+    /// Reads as zeros, with a host range still reserved for it at `offset` (a qcow2
+    /// "preallocated zero" cluster); qemu reports such ranges with their offset.
+    ZeroAllocated {
+        /// Host offset of the first guest byte of the extent.
+        offset: u64,
+    },
     /// Not allocated in this image: the backing image (or zeros without one) holds the data.
     Unallocated,
     /// Stored compressed; the extent lies inside one guest cluster.

@@ -205,7 +205,7 @@ impl Image {
     fn read_extent(&self, extent: Extent, pos: u64, part: &mut [u8]) -> Result<()> {
         match extent.mapping {
             Mapping::Data { offset, .. } => self.format.data_file().read_at(part, offset)?,
-            Mapping::Zero => part.fill(0),
+            Mapping::Zero | Mapping::ZeroAllocated { .. } => part.fill(0),
             Mapping::Unallocated => self.read_backing(part, pos)?,
             Mapping::Compressed { offset, len } => {
                 let cs = self.format.cluster_size();
@@ -515,6 +515,7 @@ impl Image {
             Mapping::Data { offset, .. } => status(false, true, Some(offset), false),
             Mapping::Compressed { .. } => status(false, true, None, true),
             Mapping::Zero => status(true, false, None, false),
+            Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),
             Mapping::Unallocated => match &self.backing {
                 Some(b) if offset < b.size() => {
                     let blen = extent.len.min(b.size() - offset);

@@ -662,6 +662,26 @@ fn compare_images() -> Images {
             "write -P 0 5M 64k",
         ],
     );
+    // Zeros over allocated data keep the clusters (preallocated zero clusters), which strict
+    // mode tells apart from plain zero clusters.
+    qemu_img_ok(d, &["create", "-q", "-f", "qcow2", "za.qcow2", "10M"]);
+    qemu_io_write(
+        &images,
+        "qcow2",
+        "za.qcow2",
+        &[
+            "write -P 0x11 1M 64k",
+            "write -P 0x55 4M 1M",
+            "write -z 4M 1M",
+        ],
+    );
+    qemu_img_ok(d, &["create", "-q", "-f", "qcow2", "zp.qcow2", "10M"]);
+    qemu_io_write(
+        &images,
+        "qcow2",
+        "zp.qcow2",
+        &["write -P 0x11 1M 64k", "write -z 4M 1M"],
+    );
     qemu_img_ok(
         d,
         &["convert", "-O", "raw", "-S", "0", "a.qcow2", "full.raw"],
@@ -697,6 +717,8 @@ fn compare_matches_qemu_for_every_pair() {
         "odd2.raw",
         "z.qcow2",
         "e.qcow2",
+        "za.qcow2",
+        "zp.qcow2",
         "full.raw",
         "conv.qcow2",
         "big.qcow2",

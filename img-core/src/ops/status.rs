@@ -53,8 +53,9 @@ pub fn qemu_status(image: &Image, offset: u64, bytes: u64) -> Result<(u32, u64)>
             DATA | COMPRESSED | ALLOCATED
         } else if st.data {
             DATA | OFFSET_VALID | ALLOCATED
-        } else if raw {
-            // A hole in a raw file still has a place in the file.
+        } else if raw || st.offset.is_some() {
+            // A hole in a raw file, or a preallocated zero cluster, still has a place in the
+            // file.
             ZERO | OFFSET_VALID | ALLOCATED
         } else {
             ZERO | ALLOCATED

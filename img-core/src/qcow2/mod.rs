@@ -659,10 +659,10 @@ impl Qcow2 {
                 },
             ) => b == a + n * cs && ca == cb,
             (L2Entry::Unallocated, L2Entry::Unallocated) => true,
-            (
-                L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
-                L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. },
-            ) => true,
+            (L2Entry::ZeroPlain, L2Entry::ZeroPlain) => true,
+            (L2Entry::ZeroAlloc { offset: a, .. }, L2Entry::ZeroAlloc { offset: b, .. }) => {
+                b == a + n * cs
+            }
             _ => false,
         }
     }
@@ -788,7 +788,10 @@ impl Format for Qcow2 {
                 writable: copied && !self.read_only,
             },
             L2Entry::Unallocated => Mapping::Unallocated,
-            L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. } => Mapping::Zero,
+            L2Entry::ZeroPlain => Mapping::Zero,
+            L2Entry::ZeroAlloc { offset, .. } => Mapping::ZeroAllocated {
+                offset: offset + in_cluster,
+            },
             L2Entry::Compressed { offset, len } => Mapping::Compressed { offset, len },
         };
         Ok(Extent {
