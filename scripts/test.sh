@@ -10,6 +10,12 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-utils
 fi
 
+# Btrfs tools for the nocow test, which makes its own Btrfs filesystem on a loop device.
+if ! command -v mkfs.btrfs >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends btrfs-progs
+fi
+
 # Release builds: the interop and property tests move hundreds of MiB through the engine.
 cargo build --release --workspace --all-targets
 export IMG_BIN="$PWD/target/release/img"

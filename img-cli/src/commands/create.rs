@@ -676,14 +676,20 @@ pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
     Ok(0)
 }
 
-/// Creates (or truncates) the file, with qemu's message when that fails.
-fn create_file(path: &Path, filename: &str) -> Result<(), CliError> {
+/// Creates (or truncates) the file, with qemu's message when that fails. With `nocow`, the
+/// new (empty) file gets the No_COW attribute, which Btrfs only honours on empty files; as in
+/// qemu, a filesystem without the attribute is no error.
+fn create_file(path: &Path, filename: &str, nocow: bool) -> Result<(), CliError> {
     OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
-        .map(drop)
+        .map(|f| {
+            if nocow {
+                set_nocow(&f);
+            }
+        })
         .map_err(|e| {
             named(
                 filename,
@@ -695,6 +701,21 @@ fn create_file(path: &Path, filename: &str) -> Result<(), CliError> {
         })
 }
 
+/// Sets FS_NOCOW_FL, ignoring filesystems that do not support it.
+fn set_nocow(file: &std::fs::File) {
+    use std::os::unix::io::AsRawFd;
+    const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS/SETFLAGS read and write one int through the pointer, which
+    // points at a live local; the descriptor is open for the duration of the calls.
+    unsafe {
+        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) == 0 {
+            flags |= FS_NOCOW_FL;
+            libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
+        }
+    }
+}
+
 fn create_raw(path: &Path, filename: &str, size: u64, o: &Opts) -> CmdResult {
     let prealloc = match o.text("preallocation") {
         None => Preallocation::Off,
@@ -703,7 +724,7 @@ fn create_raw(path: &Path, filename: &str, size: u64, o: &Opts) -> CmdResult {
     };
     // The file driver counts whole sectors.
     let size = size.div_ceil(512).saturating_mul(512);
-    create_file(path, filename)?;
+    create_file(path, filename, o.bool("nocow"))?;
     if prealloc == Preallocation::Metadata {
         return Err(named(filename, "Unsupported preallocation mode: metadata"));
     }
@@ -880,7 +901,7 @@ fn create_qcow2(path: &Path, filename: &str, size: u64, o: &Opts) -> CmdResult {
         Err(message) => {
             // qemu creates the file before these checks and deletes it when one fails; doing
             // the same leaves the file system as qemu-img leaves it.
-            create_file(path, filename)?;
+            create_file(path, filename, false)?;
             let _ = std::fs::remove_file(path);
             Err(named(filename, message))
         }
@@ -889,7 +910,7 @@ fn create_qcow2(path: &Path, filename: &str, size: u64, o: &Opts) -> CmdResult {
             ..
         }) => Err(named(filename, m)),
         Ok(plan) => {
-            create_file(path, filename)?;
+            create_file(path, filename, o.bool("nocow"))?;
             qcow2::create(path, &plan.opts).map_err(|e| {
                 let _ = std::fs::remove_file(path);
                 named(filename, crate::open::open_reason(&e))
