@@ -85,6 +85,7 @@ pub fn convert(
         sources,
         target,
         opts,
+        total,
         chunk,
         next_chunk: AtomicU64::new(0),
         written: Mutex::new(Written {
@@ -105,7 +106,7 @@ pub fn convert(
     let workers = opts.parallel.clamp(1, 64).min(chunks.max(1) as usize);
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(|| job.work(chunks, total));
+            scope.spawn(|| job.work(chunks));
         }
     });
     if let Some(e) = job.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
@@ -131,6 +132,8 @@ struct Job<'a, 'p> {
     sources: &'a [&'a Image],
     target: &'a Image,
     opts: &'a ConvertOptions,
+    /// Bytes of all sources together.
+    total: u64,
     chunk: u64,
     next_chunk: AtomicU64,
     written: Mutex<Written<'p>>,
@@ -140,7 +143,7 @@ struct Job<'a, 'p> {
 }
 
 impl Job<'_, '_> {
-    fn work(&self, chunks: u64, total: u64) {
+    fn work(&self, chunks: u64) {
         loop {
             let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
             if index >= chunks || self.failed.load(Ordering::Relaxed) {
@@ -149,7 +152,7 @@ impl Job<'_, '_> {
                 return;
             }
             let offset = index * self.chunk;
-            let len = self.chunk.min(total - offset);
+            let len = self.chunk.min(self.total - offset);
             let result = self
                 .plan(offset, len as usize)
                 .and_then(|plan| self.write_in_turn(index, plan));
@@ -338,7 +341,7 @@ impl Job<'_, '_> {
             w = self.written.lock().unwrap_or_else(|e| e.into_inner());
             w.next += 1;
             w.bytes += bytes;
-            let (done, total) = (w.bytes, self.sources.iter().map(|s| s.size()).sum());
+            let (done, total) = (w.bytes, self.total);
             (w.progress)(done, total);
             self.turn.notify_all();
             if let Err(e) = result {
@@ -357,7 +360,7 @@ impl Job<'_, '_> {
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         w.next += 1;
         w.bytes += bytes;
-        let (done, total) = (w.bytes, self.sources.iter().map(|s| s.size()).sum());
+        let (done, total) = (w.bytes, self.total);
         (w.progress)(done, total);
         drop(w);
         self.turn.notify_all();

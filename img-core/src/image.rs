@@ -565,8 +565,3 @@ fn read_clamped(storage: &dyn blockdev::Storage, buf: &mut [u8], offset: u64) ->
     buf[avail..].fill(0);
     Ok(())
 }
-
-/// Exposes an allocation to callers that drive formats directly (tests, repair).
-pub fn allocation_end(a: &Allocation) -> u64 {
-    a.guest_offset + a.len
-}

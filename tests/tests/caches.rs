@@ -5,7 +5,7 @@
 mod common;
 
 use blockdev::{FileStorage, Storage};
-use common::recording::{crash_image, LogOp, RecordingStorage};
+use common::recording::{crash_image, epochs, first_epoch_after_create, LogOp, RecordingStorage};
 use common::{apply_to_image, apply_to_model, assert_qemu_check_clean, Op};
 use img_core::qcow2::{
     self, CacheOptions, CacheProbe, Qcow2, Qcow2CacheStats, Qcow2CreateOptions, Qcow2OpenOptions,
@@ -395,7 +395,16 @@ fn discard_unmap_punches_holes_under_freed_clusters() {
         let before = allocated(&p);
         img.discard(4 * M, 16 * M).unwrap();
         img.flush().unwrap();
-        let after = allocated(&p);
+        // The block count lags behind a hole punch on a busy machine (seen once in a full
+        // parallel run): give it a moment before judging.
+        let mut after = allocated(&p);
+        for _ in 0..20 {
+            if !shrinks || before - after.min(before) >= 16 * M {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            after = allocated(&p);
+        }
         if shrinks {
             assert!(
                 before - after >= 16 * M,
@@ -513,19 +522,8 @@ fn crashes_with_small_caches_leave_no_corruption() {
         img.close().unwrap();
         flushed_models.push((flushes(&storage), model.clone()));
         let log = storage.state.lock().unwrap().1.clone();
-        let epochs = log.iter().filter(|o| matches!(o, LogOp::Flush)).count();
-        // Skip the epochs of create, which is not crash-safe (nor is qemu's).
-        let first = log
-            .iter()
-            .position(|o| matches!(o, LogOp::Write(off, _) if *off >= 3 * cluster_size))
-            .map(|p| {
-                log[..p]
-                    .iter()
-                    .filter(|o| matches!(o, LogOp::Flush))
-                    .count()
-                    + 2
-            })
-            .unwrap_or(0);
+        let epochs = epochs(&log);
+        let first = first_epoch_after_create(&log, cluster_size);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("crash.qcow2");
         let mut pick = StdRng::seed_from_u64(7);

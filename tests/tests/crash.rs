@@ -9,7 +9,7 @@
 mod common;
 
 use blockdev::Storage;
-use common::recording::{crash_image, LogOp, RecordingStorage};
+use common::recording::{crash_image, epochs, first_epoch_after_create, LogOp, RecordingStorage};
 use img_core::open::open_storage;
 use img_core::qcow2::{create::create_on, Qcow2CreateOptions};
 use img_core::OpenOptions;
@@ -151,21 +151,10 @@ fn workload(cluster_size: u64, refcount_bits: u32, seed: u64) -> Recorded {
 
 fn crash_everywhere(cluster_size: u64, refcount_bits: u32, seed: u64) {
     let Recorded { log, durable } = workload(cluster_size, refcount_bits, seed);
-    let epochs = log.iter().filter(|o| matches!(o, LogOp::Flush)).count();
+    let epochs = epochs(&log);
     let mut rng = StdRng::seed_from_u64(7);
     // Every epoch boundary with nothing of the next epoch, all of it, and random halves.
-    // The first epochs belong to create, which is not crash-safe (nor is qemu's).
-    let first = log
-        .iter()
-        .position(|o| matches!(o, LogOp::Write(off, _) if *off >= 3 * cluster_size))
-        .map(|p| {
-            log[..p]
-                .iter()
-                .filter(|o| matches!(o, LogOp::Flush))
-                .count()
-                + 2
-        })
-        .unwrap_or(0);
+    let first = first_epoch_after_create(&log, cluster_size);
     let step = ((epochs - first) / 40).max(1);
     for e in (first..=epochs).step_by(step) {
         for mode in 0..3 {

@@ -188,16 +188,17 @@ impl Bench {
     /// size), which never runs past the end; qemu 10.0 wraps modulo the whole size and fails
     /// requests that overrun.
     fn offset_of(&self, i: u64, step: u64, image_size: u64) -> u64 {
-        if image_size <= self.bufsize {
-            return if i == 0 { self.offset } else { 0 };
-        }
-        let span = image_size - self.bufsize;
+        // The first request uses the offset as given; each later one adds the step to the
+        // previous offset and reduces it modulo `span`, which is the same as reducing
+        // `offset + i * step` once.
         if i == 0 {
             return self.offset;
         }
-        // qemu adds the step to the previous offset and reduces it modulo `span` each time.
-        let first = self.offset % span;
-        ((first as u128 + i as u128 * step as u128) % span as u128) as u64
+        if image_size <= self.bufsize {
+            return 0;
+        }
+        let span = (image_size - self.bufsize) as u128;
+        ((self.offset as u128 + i as u128 * step as u128) % span) as u64
     }
 
     fn run(&self, img: &Image, step: u64) -> img_core::Result<()> {

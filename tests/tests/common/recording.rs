@@ -147,3 +147,17 @@ impl RecordingStorage {
             .count()
     }
 }
+
+/// Flushes in `log`.
+pub fn epochs(log: &[LogOp]) -> usize {
+    log.iter().filter(|o| matches!(o, LogOp::Flush)).count()
+}
+
+/// The first epoch worth crashing in: past image creation (which is not crash-safe, nor is
+/// qemu's), recognised as the first write beyond the three clusters create writes.
+pub fn first_epoch_after_create(log: &[LogOp], cluster_size: u64) -> usize {
+    log.iter()
+        .position(|o| matches!(o, LogOp::Write(off, _) if *off >= 3 * cluster_size))
+        .map(|p| epochs(&log[..p]) + 2)
+        .unwrap_or(0)
+}
