@@ -24,6 +24,13 @@ pub struct OpenOptions {
     pub detect_zeroes: DetectZeroes,
     /// qcow2 metadata cache options.
     pub qcow2_cache: crate::qcow2::CacheOptions,
+    /// `force-share=on` (`-U`): let other processes write and resize the image while it is
+    /// open. Only for read-only opens.
+    pub force_share: bool,
+    /// QEMU's image locking of the file (`file.locking=`).
+    pub locking: crate::locking::Locking,
+    /// How the image is used, which decides the lock permissions (see [`crate::locking`]).
+    pub usage: crate::locking::Usage,
 }
 
 /// qemu's `discard=` option.
@@ -100,6 +107,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
             cache: opts.cache,
             aio: opts.aio,
             create: false,
+            ..crate::locking::file_options(path, opts)?
         },
     )?);
     open_storage(storage, opts)
