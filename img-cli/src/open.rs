@@ -4,8 +4,9 @@
 use crate::options::{parse_bool, parse_kv};
 use crate::CliError;
 use blockdev::{Aio, CacheMode};
+use img_core::locking::{Locking, FORCE_SHARE_NEEDS_READ_ONLY};
 use img_core::qcow2::CacheOptions;
-use img_core::{open_image, DetectZeroes, DiscardMode, Image, OpenOptions};
+use img_core::{open_image, DetectZeroes, DiscardMode, Image, OpenOptions, Usage};
 use std::path::Path;
 
 /// Formats qemu knows that this build cannot open; they get a clearer message than qemu's
@@ -38,6 +39,11 @@ pub struct ImageSpec {
     pub protocol_only: bool,
     /// The other `--image-opts` options, applied when the image is opened.
     pub options: ImageOptions,
+    /// `-U`/`--force-share`: let other processes write the image while it is open.
+    pub force_share: bool,
+    /// How the command uses the image, which decides the lock bytes it takes (qemu-img's
+    /// open flags): `metadata_only` for info, `no_share` for convert's sources.
+    pub usage: Usage,
 }
 
 /// Options of an `--image-opts` string besides the file name and the driver. Values are
@@ -56,8 +62,12 @@ pub struct ImageOptions {
     pub discard: Option<String>,
     /// `detect-zeroes`.
     pub detect_zeroes: Option<String>,
-    /// `file.locking` (`locking` with `driver=file`), validated only.
+    /// `file.locking` (`locking` with `driver=file`).
     pub locking: Option<String>,
+    /// `force-share` of the format node.
+    pub force_share: Option<bool>,
+    /// `file.force-share`: the file node's own, which takes the format node's when absent.
+    pub file_force_share: Option<bool>,
     /// Options for the format driver (the qcow2 cache options, or options no layer knows),
     /// in order of first appearance, the last value of a repeated option winning.
     pub format_options: Vec<(String, String)>,
@@ -75,7 +85,7 @@ const QCOW2_OPTIONS: &[&str] = &[
 ];
 
 /// Options every node takes: flags of the block layer (no-op here beyond validation where
-/// they do not apply: `node-name`, `auto-read-only`, `force-share`).
+/// they do not apply: `node-name`, `auto-read-only`).
 const NODE_OPTIONS: &[&str] = &[
     "node-name",
     "read-only",
@@ -96,7 +106,21 @@ impl ImageSpec {
             format: format.map(str::to_string),
             protocol_only: false,
             options: ImageOptions::default(),
+            force_share: false,
+            usage: Usage::default(),
         }
+    }
+
+    /// The spec with `-U` given (or not).
+    pub fn with_force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// The spec for a command that uses the image as `usage` says.
+    pub fn with_usage(mut self, usage: Usage) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// An image named by an `--image-opts` option string such as
@@ -140,9 +164,10 @@ impl ImageSpec {
         let read_only = flag("read-only", "read-only")?;
         let direct = flag("cache.direct", "cache.direct")?;
         flag("auto-read-only", "auto-read-only")?;
-        flag("force-share", "force-share")?;
+        let force_share = flag("force-share", "force-share")?;
         let mut options = ImageOptions {
             read_only: read_only == Some(true),
+            force_share,
             cache_direct: direct,
             cache_no_flush: no_flush,
             discard: get("discard").map(str::to_string),
@@ -168,6 +193,8 @@ impl ImageSpec {
                 format: Some("raw".to_string()),
                 protocol_only: true,
                 options,
+                force_share: false,
+                usage: Usage::default(),
             });
         }
         // The file node inherits the format node's cache flags unless given its own.
@@ -179,7 +206,7 @@ impl ImageSpec {
         }
         flag("file.read-only", "read-only")?;
         flag("file.auto-read-only", "auto-read-only")?;
-        flag("file.force-share", "force-share")?;
+        options.file_force_share = flag("file.force-share", "force-share")?;
         options.aio = get("file.aio").map(str::to_string);
         options.locking = get("file.locking").map(str::to_string);
         // The engine has one discard and one zero-detection setting per image; the file
@@ -227,6 +254,8 @@ impl ImageSpec {
             format: driver,
             protocol_only: false,
             options,
+            force_share: false,
+            usage: Usage::default(),
         })
     }
 
@@ -282,22 +311,44 @@ pub fn open_with_aio(
     aio: Aio,
 ) -> Result<Image, CliError> {
     let fail = |m: String| CliError::new(format!("Could not open '{}': {m}", spec.arg));
+    let o = &spec.options;
+    // -U adds force-share=on to the options, which must not say otherwise.
+    if spec.force_share && o.force_share == Some(false) {
+        return Err(CliError::new(
+            "--force-share/-U conflicts with image options",
+        ));
+    }
+    let read_only = read_only || o.read_only;
+    let force_share = spec.force_share || o.force_share == Some(true);
+    // The file node inherits the format node's flag unless it has its own; only the file's
+    // matters to the locks, but either refuses a writable image, before anything is opened.
+    let file_force_share = o.file_force_share.unwrap_or(force_share);
+    if (force_share || file_force_share) && !read_only {
+        return Err(fail(FORCE_SHARE_NEEDS_READ_ONLY.into()));
+    }
     if let Some(f) = spec.format.as_deref() {
         if UNSUPPORTED_FORMATS.contains(&f) {
             return Err(fail(format!("The '{f}' format is not supported by img")));
         }
     }
-    let o = &spec.options;
     // The file layer's options.
     let cache = file_cache_mode(spec, cache);
     let aio = match o.aio.as_deref() {
         None => aio,
         Some(a) => Aio::parse(a).ok_or_else(|| fail(format!("invalid parameter value: {a}")))?,
     };
-    if let Some(l) = o.locking.as_deref() {
-        if !["on", "off", "auto"].contains(&l) {
-            return Err(fail(format!("invalid parameter value: {l}")));
+    let locking = match o.locking.as_deref() {
+        None => Locking::Auto,
+        Some(l) => {
+            Locking::parse(l).ok_or_else(|| fail(format!("invalid parameter value: {l}")))?
         }
+    };
+    if locking == Locking::On && !blockdev::ofd_locks_available() {
+        eprintln!(
+            "img: warning: File lock requested but OFD locking syscall is unavailable, \
+             falling back to POSIX file locks\n\
+             Due to the implementation, locks can be lost unexpectedly."
+        );
     }
     if aio == Aio::Native && !cache.direct() {
         return Err(fail(
@@ -315,9 +366,12 @@ pub fn open_with_aio(
     }
     let mut opts = OpenOptions {
         format: spec.format.clone(),
-        read_only: read_only || o.read_only,
+        read_only,
         cache,
         aio,
+        force_share: file_force_share,
+        locking,
+        usage: spec.usage,
         ..Default::default()
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported

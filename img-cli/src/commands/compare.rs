@@ -90,6 +90,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let mut cache = "writeback".to_string();
     let mut progress = false;
     let mut quiet = false;
+    let mut force_share = false;
     for o in &opts {
         match o.name.as_str() {
             "help" => {
@@ -103,7 +104,8 @@ pub fn run(args: &[String]) -> CmdResult {
             "cache" => cache = o.value.clone().unwrap_or_default(),
             "progress" => progress = true,
             "quiet" => quiet = true,
-            // -U: no locks to share; --object: no secrets needed.
+            "force-share" => force_share = true,
+            // --object: no secrets needed.
             _ => {}
         }
     }
@@ -120,6 +122,7 @@ pub fn run(args: &[String]) -> CmdResult {
         fmt1.as_deref(),
         fmt2.as_deref(),
         image_opts,
+        force_share,
         &cache,
         strict,
         quiet,
@@ -136,6 +139,7 @@ fn compare_files(
     fmt1: Option<&str>,
     fmt2: Option<&str>,
     image_opts: bool,
+    force_share: bool,
     cache: &str,
     strict: bool,
     quiet: bool,
@@ -155,7 +159,9 @@ fn compare_files(
                 2,
             ));
         }
-        let spec = ImageSpec::from_args(name, image_opts, fmt).map_err(|e| with_code(e, 2))?;
+        let spec = ImageSpec::from_args(name, image_opts, fmt)
+            .map_err(|e| with_code(e, 2))?
+            .with_force_share(force_share);
         open::open(&spec, true, cache).map_err(|e| with_code(e, 2))
     };
     let a = open_one(name1, fmt1)?;

@@ -7,7 +7,7 @@ use crate::{CliError, CmdResult};
 use blockdev::CacheMode;
 use img_core::convert::{convert, ConvertOptions};
 use img_core::size::parse_size;
-use img_core::Image;
+use img_core::{Image, Usage};
 use std::io::Write;
 
 const SPECS: &[crate::getopt::OptSpec] = &[
@@ -43,6 +43,7 @@ struct Args {
     out_fmt: String,
     options: Option<String>,
     image_opts: bool,
+    force_share: bool,
     compress: bool,
     min_sparse: u64,
     no_create: bool,
@@ -68,6 +69,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         out_fmt: "raw".into(),
         options: None,
         image_opts: false,
+        force_share: false,
         compress: false,
         min_sparse: 4096,
         no_create: false,
@@ -118,7 +120,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "image-opts" => a.image_opts = true,
             "W" => a.out_of_order = true,
             "C" => a.copy_offload = true,
-            "U" => {}
+            "force-share" => a.force_share = true,
             "target-is-zero" => a.target_is_zero = true,
             "B" | "F" => {
                 return Err(CliError::new(
@@ -157,6 +159,19 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
     Ok(a)
 }
 
+/// qemu-img words a failure to create the target "name: error while converting fmt: reason",
+/// where `img create` says "name: reason".
+fn creating(e: CliError, out: &str, fmt: &str) -> CliError {
+    let reason = e
+        .message
+        .strip_prefix(&format!("{out}: "))
+        .unwrap_or(&e.message);
+    CliError {
+        message: format!("{out}: error while converting {fmt}: {reason}"),
+        ..e
+    }
+}
+
 /// Runs `img convert` with its arguments.
 pub fn run(args: &[String]) -> CmdResult {
     let a = parse_args(args)?;
@@ -168,7 +183,13 @@ pub fn run(args: &[String]) -> CmdResult {
     let (out, inputs) = a.files.split_last().expect("checked: at least two files");
     let mut sources: Vec<Image> = Vec::new();
     for name in inputs {
-        let spec = ImageSpec::from_args(name, a.image_opts, a.src_fmt.as_deref())?;
+        // As qemu-img: nobody may write a source while it is copied, unless -U.
+        let spec = ImageSpec::from_args(name, a.image_opts, a.src_fmt.as_deref())?
+            .with_force_share(a.force_share)
+            .with_usage(Usage {
+                no_share: true,
+                ..Default::default()
+            });
         sources.push(open(&spec, true, a.src_cache)?);
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
@@ -181,7 +202,8 @@ pub fn run(args: &[String]) -> CmdResult {
             None,
             None,
         )?
-        .execute()?;
+        .execute()
+        .map_err(|e| creating(e, out, &a.out_fmt))?;
     }
     let target = open(&ImageSpec::file(out, Some(&a.out_fmt)), false, a.dst_cache)?;
     if a.no_create && target.size() < total {

@@ -10,9 +10,9 @@
 use crate::cvt::{self, NumError};
 use crate::getopt::{opt, parse, OptSpec};
 use crate::{CliError, CmdResult};
+use blockdev::{FileOptions, FileStorage};
 use img_core::qcow2::{self, CompressionType, Qcow2CreateOptions};
 use img_core::raw::{self, Preallocation, RawCreateOptions};
-use std::fs::OpenOptions;
 use std::path::Path;
 
 const SPECS: &[OptSpec] = &[
@@ -676,29 +676,32 @@ pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
     Ok(0)
 }
 
-/// Creates (or truncates) the file, with qemu's message when that fails. With `nocow`, the
-/// new (empty) file gets the No_COW attribute, which Btrfs only honours on empty files; as in
-/// qemu, a filesystem without the attribute is no error.
+/// Creates (or truncates) the file, with qemu's message when that fails. As qemu, an existing
+/// file is truncated only once QEMU's lock bytes show that no other process uses it in a way
+/// that excludes this (a QEMU that writes a qcow2 image, say). With `nocow`, the new (empty)
+/// file gets the No_COW attribute, which Btrfs only honours on empty files; as in qemu, a
+/// filesystem without the attribute is no error.
 fn create_file(path: &Path, filename: &str, nocow: bool) -> Result<(), CliError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map(|f| {
+    let opts = FileOptions {
+        create: true,
+        ..Default::default()
+    };
+    match FileStorage::open(path, opts) {
+        Ok(f) => {
             if nocow {
-                set_nocow(&f);
+                set_nocow(f.file());
             }
-        })
-        .map_err(|e| {
-            named(
-                filename,
-                format!(
-                    "Could not create '{filename}': {}",
-                    blockdev::os_message(&e)
-                ),
-            )
-        })
+            Ok(())
+        }
+        Err(blockdev::Error::Open { source, .. }) => Err(named(
+            filename,
+            format!(
+                "Could not create '{filename}': {}",
+                blockdev::os_message(&source)
+            ),
+        )),
+        Err(e) => Err(named(filename, e)),
+    }
 }
 
 /// Sets FS_NOCOW_FL, ignoring filesystems that do not support it.

@@ -9,6 +9,7 @@ use crate::human::size_to_str;
 use crate::open::{self, ImageSpec};
 use crate::qjson::{dump_human, to_json_pretty, QValue};
 use crate::{CliError, CmdResult};
+use img_core::Usage;
 use std::os::unix::fs::MetadataExt;
 
 const SPECS: &[OptSpec] = &[
@@ -216,6 +217,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let mut image_opts = false;
     let mut chain = false;
     let mut json = false;
+    let mut force_share = false;
     for o in &opts {
         match o.name.as_str() {
             "help" => {
@@ -235,8 +237,8 @@ pub fn run(args: &[String]) -> CmdResult {
                     )))
                 }
             },
-            // -U: this tool takes no locks that sharing would relax; --object defines
-            // secrets, which unencrypted images do not need.
+            "force-share" => force_share = true,
+            // --object defines secrets, which unencrypted images do not need.
             _ => {}
         }
     }
@@ -248,7 +250,13 @@ pub fn run(args: &[String]) -> CmdResult {
             "--image-opts and --format are mutually exclusive",
         ));
     }
-    let spec = ImageSpec::from_args(&pos[0], image_opts, fmt.as_deref())?;
+    // As qemu-img: the data is not read, so no "consistent read" lock is taken.
+    let spec = ImageSpec::from_args(&pos[0], image_opts, fmt.as_deref())?
+        .with_force_share(force_share)
+        .with_usage(Usage {
+            metadata_only: true,
+            ..Default::default()
+        });
     let info = collect(&spec)?;
     if json {
         let v = if chain {
