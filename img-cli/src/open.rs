@@ -766,6 +766,35 @@ mod tests {
     }
 
     #[test]
+    fn force_share_and_locking_options() {
+        let s = ImageSpec::from_image_opts(
+            "driver=qcow2,file.filename=a,force-share=on,file.force-share=off,file.locking=off",
+        )
+        .unwrap();
+        assert_eq!(s.options.force_share, Some(true));
+        assert_eq!(s.options.file_force_share, Some(false));
+        assert_eq!(s.options.locking.as_deref(), Some("off"));
+        let e =
+            ImageSpec::from_image_opts("driver=qcow2,file.filename=a,force-share=x").unwrap_err();
+        assert!(e
+            .message
+            .ends_with("Parameter 'force-share' expects 'on' or 'off'"));
+        // Refusals come before the file is opened (it does not exist here).
+        let spec = ImageSpec::file("/nonexistent/a.qcow2", None).with_force_share(true);
+        let e = open(&spec, false, CacheMode::Writeback).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Could not open '/nonexistent/a.qcow2': force-share=on can only be used with \
+             read-only images"
+        );
+        let spec = ImageSpec::from_image_opts("driver=qcow2,file.filename=/x,force-share=off")
+            .unwrap()
+            .with_force_share(true);
+        let e = open(&spec, true, CacheMode::Writeback).unwrap_err();
+        assert_eq!(e.message, "--force-share/-U conflicts with image options");
+    }
+
+    #[test]
     fn cache_option_values() {
         let e = |v: &str| qcow2_cache_options(&[("l2-cache-size".into(), v.into())]).unwrap_err();
         assert_eq!(
