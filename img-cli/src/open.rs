@@ -683,12 +683,7 @@ fn qemu_strtosz(text: &str) -> Result<u64, NumError> {
 /// The reason part of an open failure, without the file name the core error already carries
 /// (qemu names the file once in front).
 pub fn open_reason(e: &img_core::Error) -> String {
-    match e {
-        img_core::Error::Invalid { reason, .. } => reason.clone(),
-        img_core::Error::Unsupported { what, .. } => what.clone(),
-        img_core::Error::InvalidArgument(m) => m.clone(),
-        other => other.to_string(),
-    }
+    e.reason()
 }
 
 #[cfg(test)]

@@ -193,20 +193,46 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let extent = self.format.map(pos, (buf.len() - done) as u64)?;
+            let (image, extent) = self.owner_of(pos, (buf.len() - done) as u64)?;
             let n = extent.len as usize;
             let part = &mut buf[done..done + n];
-            self.read_extent(extent, pos, part)?;
+            match image {
+                Some(image) => image.read_extent(extent, pos, part)?,
+                // Nothing in the chain holds it, or it lies past a backing image's end.
+                None => part.fill(0),
+            }
             done += n;
         }
         Ok(())
     }
 
+    /// Walks down the chain to the image that holds `pos`: returns it and its extent, or `None`
+    /// and the length of the run no image holds. A loop rather than recursion, so that the
+    /// depth of a chain costs no stack.
+    fn owner_of(&self, pos: u64, len: u64) -> Result<(Option<&Image>, Extent)> {
+        let mut image = self;
+        let mut len = len;
+        loop {
+            let extent = image.format.map(pos, len)?;
+            if extent.mapping != Mapping::Unallocated {
+                return Ok((Some(image), extent));
+            }
+            match image.backing.as_deref() {
+                Some(below) if pos < below.size() => {
+                    len = extent.len.min(below.size() - pos);
+                    image = below;
+                }
+                _ => return Ok((None, extent)),
+            }
+        }
+    }
+
+    /// Reads one extent that `self` maps (never an unallocated one: [`Image::owner_of`]
+    /// resolves those).
     fn read_extent(&self, extent: Extent, pos: u64, part: &mut [u8]) -> Result<()> {
         match extent.mapping {
             Mapping::Data { offset, .. } => self.format.data_file().read_at(part, offset)?,
-            Mapping::Zero | Mapping::ZeroAllocated { .. } => part.fill(0),
-            Mapping::Unallocated => self.read_backing(part, pos)?,
+            Mapping::Zero | Mapping::ZeroAllocated { .. } | Mapping::Unallocated => part.fill(0),
             Mapping::Compressed { offset, len } => {
                 let cs = self.format.cluster_size();
                 let in_cluster = (pos % cs) as usize;
@@ -215,21 +241,6 @@ impl Image {
                 })?;
             }
         }
-        Ok(())
-    }
-
-    /// Reads from the backing image; what lies beyond the backing image's end reads as zeros.
-    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(backing) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bsize = backing.size();
-        let avail = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
-        if avail > 0 {
-            backing.read_at(&mut buf[..avail], offset)?;
-        }
-        buf[avail..].fill(0);
         Ok(())
     }
 
@@ -498,39 +509,42 @@ impl Image {
 
     /// How the range starting at `offset` is stored, following the backing chain.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.block_status_at_depth(offset, len, 0)
-    }
-
-    fn block_status_at_depth(&self, offset: u64, len: u64, depth: usize) -> Result<BlockStatus> {
-        let extent = self.format.map(offset, len)?;
-        let status = |zero, data, offset, compressed| BlockStatus {
-            len: extent.len,
-            zero,
-            data,
-            depth: Some(depth),
-            offset,
-            compressed,
-        };
-        Ok(match extent.mapping {
-            Mapping::Data { offset, .. } => status(false, true, Some(offset), false),
-            Mapping::Compressed { .. } => status(false, true, None, true),
-            Mapping::Zero => status(true, false, None, false),
-            Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),
-            Mapping::Unallocated => match &self.backing {
-                Some(b) if offset < b.size() => {
-                    let blen = extent.len.min(b.size() - offset);
-                    b.block_status_at_depth(offset, blen, depth + 1)?
-                }
-                _ => BlockStatus {
-                    len: extent.len,
-                    zero: true,
-                    data: false,
-                    depth: None,
-                    offset: None,
-                    compressed: false,
+        let mut image = self;
+        let mut len = len;
+        let mut depth = 0;
+        loop {
+            let extent = image.format.map(offset, len)?;
+            let status = |zero, data, host, compressed| BlockStatus {
+                len: extent.len,
+                zero,
+                data,
+                depth: Some(depth),
+                offset: host,
+                compressed,
+            };
+            return Ok(match extent.mapping {
+                Mapping::Data { offset, .. } => status(false, true, Some(offset), false),
+                Mapping::Compressed { .. } => status(false, true, None, true),
+                Mapping::Zero => status(true, false, None, false),
+                Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),
+                Mapping::Unallocated => match image.backing.as_deref() {
+                    Some(below) if offset < below.size() => {
+                        len = extent.len.min(below.size() - offset);
+                        image = below;
+                        depth += 1;
+                        continue;
+                    }
+                    _ => BlockStatus {
+                        len: extent.len,
+                        zero: true,
+                        data: false,
+                        depth: None,
+                        offset: None,
+                        compressed: false,
+                    },
                 },
-            },
-        })
+            });
+        }
     }
 
     /// Makes every completed write durable, metadata included.

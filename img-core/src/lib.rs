@@ -5,6 +5,7 @@
 //! performs reads, writes, write-zeroes and discards for every format and walks backing chains;
 //! formats never run I/O loops of their own.
 
+pub mod chain;
 pub mod convert;
 pub mod error;
 pub mod format;
@@ -16,6 +17,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod size;
 
+pub use chain::BackingPolicy;
 pub use error::{Error, Result};
 pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
 pub use image::{BlockStatus, Image};

@@ -199,8 +199,7 @@ pub fn run(args: &[String]) -> CmdResult {
             out,
             a.options.as_deref(),
             Some(total),
-            None,
-            None,
+            create::Backing::default(),
         )?
         .execute()
         .map_err(|e| creating(e, out, &a.out_fmt))?;
