@@ -6,7 +6,7 @@ use crate::CliError;
 use blockdev::{Aio, CacheMode};
 use img_core::locking::{Locking, FORCE_SHARE_NEEDS_READ_ONLY};
 use img_core::qcow2::CacheOptions;
-use img_core::{open_image, DetectZeroes, DiscardMode, Image, OpenOptions, Usage};
+use img_core::{open_image, BackingPolicy, DetectZeroes, DiscardMode, Image, OpenOptions, Usage};
 use std::path::Path;
 
 /// Formats qemu knows that this build cannot open; they get a clearer message than qemu's
@@ -44,6 +44,8 @@ pub struct ImageSpec {
     /// How the command uses the image, which decides the lock bytes it takes (qemu-img's
     /// open flags): `metadata_only` for info, `no_share` for convert's sources.
     pub usage: Usage,
+    /// What the image may open beneath it (qemu-img's `-u` opens no backing file).
+    pub backing: BackingPolicy,
 }
 
 /// Options of an `--image-opts` string besides the file name and the driver. Values are
@@ -108,12 +110,19 @@ impl ImageSpec {
             options: ImageOptions::default(),
             force_share: false,
             usage: Usage::default(),
+            backing: BackingPolicy::default(),
         }
     }
 
     /// The spec with `-U` given (or not).
     pub fn with_force_share(mut self, force_share: bool) -> Self {
         self.force_share = force_share;
+        self
+    }
+
+    /// The spec with its own backing policy (e.g. no backing file, for `info` and `-u`).
+    pub fn with_backing(mut self, backing: BackingPolicy) -> Self {
+        self.backing = backing;
         self
     }
 
@@ -195,6 +204,7 @@ impl ImageSpec {
                 options,
                 force_share: false,
                 usage: Usage::default(),
+                backing: BackingPolicy::default(),
             });
         }
         // The file node inherits the format node's cache flags unless given its own.
@@ -256,6 +266,7 @@ impl ImageSpec {
             options,
             force_share: false,
             usage: Usage::default(),
+            backing: BackingPolicy::default(),
         })
     }
 
@@ -372,6 +383,7 @@ pub fn open_with_aio(
         force_share: file_force_share,
         locking,
         usage: spec.usage,
+        backing: spec.backing.clone(),
         ..Default::default()
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported

@@ -27,7 +27,7 @@ use std::sync::Arc;
 pub const DEFAULT_MAX_DEPTH: usize = 4096;
 
 /// What an image may open beneath it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackingPolicy {
     /// Open the backing chain at all; `false` is qemu's `-u` (unsafe) mode, where only the
     /// named image is opened and its backing file is left alone.
@@ -37,6 +37,16 @@ pub struct BackingPolicy {
     /// The depth (1 = the top image's backing file) of the one backing image to open
     /// read-write, as `commit` needs for its base.
     pub writable_depth: Option<usize>,
+}
+
+impl BackingPolicy {
+    /// Opens the named image alone, leaving its backing file closed.
+    pub fn none() -> Self {
+        BackingPolicy {
+            open_backing: false,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for BackingPolicy {
@@ -191,7 +201,10 @@ mod tests {
         assert_eq!(r("sub/top.qcow2", "base.raw"), "sub/base.raw");
         assert_eq!(r("/a/b/top.qcow2", "../base.raw"), "/a/b/../base.raw");
         assert_eq!(r("sub/top.qcow2", "/abs/base"), "/abs/base");
-        assert_eq!(r("sub/top.qcow2", "nbd:localhost:10809"), "nbd:localhost:10809");
+        assert_eq!(
+            r("sub/top.qcow2", "nbd:localhost:10809"),
+            "nbd:localhost:10809"
+        );
         assert_eq!(r("sub/top.qcow2", "dir/x:y"), "sub/dir/x:y");
     }
 }

@@ -16,9 +16,13 @@ pub struct BlockStatus {
     pub zero: bool,
     /// The range has data (or is allocated) in some image of the chain.
     pub data: bool,
-    /// Index in the chain of the image that holds the range (0 = this image), or `None` when no
-    /// image of the chain allocates it.
-    pub depth: Option<usize>,
+    /// Index in the chain (0 = this image) of the image that holds the range; when no image
+    /// holds it, of the image where the search ended (the bottom of the chain, or the image
+    /// whose backing file ends before the range).
+    pub depth: usize,
+    /// Some image of the chain allocates the range (qemu's "present"); when not, it reads as
+    /// zeros.
+    pub present: bool,
     /// Host offset of uncompressed data, when `data`.
     pub offset: Option<u64>,
     /// The range is stored compressed.
@@ -139,6 +143,11 @@ impl Image {
     /// The backing image, if any.
     pub fn backing(&self) -> Option<&Image> {
         self.backing.as_deref()
+    }
+
+    /// The images of the chain, this one first.
+    pub fn chain(&self) -> impl Iterator<Item = &Image> {
+        std::iter::successors(Some(self), |i| i.backing())
     }
 
     /// Virtual disk size in bytes.
@@ -518,7 +527,8 @@ impl Image {
                 len: extent.len,
                 zero,
                 data,
-                depth: Some(depth),
+                depth,
+                present: true,
                 offset: host,
                 compressed,
             };
@@ -538,7 +548,8 @@ impl Image {
                         len: extent.len,
                         zero: true,
                         data: false,
-                        depth: None,
+                        depth,
+                        present: false,
                         offset: None,
                         compressed: false,
                     },
@@ -553,11 +564,19 @@ impl Image {
         self.format.flush()
     }
 
-    /// Flushes and marks the image clean. Dropping an image closes it too, but only an explicit
-    /// close reports errors.
+    /// Flushes and marks the image clean, with every image of its chain. Dropping an image
+    /// closes it too, but only an explicit close reports errors.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.format.close()
+        let mut result = self.format.close();
+        let mut below = self.backing.take();
+        while let Some(mut image) = below {
+            image.closed = true;
+            let r = image.format.close();
+            result = result.and(r);
+            below = image.backing.take();
+        }
+        result
     }
 }
 
@@ -566,6 +585,12 @@ impl Drop for Image {
         if !self.closed {
             // Errors cannot be reported from drop; `close` is the checked path.
             let _ = self.format.close();
+        }
+        // Unlink the chain one image at a time: dropping it as nested boxes would recurse once
+        // per image.
+        let mut below = self.backing.take();
+        while let Some(mut image) = below {
+            below = image.backing.take();
         }
     }
 }

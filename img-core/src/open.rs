@@ -122,7 +122,10 @@ pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Ima
 }
 
 /// Opens the format driver of one image (no backing chain).
-pub(crate) fn open_format(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Box<dyn Format>> {
+pub(crate) fn open_format(
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn Format>> {
     let driver = match opts.format.as_deref() {
         Some(f) => f.to_string(),
         None => probe_format(storage.as_ref())?.to_string(),

@@ -518,20 +518,7 @@ pub fn run(args: &[String]) -> CmdResult {
     };
     let mut img_size: Option<u64> = None;
     if let Some(s) = pos.get(1) {
-        img_size = Some(match cvt::parse_size(s) {
-            Ok(n) if n <= i64::MAX as u64 => n,
-            Err(NumError::Invalid) => {
-                return Err(CliError::new(format!(
-                    "Invalid image size specified: '{s}'."
-                )))
-            }
-            _ => {
-                return Err(CliError::new(format!(
-                    "Invalid image size specified. Must be between 0 and {}.",
-                    i64::MAX
-                )))
-            }
-        });
+        img_size = Some(cvt::cvtnum("image size", s)?);
     }
     if let Some(extra) = pos.get(2) {
         return Err(CliError::usage(format!("Unexpected argument: {extra}")));
@@ -724,7 +711,10 @@ fn check_backing(
             ),
         ));
     }
-    let sized = o.get("size").and_then(|g| g.number).is_some_and(|n| n != u64::MAX);
+    let sized = o
+        .get("size")
+        .and_then(|g| g.number)
+        .is_some_and(|n| n != u64::MAX);
     if !sized {
         o.set("size", &image.size().to_string())
             .map_err(|m| named(filename, m))?;

@@ -46,7 +46,7 @@ pub fn qemu_status(image: &Image, offset: u64, bytes: u64) -> Result<(u32, u64)>
         (ZERO | OFFSET_VALID | ALLOCATED, bytes)
     } else {
         let st = image.block_status(offset, bytes.min(size - offset))?;
-        let flags = if st.depth.is_none() {
+        let flags = if !st.present {
             // Allocated nowhere, and there is nothing underneath: reads as zeros.
             ZERO
         } else if st.compressed {
