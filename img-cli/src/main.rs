@@ -6,6 +6,7 @@ mod getopt;
 mod human;
 mod open;
 mod options;
+mod progress;
 mod qcow2_bitmaps;
 mod qjson;
 

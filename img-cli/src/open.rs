@@ -426,6 +426,15 @@ pub fn open_with_aio(
         }
     }
     let image = open_image(path, &opts).map_err(|e| fail(open_reason(&e)))?;
+    if !read_only && opts.format.is_none() && image.format().driver() == "raw" {
+        eprintln!(
+            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+             Automatically detecting the format is dangerous for raw images, write operations \
+             on block 0 will be restricted.\n         \
+             Specify the 'raw' format explicitly to remove the restrictions.",
+            spec.path
+        );
+    }
     // Options no layer took are refused once the image opened, as qemu does.
     let qcow2 = image.format().driver() == "qcow2" && !spec.protocol_only;
     if let Some((k, _)) = o

@@ -189,7 +189,7 @@ impl Job<'_, '_> {
                 let status = src.block_status(pos - start, to - pos)?;
                 let n = status.len.min(to - pos);
                 let at = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero && !status.data && self.opts.min_sparse != 0 {
+                if status.zero && self.opts.min_sparse != 0 {
                     holes.push(at);
                 } else {
                     src.read_at(&mut buf[at], pos - start)?;
@@ -230,7 +230,7 @@ impl Job<'_, '_> {
                 let status = src.block_status(pos - start, to - pos)?;
                 let n = status.len.min(to - pos);
                 let range = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero && !status.data {
+                if status.zero {
                     ops.push(Op::Zero(range));
                 } else {
                     ops.push(Op::Copy {

@@ -145,6 +145,29 @@ impl Image {
         self.backing.as_deref()
     }
 
+    /// Records a new backing file (name and format) in the image. Writes made so far are
+    /// made durable first. The backing image opened beneath this one is not changed: the
+    /// new name takes effect when the image is next opened.
+    pub fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        self.flush()?;
+        self.format.set_backing_file(name, format)
+    }
+
+    /// Deallocates everything the image holds, leaving it reading its backing file.
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let _quiesced = self.io_barrier.write().unwrap_or_else(|e| e.into_inner());
+        self.format.make_empty()?;
+        self.invalidate_decompressed();
+        self.format.flush()
+    }
+
+    /// The image `depth` levels down the chain (0 is this one).
+    pub fn at_depth(&self, depth: usize) -> Option<&Image> {
+        self.chain().nth(depth)
+    }
+
     /// The images of the chain, this one first.
     pub fn chain(&self) -> impl Iterator<Item = &Image> {
         std::iter::successors(Some(self), |i| i.backing())
@@ -533,7 +556,17 @@ impl Image {
                 compressed,
             };
             return Ok(match extent.mapping {
-                Mapping::Data { offset, .. } => status(false, true, Some(offset), false),
+                Mapping::Data { offset: host, .. } => {
+                    // As qemu: a data cluster over a hole of its file reads as zeros, which
+                    // lets convert and map treat it so.
+                    let file = image.format.data_file();
+                    let (alloc, n) = file.allocation(host, extent.len)?;
+                    let zero = alloc == blockdev::Allocation::Hole;
+                    BlockStatus {
+                        len: n.clamp(1, extent.len),
+                        ..status(zero, true, Some(host), false)
+                    }
+                }
                 Mapping::Compressed { .. } => status(false, true, None, true),
                 Mapping::Zero => status(true, false, None, false),
                 Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),

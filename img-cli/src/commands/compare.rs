@@ -6,8 +6,8 @@
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
 use crate::{CliError, CmdResult};
+use crate::progress::Progress;
 use img_core::ops::compare::{compare, CompareError, Event, Outcome, Side};
-use std::io::Write;
 
 const SPECS: &[OptSpec] = &[
     opt(Some('h'), Some("help"), false),
@@ -39,46 +39,6 @@ Checks whether two images have the same content. Exit status: 0 identical, 1 dif
   -q, --quiet           print nothing but errors
   -h, --help            show this help
 ";
-
-/// qemu-img's progress line: printed when it moved by more than two percent, and at 0 and
-/// 100%. The arithmetic is single precision, as qemu's, so the same steps print the same
-/// numbers.
-struct Progress {
-    enabled: bool,
-    current: f32,
-    last_print: f32,
-}
-
-impl Progress {
-    const MIN_SKIP: f32 = 2.0;
-
-    fn new(enabled: bool) -> Self {
-        Progress {
-            enabled,
-            current: 0.0,
-            last_print: 0.0,
-        }
-    }
-
-    /// Adds `delta` percent of the job.
-    fn advance(&mut self, delta: f32) {
-        let current = (self.current + delta / 100.0 * 100.0).min(100.0);
-        self.current = current;
-        if current > self.last_print + Self::MIN_SKIP || current == 100.0 || current == 0.0 {
-            self.last_print = current;
-            if self.enabled {
-                print!("    ({:3.2}/100%)\r", current);
-                let _ = std::io::stdout().flush();
-            }
-        }
-    }
-
-    fn end(&self) {
-        if self.enabled {
-            println!();
-        }
-    }
-}
 
 /// Runs `img compare` with its arguments.
 pub fn run(args: &[String]) -> CmdResult {

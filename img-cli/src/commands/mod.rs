@@ -7,11 +7,12 @@ mod convert;
 pub(crate) mod create;
 mod info;
 mod map;
+mod rebase;
 
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info", "map"];
+const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info", "map", "rebase"];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
@@ -32,6 +33,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),
         "map" => map::run(rest),
+        "rebase" => rebase::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -54,6 +56,7 @@ fn print_help() {
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
          create [-q] [-f fmt] [-o options] filename [size]\n  \
          info [-f fmt] [--output=ofmt] [-U] [--backing-chain] filename\n  \
+         rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename\n  \
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n",
         env!("CARGO_PKG_VERSION")
     );

@@ -51,6 +51,8 @@ pub fn qemu_status(image: &Image, offset: u64, bytes: u64) -> Result<(u32, u64)>
             ZERO
         } else if st.compressed {
             DATA | COMPRESSED | ALLOCATED
+        } else if st.data && st.zero {
+            DATA | ZERO | OFFSET_VALID | ALLOCATED
         } else if st.data {
             DATA | OFFSET_VALID | ALLOCATED
         } else if raw || st.offset.is_some() {

@@ -26,6 +26,7 @@ pub mod cache_options;
 pub mod check;
 pub mod compress;
 pub mod create;
+mod empty;
 pub mod header;
 pub mod l2;
 pub mod refcount;
@@ -1122,6 +1123,14 @@ impl Format for Qcow2 {
             self.file.flush()?;
         }
         Ok(())
+    }
+
+    fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        Qcow2::set_backing_file(self, name, format)
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.deallocate_all()
     }
 
     fn info(&self) -> FormatInfo {
