@@ -30,6 +30,10 @@ pub struct ConvertOptions {
     /// reflinks where the filesystem shares extents). Holes still stay holes; zeros inside
     /// data extents are not looked for, since the data is never read.
     pub copy_offload: bool,
+    /// `-B`: the target has a backing file that already holds what the sources' backing
+    /// chains hold, so only what the sources' own (top) images allocate is written; the rest
+    /// is left unallocated in the target.
+    pub target_has_backing: bool,
 }
 
 impl Default for ConvertOptions {
@@ -42,6 +46,7 @@ impl Default for ConvertOptions {
             parallel: 8,
             out_of_order: false,
             copy_offload: false,
+            target_has_backing: false,
         }
     }
 }
@@ -176,6 +181,8 @@ impl Job<'_, '_> {
         let mut buf = vec![0u8; len];
         // Ranges of the chunk known to read as zeros without reading them.
         let mut holes: Vec<std::ops::Range<usize>> = Vec::new();
+        // Ranges left to the target's backing file (with `target_has_backing`).
+        let mut skips: Vec<std::ops::Range<usize>> = Vec::new();
         let mut base = 0u64;
         for src in self.sources {
             let (start, end) = (base, base + src.size());
@@ -186,6 +193,16 @@ impl Job<'_, '_> {
             }
             let mut pos = from;
             while pos < to {
+                if self.opts.target_has_backing {
+                    // What the source leaves to its backing chain, the target leaves to its.
+                    let own = src.format().map(pos - start, to - pos)?;
+                    if own.mapping == crate::format::Mapping::Unallocated {
+                        let n = own.len.min(to - pos);
+                        skips.push((pos - offset) as usize..(pos - offset + n) as usize);
+                        pos += n;
+                        continue;
+                    }
+                }
                 let status = src.block_status(pos - start, to - pos)?;
                 let n = status.len.min(to - pos);
                 let at = (pos - offset) as usize..(pos - offset + n) as usize;
@@ -204,6 +221,7 @@ impl Job<'_, '_> {
         } else {
             self.sparse_ops(offset, &buf, &holes)
         };
+        let ops = without(ops, &skips);
         Ok(Plan { offset, buf, ops })
     }
 
@@ -400,6 +418,54 @@ impl Op {
             }
         }
     }
+}
+
+/// The ops with the ranges `skips` (sorted, disjoint) cut out of them: those bytes are not
+/// written at all. A compressed cluster that loses part of itself is written plainly.
+fn without(ops: Vec<Op>, skips: &[std::ops::Range<usize>]) -> Vec<Op> {
+    if skips.is_empty() {
+        return ops;
+    }
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let range = match &op {
+            Op::Data(r) | Op::Zero(r) | Op::Cluster(r, _) | Op::Copy { range: r, .. } => r.clone(),
+        };
+        if !skips
+            .iter()
+            .any(|s| s.start < range.end && range.start < s.end)
+        {
+            out.push(op);
+            continue;
+        }
+        // The parts of the range outside every skip.
+        let mut at = range.start;
+        let mut parts = Vec::new();
+        for s in skips
+            .iter()
+            .filter(|s| s.start < range.end && range.start < s.end)
+        {
+            if s.start > at {
+                parts.push(at..s.start);
+            }
+            at = at.max(s.end);
+        }
+        if at < range.end {
+            parts.push(at..range.end);
+        }
+        for p in parts {
+            out.push(match &op {
+                Op::Zero(_) => Op::Zero(p),
+                Op::Copy { src, from, range } => Op::Copy {
+                    src: *src,
+                    from: from + (p.start - range.start) as u64,
+                    range: p,
+                },
+                Op::Data(_) | Op::Cluster(..) => Op::Data(p),
+            });
+        }
+    }
+    out
 }
 
 impl Job<'_, '_> {

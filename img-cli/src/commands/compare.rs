@@ -5,8 +5,8 @@
 
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
-use crate::{CliError, CmdResult};
 use crate::progress::Progress;
+use crate::{CliError, CmdResult};
 use img_core::ops::compare::{compare, CompareError, Event, Outcome, Side};
 
 const SPECS: &[OptSpec] = &[

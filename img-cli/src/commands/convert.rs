@@ -55,6 +55,10 @@ struct Args {
     parallel: usize,
     out_of_order: bool,
     copy_offload: bool,
+    /// `-B`: the target's backing file (only what the source's top image holds is copied).
+    backing: Option<String>,
+    /// `-F`: its format.
+    backing_fmt: Option<String>,
     files: Vec<String>,
 }
 
@@ -81,6 +85,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         parallel: 8,
         out_of_order: false,
         copy_offload: false,
+        backing: None,
+        backing_fmt: None,
         files,
     };
     for o in opts {
@@ -122,11 +128,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "C" => a.copy_offload = true,
             "force-share" => a.force_share = true,
             "target-is-zero" => a.target_is_zero = true,
-            "B" | "F" => {
-                return Err(CliError::new(
-                    "Backing files are not supported yet (convert -B/-F)",
-                ))
-            }
+            "B" => a.backing = Some(v),
+            "F" => a.backing_fmt = Some(v),
             "l" | "s" => {
                 return Err(CliError::new(
                     "Internal snapshots are not supported yet (convert -l/-s)",
@@ -146,6 +149,26 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
     }
     if a.files.len() < 2 {
         return Err(CliError::usage("Expecting image file name"));
+    }
+    // A backing file given as a creation option counts as -B, as in qemu.
+    if let Some(list) = &a.options {
+        for (k, v) in create::split_options(list).0 {
+            match k.as_str() {
+                "backing_file" => a.backing = Some(v),
+                "backing_fmt" => a.backing_fmt = Some(v),
+                _ => {}
+            }
+        }
+    }
+    if a.backing.is_some() && a.backing_fmt.is_none() {
+        return Err(CliError::new(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
+    if a.backing.is_some() && a.out_fmt == "raw" {
+        return Err(CliError::new(
+            "Backing file not supported for file format 'raw'",
+        ));
     }
     if a.compress && a.out_fmt != "qcow2" {
         return Err(CliError::new(format!(
@@ -199,7 +222,13 @@ pub fn run(args: &[String]) -> CmdResult {
             out,
             a.options.as_deref(),
             Some(total),
-            create::Backing::default(),
+            create::Backing {
+                file: a.backing.as_deref(),
+                format: a.backing_fmt.as_deref(),
+                // As qemu-img convert: the backing file is opened with the target, not
+                // before it is created.
+                unsafe_open: true,
+            },
         )?
         .execute()
         .map_err(|e| creating(e, out, &a.out_fmt))?;
@@ -214,10 +243,12 @@ pub fn run(args: &[String]) -> CmdResult {
     let opts = ConvertOptions {
         min_sparse: a.min_sparse,
         compress: a.compress,
-        target_is_zero: !a.no_create || a.target_is_zero,
+        // A target with a backing file reads what its backing file holds, not zeros.
+        target_is_zero: (!a.no_create || a.target_is_zero) && a.backing.is_none(),
         parallel: a.parallel,
         out_of_order: a.out_of_order,
         copy_offload: a.copy_offload,
+        target_has_backing: a.backing.is_some(),
         ..Default::default()
     };
     let show = a.progress && !a.quiet;

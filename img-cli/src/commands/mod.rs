@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 pub(crate) mod create;
@@ -12,7 +13,9 @@ mod rebase;
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info", "map", "rebase"];
+const COMMANDS: &[&str] = &[
+    "check", "commit", "compare", "convert", "create", "info", "map", "rebase",
+];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
@@ -33,6 +36,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),
         "map" => map::run(rest),
+        "commit" => commit::run(rest),
         "rebase" => rebase::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
@@ -52,6 +56,7 @@ fn print_help() {
          usage: img [standard options] command [command options]\n\n\
          Command syntax:\n  \
          check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n  \
+         commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n  \
          compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n  \
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
          create [-q] [-f fmt] [-o options] filename [size]\n  \

@@ -100,8 +100,8 @@ pub fn run(args: &[String]) -> CmdResult {
             "--image-opts and --format are mutually exclusive",
         ));
     }
-    let cache =
-        parse_cache(&cache).ok_or_else(|| CliError::new(format!("Invalid cache option: {cache}")))?;
+    let cache = parse_cache(&cache)
+        .ok_or_else(|| CliError::new(format!("Invalid cache option: {cache}")))?;
     let src_cache = parse_cache(&src_cache)
         .ok_or_else(|| CliError::new(format!("Invalid source cache option: {src_cache}")))?;
 
@@ -175,6 +175,8 @@ fn open_new_backing(
             .split_once(": ")
             .map(|(_, r)| r.to_string())
             .unwrap_or(e.message.clone());
-        CliError::new(format!("Could not open new backing file '{full}': {reason}"))
+        CliError::new(format!(
+            "Could not open new backing file '{full}': {reason}"
+        ))
     })
 }

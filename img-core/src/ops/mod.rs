@@ -1,7 +1,7 @@
 //! Whole-image operations built on the generic [`Image`](crate::Image) access path.
 
-pub mod compare;
 pub mod commit;
+pub mod compare;
 pub mod map;
 pub mod rebase;
 pub mod status;

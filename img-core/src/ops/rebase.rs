@@ -41,7 +41,16 @@ pub fn copy_differences(
             let extent = image.format().map(at, end - at)?;
             let run_end = at + extent.len;
             if extent.mapping == Mapping::Unallocated {
-                copy_run(image, new_backing, at, run_end, cs, opts, &mut old, &mut new)?;
+                copy_run(
+                    image,
+                    new_backing,
+                    at,
+                    run_end,
+                    cs,
+                    opts,
+                    &mut old,
+                    &mut new,
+                )?;
             }
             at = run_end;
         }

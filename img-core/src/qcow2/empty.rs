@@ -33,7 +33,8 @@ impl Qcow2 {
                 }
             }
             // The table's cached copy must never be written back into a freed cluster.
-            meta.l2.forget_clusters(&[l2_off >> self.cluster_bits], self.cluster_bits);
+            meta.l2
+                .forget_clusters(&[l2_off >> self.cluster_bits], self.cluster_bits);
             meta.l1[l1i] = 0;
             meta.l1_dirty.insert(l1i);
             meta.refcounts.free_later(l2_off >> self.cluster_bits);
