@@ -214,6 +214,12 @@ impl Job<'_, '_> {
                 pos += n;
             }
         }
+        if self.opts.compress && !skips.is_empty() {
+            // A compressed cluster is written whole: the parts of a cluster the source leaves
+            // to its backing file are read through the chain, unless the whole cluster is
+            // left to it.
+            skips = self.fill_partial_clusters(offset, &mut buf, skips)?;
+        }
         let ops = if self.opts.compress {
             self.compressed_ops(offset, &buf, &holes)
         } else if self.opts.min_sparse == 0 {
@@ -223,6 +229,61 @@ impl Job<'_, '_> {
         };
         let ops = without(ops, &skips);
         Ok(Plan { offset, buf, ops })
+    }
+
+    /// Reads into `buf` the skipped ranges of target clusters that are only partly skipped;
+    /// returns the ranges still skipped (whole clusters).
+    fn fill_partial_clusters(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        skips: Vec<std::ops::Range<usize>>,
+    ) -> Result<Vec<std::ops::Range<usize>>> {
+        let cs = self.target.format().cluster_size();
+        // Pieces of skips that do not cross cluster boundaries.
+        let mut pieces = Vec::new();
+        for r in skips {
+            let mut at = r.start;
+            while at < r.end {
+                let next_boundary = ((offset + at as u64) / cs + 1) * cs - offset;
+                let end = (next_boundary as usize).min(r.end);
+                pieces.push(at..end);
+                at = end;
+            }
+        }
+        let cluster_of = |i: usize| (offset + i as u64) / cs;
+        let mut kept = Vec::new();
+        for p in &pieces {
+            let c = cluster_of(p.start);
+            let c_start = (c * cs).saturating_sub(offset) as usize;
+            let c_end = (((c + 1) * cs - offset) as usize).min(buf.len());
+            let skipped: usize = pieces
+                .iter()
+                .filter(|q| cluster_of(q.start) == c)
+                .map(|q| q.len())
+                .sum();
+            if skipped == c_end - c_start {
+                kept.push(p.clone());
+            } else {
+                self.read_sources(&mut buf[p.clone()], offset + p.start as u64)?;
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Reads the concatenated sources at target offset `offset`.
+    fn read_sources(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut base = 0u64;
+        for src in self.sources {
+            let (start, end) = (base, base + src.size());
+            base = end;
+            let (from, to) = (offset.max(start), (offset + buf.len() as u64).min(end));
+            if from < to {
+                let at = (from - offset) as usize..(to - offset) as usize;
+                src.read_at(&mut buf[at], from - start)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether data moves file to file in the kernel: asked for, and every image is a raw file.
