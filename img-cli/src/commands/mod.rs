@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the dispatcher.
 
+mod amend;
 mod bench;
 mod check;
 mod compare;
@@ -10,7 +11,7 @@ mod info;
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info"];
+const COMMANDS: &[&str] = &["amend", "check", "compare", "convert", "create", "info"];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
@@ -24,6 +25,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
     };
     let rest = &args[1..];
     match cmd.as_str() {
+        "amend" => amend::run(rest),
         "create" => create::run(rest),
         "info" => info::run(rest),
         "bench" => bench::run(rest),
@@ -47,6 +49,7 @@ fn print_help() {
         "img version {} - a qemu-img compatible disk image utility\n\
          usage: img [standard options] command [command options]\n\n\
          Command syntax:\n  \
+         amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename\n  \
          check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n  \
          compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n  \
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
