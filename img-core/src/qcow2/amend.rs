@@ -260,7 +260,7 @@ impl Qcow2 {
             self.upgrade(meta, &mut progress)?;
         }
         if refcount_bits != old_bits {
-            if new_version < 3 {
+            if new_version < 3 && refcount_bits != 16 {
                 return Err(refuse(
                     "Refcount widths other than 16 bits require compatibility level 1.1 or \
                      above (use compat=1.1 or greater)",
@@ -855,15 +855,29 @@ impl Qcow2 {
         let cs = self.cs();
         let per_table_cluster = cs / 8;
         self.flush_meta(meta)?;
-        self.check_refcounts_fit(meta, new_order)?;
 
         let mut table: Vec<u64> = Vec::new();
         let mut table_alloc: Option<(u64, u64)> = None;
         let mut walk = 0u64;
         loop {
             let total_walks = (walk + 2).max(3);
-            let allocated =
-                self.walk_refcounts(meta, new_order, &mut table, None, walk, total_walks, p)?;
+            let walked =
+                self.walk_refcounts(meta, new_order, &mut table, None, walk, total_walks, p);
+            let allocated = match walked {
+                Ok(a) => a,
+                Err(e) => {
+                    // Nothing points at what was allocated so far: give it back.
+                    for &b in table.iter().filter(|&&b| b != 0) {
+                        self.release_now(meta, b >> cb)?;
+                    }
+                    if let Some((first, n)) = table_alloc {
+                        for c in first..first + n {
+                            self.release_now(meta, c)?;
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             walk += 1;
             if !allocated {
                 break;
@@ -942,38 +956,11 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Refuses a width too narrow for a refcount in use, with qemu's message.
-    fn check_refcounts_fit(&self, meta: &mut Meta, new_order: u32) -> Result<()> {
-        let bits = 1u32 << new_order;
-        if bits == 64 {
-            return Ok(());
-        }
-        let file = self.file.as_ref();
-        let per_block = meta.refcounts.per_block();
-        let table = meta.refcounts.table().to_vec();
-        for (i, &b) in table.iter().enumerate() {
-            if b == 0 {
-                continue;
-            }
-            let base = i as u64 * per_block;
-            for c in base..base + per_block {
-                let rc = meta.refcounts.get(file, c)?;
-                if rc >> bits != 0 {
-                    return Err(refuse(format!(
-                        "Cannot decrease refcount entry width to {bits} bits: Cluster at offset \
-                         {} has a refcount of {rc}",
-                        c_hex(c << self.cluster_bits)
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// One walk over every refcount of the old structure, in cluster order, gathering them
     /// into blocks of the new width. Without `block`, a complete new block that is not empty
     /// gets a cluster (and the new table room for it); returns whether anything was
     /// allocated. With `block`, each new block that has a cluster is written there.
+    /// A refcount too large for the new width fails the walk with qemu's message.
     /// Progress is reported per old table entry, as qemu does.
     #[allow(clippy::too_many_arguments)]
     fn walk_refcounts(
@@ -1060,6 +1047,14 @@ impl Qcow2 {
                     continue;
                 }
                 let rc = meta.refcounts.get(file, base + k)?;
+                if new_order < 6 && rc >> (1u32 << new_order) != 0 {
+                    return Err(refuse(format!(
+                        "Cannot decrease refcount entry width to {} bits: Cluster at offset {} \
+                         has a refcount of {rc}",
+                        1u32 << new_order,
+                        c_hex((base + k) << cb)
+                    )));
+                }
                 if let Some(b) = block.as_deref_mut() {
                     set_entry(b, new_order, pos as usize, rc);
                 }
