@@ -1073,3 +1073,89 @@ impl Qcow2 {
         Ok(allocated)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::open::open_storage;
+    use crate::qcow2::{create, Qcow2CreateOptions};
+    use crate::OpenOptions;
+    use blockdev::{FileStorage, Storage};
+
+    fn driver(image: &mut Image) -> &mut Qcow2 {
+        image
+            .format_mut()
+            .as_any_mut()
+            .and_then(|a| a.downcast_mut::<Qcow2>())
+            .unwrap()
+    }
+
+    fn entry(file: &dyn Storage, at: u64) -> u64 {
+        let mut b = [0u8; 8];
+        file.read_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    }
+
+    /// Behind a backing file, zero clusters hide the backing file's data; version 2 has no
+    /// zero flag, so they become data clusters of zeros, counted and flagged as unshared.
+    /// (Images with backing files cannot be opened yet: the flag is set on the open driver.)
+    #[test]
+    fn zero_clusters_over_a_backing_file_become_zeroed_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        let cs = 65536u64;
+        create(
+            &p,
+            &Qcow2CreateOptions {
+                size: 4 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let file: Arc<dyn Storage> = Arc::new(FileStorage::open_read_write(&p).unwrap());
+        let mut image = open_storage(file.clone(), &OpenOptions::default()).unwrap();
+        driver(&mut image).header.backing_file = Some("base.qcow2".into());
+        image.write_at(&vec![7u8; cs as usize], 0).unwrap();
+        image.write_zeroes(cs, 2 * cs, false).unwrap();
+        image.write_at(&vec![8u8; cs as usize], 3 * cs).unwrap();
+        image.write_zeroes(3 * cs, cs, false).unwrap();
+        image.flush().unwrap();
+        let l1 = entry(file.as_ref(), 40);
+        let l2 = entry(file.as_ref(), l1) & OFFSET_MASK;
+        assert_eq!(entry(file.as_ref(), l2 + 8), 1, "a plain zero cluster");
+        let prealloc = entry(file.as_ref(), l2 + 24);
+        assert_eq!(prealloc & 1, 1, "a preallocated zero cluster");
+        let opts = AmendOptions {
+            compat: Some("0.10".into()),
+            ..Default::default()
+        };
+        amend_image(&mut image, &opts, &mut |_| {}).unwrap();
+        image.close().unwrap();
+
+        let mut head = [0u8; 8];
+        file.read_at(&mut head, 0).unwrap();
+        assert_eq!(&head[4..8], &2u32.to_be_bytes());
+        let report = check::check(&file, check::Fix::NONE).unwrap();
+        assert_eq!(
+            (report.corruptions, report.leaks, report.check_errors),
+            (0, 0, 0),
+            "{:?}",
+            report.messages
+        );
+        for i in 1..4u64 {
+            let e = entry(file.as_ref(), l2 + i * 8);
+            assert_eq!(e & 1, 0, "cluster {i}: no zero flag in version 2");
+            assert_ne!(e & COPIED, 0, "cluster {i}: unshared");
+            let host = e & OFFSET_MASK;
+            assert_ne!(host, 0, "cluster {i}: allocated, to hide the backing file");
+            let mut data = vec![1u8; cs as usize];
+            file.read_at(&mut data, host).unwrap();
+            assert!(data.iter().all(|&b| b == 0), "cluster {i} reads zeros");
+        }
+        // The preallocated cluster was zeroed where it was.
+        assert_eq!(
+            entry(file.as_ref(), l2 + 24) & OFFSET_MASK,
+            prealloc & OFFSET_MASK
+        );
+    }
+}
