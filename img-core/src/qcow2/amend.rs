@@ -251,8 +251,8 @@ impl Qcow2 {
             i64::from(new_version != old_version) + i64::from(refcount_bits != old_bits);
         let mut progress = Progress::new(report, operations);
         let meta_arc = Arc::clone(&self.meta);
-        let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
-        let meta = &mut *meta;
+        let mut guard = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = &mut *guard;
 
         // Upgrade first: the other changes may need version 3.
         if new_version > old_version {
@@ -282,15 +282,21 @@ impl Qcow2 {
                 }
                 self.header.compatible_features |= compat::LAZY_REFCOUNTS;
             } else {
-                // Refcounts must be consistent before nothing says they may not be.
+                // Refcounts must be consistent (the dirty bit clear) once nothing allows
+                // them not to be.
                 self.mark_clean(meta)?;
                 self.header.compatible_features &= !compat::LAZY_REFCOUNTS;
             }
             self.write_header(meta)?;
         }
         if let Some(size) = opts.size.filter(|&s| s != 0) {
-            self.amend_size(meta, size)?;
+            // Resizing takes the metadata lock itself.
+            self.flush_meta(meta)?;
+            drop(guard);
+            self.amend_size(size)?;
+            guard = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
         }
+        let meta = &mut *guard;
         // Downgrade last, once nothing version 2 cannot express is left.
         if new_version < old_version {
             progress.start(Operation::Downgrading);
@@ -316,10 +322,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The `size` option: resizing the image as `img resize` does.
+    /// The `size` option (non-zero): resizing the image exactly as `img resize` does (qemu
+    /// truncates with `exact=true`, no preallocation), with resize's own refusals (a version 2
+    /// image with snapshots, sizes not a multiple of 512, ...). Called without the metadata
+    /// lock held, after the header rewrite and lazy refcounts and before a downgrade.
     ///
-    /// Hook: resizing is written separately; this is where it is called once merged.
-    fn amend_size(&mut self, _meta: &mut Meta, new_size: u64) -> Result<()> {
+    /// Hook: resizing is being written separately; it is wired here once merged.
+    fn amend_size(&mut self, new_size: u64) -> Result<()> {
         Err(Error::unsupported(
             self.name(),
             format!("changing the virtual size to {new_size} with amend is not supported yet"),
@@ -435,8 +444,7 @@ impl Qcow2 {
         let other = meta.incompatible & !incompat::COMPRESSION;
         if other != 0 {
             return Err(refuse(format!(
-                "Cannot downgrade an image with incompatible features {} set",
-                format_args!("0x{other:x}")
+                "Cannot downgrade an image with incompatible features 0x{other:x} set"
             )));
         }
         // Checked before anything changes (qemu checks after expanding zero clusters, and
