@@ -26,7 +26,7 @@ use super::header::{
     self, compat, ext, incompat, offsets, CompressionType, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
 };
 use super::l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK};
-use super::refcount::{set_entry, Refcounts};
+use super::refcount::{get_entry, set_entry, Refcounts};
 use super::{check, Meta, Qcow2};
 use crate::{Error, Image, Result};
 use std::collections::HashSet;
@@ -985,6 +985,7 @@ impl Qcow2 {
         let cb = self.cluster_bits;
         let new_per_block = 1u64 << (cb + 3 - new_order);
         let old_per_block = meta.refcounts.per_block();
+        let old_order = meta.refcounts.bits().trailing_zeros();
         let per_table_cluster = self.cs() / 8;
         let mut allocated = false;
         // Position in the new block being gathered, its index, and whether it is empty.
@@ -996,7 +997,7 @@ impl Qcow2 {
                             block: &mut Option<&mut [u8]>,
                             index: usize,
                             empty: bool|
-         -> Result<()> {
+         -> Result<bool> {
             match block {
                 None => {
                     if !empty && index >= table.len() {
@@ -1012,7 +1013,7 @@ impl Qcow2 {
                     }
                     if !empty && table[index] == 0 {
                         table[index] = meta.refcounts.alloc(file, 1)? << cb;
-                        allocated = true;
+                        return Ok(true);
                     }
                 }
                 Some(data) => match table.get(index) {
@@ -1027,34 +1028,41 @@ impl Qcow2 {
                     }
                 },
             }
-            Ok(())
+            Ok(false)
         };
 
         let mut ti = 0usize;
         while ti < meta.refcounts.table().len() {
             let size = meta.refcounts.table().len() as u64;
             p.status(walk * size + ti as u64, total_walks * size);
-            let old_block = meta.refcounts.table()[ti];
             let base = ti as u64 * old_per_block;
+            // The old block as it is now; an allocation may change it, and is seen at once.
+            let mut old_block = meta.refcounts.block_copy(file, ti)?;
             let mut k = 0u64;
             while k < old_per_block {
                 if pos == new_per_block {
-                    complete(meta, &mut block, index, empty)?;
+                    if complete(meta, &mut block, index, empty)? {
+                        allocated = true;
+                        if old_block.is_some() {
+                            old_block = meta.refcounts.block_copy(file, ti)?;
+                        }
+                    }
+                    // An empty block left the buffer all zeros: no need to clear it.
+                    if let (Some(b), false) = (block.as_deref_mut(), empty) {
+                        b.fill(0);
+                    }
                     index += 1;
                     pos = 0;
                     empty = true;
-                    if let Some(b) = block.as_deref_mut() {
-                        b.fill(0);
-                    }
                 }
-                if old_block == 0 {
+                let Some(old) = old_block.as_deref() else {
                     // No block: all zeros, which the new block already holds.
                     let n = (old_per_block - k).min(new_per_block - pos);
                     k += n;
                     pos += n;
                     continue;
-                }
-                let rc = meta.refcounts.get(file, base + k)?;
+                };
+                let rc = get_entry(old, old_order, k as usize);
                 if new_order < 6 && rc >> (1u32 << new_order) != 0 {
                     return Err(refuse(format!(
                         "Cannot decrease refcount entry width to {} bits: Cluster at offset {} \
@@ -1074,7 +1082,7 @@ impl Qcow2 {
         }
         if pos > 0 {
             // The rest of a partly gathered last block is zeros (the buffer is zeroed).
-            complete(meta, &mut block, index, empty)?;
+            allocated |= complete(meta, &mut block, index, empty)?;
         }
         let size = meta.refcounts.table().len() as u64;
         p.status((walk + 1) * size, total_walks * size);
