@@ -187,4 +187,10 @@ pub trait Format: Send + Sync {
 
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
+
+    /// The driver itself, for operations only one format has (`img amend` on qcow2); `None`
+    /// for formats that offer none.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }

@@ -140,6 +140,12 @@ impl Image {
         self.format.as_ref()
     }
 
+    /// The format driver underneath, for format-specific operations that change it
+    /// (`img amend`).
+    pub fn format_mut(&mut self) -> &mut dyn Format {
+        self.format.as_mut()
+    }
+
     /// The backing image, if any.
     pub fn backing(&self) -> Option<&Image> {
         self.backing.as_deref()

@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the dispatcher.
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -14,7 +15,7 @@ use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
-    "check", "commit", "compare", "convert", "create", "info", "map", "rebase",
+    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "rebase",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -29,6 +30,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
     };
     let rest = &args[1..];
     match cmd.as_str() {
+        "amend" => amend::run(rest),
         "create" => create::run(rest),
         "info" => info::run(rest),
         "bench" => bench::run(rest),
@@ -55,6 +57,7 @@ fn print_help() {
         "img version {} - a qemu-img compatible disk image utility\n\
          usage: img [standard options] command [command options]\n\n\
          Command syntax:\n  \
+         amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename\n  \
          check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n  \
          commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n  \
          compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n  \

@@ -21,6 +21,7 @@
 //! memory back, so an idle image holds no cached metadata. With `discard=unmap`, clusters
 //! whose refcount drops to zero have holes punched under them when the decrement is applied.
 
+pub mod amend;
 pub mod cache;
 pub mod cache_options;
 pub mod check;
@@ -1160,5 +1161,9 @@ impl Format for Qcow2 {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 }
