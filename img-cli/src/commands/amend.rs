@@ -383,16 +383,8 @@ fn amend(
     }
     let spec = ImageSpec::from_args(filename, image_opts, fmt)?;
     let mut image = open::open(&spec, false, cache_mode)?;
+    // (`open` warns about a probed raw image opened for writing, as qemu-img does.)
     let driver = image.format().driver();
-    if spec.format.is_none() && driver == "raw" {
-        eprintln!(
-            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
-             Automatically detecting the format is dangerous for raw images, write operations \
-             on block 0 will be restricted.\n         Specify the 'raw' format explicitly to \
-             remove the restrictions.",
-            spec.path
-        );
-    }
     if help {
         return print_amend_help(driver);
     }

@@ -1,0 +1,116 @@
+//! A backing chain 1000 images deep opens and reads with bounded memory and one open file
+//! per image, and reads what qemu-img reads.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+const DEPTH: usize = 1000;
+
+/// Peak resident set of the children waited for so far, in KiB.
+fn children_max_rss_kib() -> i64 {
+    // SAFETY: getrusage fills the struct we pass and reads nothing else.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage.ru_maxrss as i64
+    }
+}
+
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn a_chain_1000_deep_reads_with_bounded_memory_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let name = |i: usize| format!("l{i}.qcow2");
+    let path = |i: usize| d.join(name(i));
+    img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path(0).to_str().unwrap(),
+        "64M",
+    ]);
+    for i in 1..=DEPTH {
+        // -u with a size: each create would otherwise open the whole chain beneath it.
+        img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &name(i - 1),
+            "-F",
+            "qcow2",
+            path(i).to_str().unwrap(),
+            "64M",
+        ]);
+    }
+    // Data at a few depths, some of it hidden by later layers.
+    for (layer, cmd) in [
+        (0, "write -P 1 0 8M"),
+        (10, "write -P 2 1M 64k"),
+        (500, "write -P 3 1M 4k"),
+        (999, "write -z 2M 64k"),
+        (1000, "write -P 4 7M 1000"),
+    ] {
+        qemu_io("qcow2", &path(layer), &[cmd.to_string()]);
+    }
+
+    let ours = d.join("ours.raw");
+    let theirs = d.join("theirs.raw");
+    img_ok(&[
+        "convert",
+        "-O",
+        "raw",
+        path(DEPTH).to_str().unwrap(),
+        ours.to_str().unwrap(),
+    ]);
+    // Measured before qemu-img runs: every child so far is an img process.
+    let peak_kib = children_max_rss_kib();
+    assert!(
+        peak_kib < 256 * 1024,
+        "img read a {DEPTH}-deep chain with a peak RSS of {peak_kib} KiB"
+    );
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path(DEPTH).to_str().unwrap(),
+        theirs.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+
+    // In process: one file descriptor per image of the chain, and all of them go on close.
+    let before = open_files();
+    let image = img_core::open_image(&path(DEPTH), &img_core::OpenOptions::default()).unwrap();
+    assert_eq!(image.chain().count(), DEPTH + 1);
+    let held = open_files() - before;
+    assert!(
+        held <= DEPTH + 1 + 4,
+        "{held} files open for a chain of {} images",
+        DEPTH + 1
+    );
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 3), "the copy at depth 500 wins");
+    image.close().unwrap();
+    assert_eq!(open_files(), before, "files left open after close");
+
+    // The depth limit is enforced with a clear error.
+    let shallow = img_core::OpenOptions {
+        backing: img_core::BackingPolicy {
+            max_depth: 100,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = img_core::open_image(Path::new(&path(DEPTH)), &shallow).unwrap_err();
+    assert!(e.to_string().contains("deeper than 100"), "{e}");
+}
