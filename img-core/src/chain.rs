@@ -99,7 +99,8 @@ pub(crate) fn open_chain(top: Box<dyn Format>, opts: &OpenOptions) -> Result<Ima
     while policy.open_backing {
         let above = &layers[layers.len() - 1].format;
         let info = above.info();
-        let Some(recorded) = info.backing_file else {
+        // An empty name is no backing file, as in qemu.
+        let Some(recorded) = info.backing_file.filter(|n| !n.is_empty()) else {
             break;
         };
         let depth = layers.len();

@@ -60,7 +60,7 @@ pub enum Error {
     },
 
     /// A backing file of the image could not be opened.
-    #[error("Could not open backing file: {}", .source.reason())]
+    #[error("'{file}': Could not open backing file: {}", .source.reason())]
     BackingOpen {
         /// The image whose chain was being opened.
         file: String,
@@ -89,6 +89,9 @@ impl Error {
             Error::Invalid { reason, .. } => reason.clone(),
             Error::Unsupported { what, .. } => what.clone(),
             Error::InvalidArgument(m) => m.clone(),
+            Error::BackingOpen { source, .. } => {
+                format!("Could not open backing file: {}", source.reason())
+            }
             other => other.to_string(),
         }
     }

@@ -176,7 +176,7 @@ fn open_new_backing(
             .map(|(_, r)| r.to_string())
             .unwrap_or(e.message.clone());
         CliError::new(format!(
-            "Could not open new backing file '{full}': {reason}"
+            "Could not open new backing file '{name}': {reason}"
         ))
     })
 }
