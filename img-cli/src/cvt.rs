@@ -223,11 +223,23 @@ mod tests {
         for s in invalid {
             assert_eq!(parse_size(s), Err(NumError::Invalid), "{s:?}");
         }
-        for s in ["-5", " -5", "-0", "16E", "18446744073709551616", "0x10000000000000000"] {
+        for s in [
+            "-5",
+            " -5",
+            "-0",
+            "16E",
+            "18446744073709551616",
+            "0x10000000000000000",
+        ] {
             assert_eq!(parse_size(s), Err(NumError::Range), "{s:?}");
         }
         // Trailing text makes a negative or overflowing number malformed rather than too big.
-        for s in ["-1M", "-1.5k", "99999999999999999999k", "0x10000000000000000k"] {
+        for s in [
+            "-1M",
+            "-1.5k",
+            "99999999999999999999k",
+            "0x10000000000000000k",
+        ] {
             assert_eq!(parse_size(s), Err(NumError::Invalid), "{s:?}");
         }
     }

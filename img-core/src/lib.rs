@@ -16,6 +16,6 @@ pub mod raw;
 pub mod size;
 
 pub use error::{Error, Result};
-pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
+pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ResizeOptions, ZeroMode};
 pub use image::{BlockStatus, Image};
 pub use open::{open_image, probe_format, DetectZeroes, DiscardMode, OpenOptions};

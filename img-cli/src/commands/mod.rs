@@ -6,11 +6,15 @@ mod compare;
 mod convert;
 pub(crate) mod create;
 mod info;
+mod measure;
+mod resize;
 
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info"];
+const COMMANDS: &[&str] = &[
+    "check", "compare", "convert", "create", "info", "measure", "resize",
+];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
@@ -30,6 +34,8 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "check" => check::run(rest),
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),
+        "measure" => measure::run(rest),
+        "resize" => resize::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -51,7 +57,9 @@ fn print_help() {
          compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n  \
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
          create [-q] [-f fmt] [-o options] filename [size]\n  \
-         info [-f fmt] [--output=ofmt] [-U] filename\n",
+         info [-f fmt] [--output=ofmt] [-U] filename\n  \
+         measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
+         resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n",
         env!("CARGO_PKG_VERSION")
     );
 }
