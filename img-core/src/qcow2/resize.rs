@@ -354,12 +354,28 @@ impl Qcow2 {
             self.l2_for_write(&mut meta, l1i)?;
             let host = meta.refcounts.alloc(file, n)? << cb;
             self.zero_host(host, n << cb)?;
-            // The part of the first cluster that belongs to the old disk keeps its content.
+            // As qemu's copy-on-write around the preallocated range: the part of the first
+            // cluster that belongs to the old disk is written with its content, the part of
+            // the last cluster past the new end with zeros.
             let head = from.saturating_sub(gc << cb);
             if head > 0 {
-                if let Some(data) = self.cluster_data(&mut meta, gc)? {
-                    file.write_at(&data[..head as usize], host)?;
-                }
+                let data = self.cluster_data(&mut meta, gc)?;
+                let zeros;
+                let bytes = match &data {
+                    Some(d) => &d[..head as usize],
+                    None => {
+                        zeros = vec![0u8; head as usize];
+                        &zeros[..]
+                    }
+                };
+                file.write_at(bytes, host)?;
+            }
+            let last = gc + n - 1;
+            let tail = to - (last << cb);
+            if tail < cs {
+                let start = tail.max(from.saturating_sub(last << cb));
+                let at = host + ((n - 1) << cb) + start;
+                file.write_at(&vec![0u8; (cs - start) as usize], at)?;
             }
             for i in 0..n {
                 let h = host + (i << cb);
