@@ -180,7 +180,12 @@ pub fn run(args: &[String]) -> CmdResult {
             "--image-opts and --format are mutually exclusive",
         ));
     }
-    let spec = ImageSpec::from_args(filename, a.image_opts, a.format.as_deref())?;
+    let mut spec = ImageSpec::from_args(filename, a.image_opts, a.format.as_deref())?;
+    if spec.options.discard.is_none() {
+        // qemu-img opens the image without unmap: clusters freed by a shrink keep their
+        // blocks in the file (only the cut tail goes), unless the options ask for discards.
+        spec.options.discard = Some("ignore".to_string());
+    }
     if spec.options.read_only {
         return Err(CliError::new(format!(
             "Could not open '{}': Block node is read-only",

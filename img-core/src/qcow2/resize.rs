@@ -27,6 +27,9 @@ use crate::raw::{resize_file, Preallocation};
 use crate::{Error, Result};
 use blockdev::Storage;
 
+/// The most bytes one of qemu's allocation requests covers (`INT_MAX`).
+const REQUEST_MAX: u64 = i32::MAX as u64;
+
 fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
@@ -117,11 +120,24 @@ impl Qcow2 {
     }
 
     /// Drops everything past `size` (see the module documentation).
+    ///
+    /// As qemu's shrink discards with its "always" policy, the clusters it frees (data, L2
+    /// tables, refcount blocks) are punched out of the file whatever the image's discard
+    /// setting; what else gets freed on the way follows that setting.
     fn shrink(&self, old: u64, size: u64, new_l1: u64) -> Result<()> {
         let cs = self.cs();
         let cb = self.cluster_bits;
         let mut meta = self.lock();
         self.mark_dirty(&mut meta)?;
+        // Host clusters whose references the shrink drops: those the L2 entries held, and the
+        // L2 tables dropped whole.
+        let mut released = Vec::new();
+        let mut dropped_tables = Vec::new();
+        let note = |released: &mut Vec<u64>, entry: L2Entry| {
+            if let Some((first, n)) = entry.host_clusters(cb) {
+                released.extend(first..first + n);
+            }
+        };
         // The cluster holding the new end keeps its data, as in qemu.
         let start = size.div_ceil(cs) * cs;
         if start < old {
@@ -134,7 +150,9 @@ impl Qcow2 {
                 self.l2_for_write(&mut meta, l1i)?;
                 let table_end = (l1i as u64 + 1) * self.l2_entries();
                 for gc in first..end.min(table_end) {
-                    if self.lookup(&mut meta, gc)? != L2Entry::Unallocated {
+                    let entry = self.lookup(&mut meta, gc)?;
+                    if entry != L2Entry::Unallocated {
+                        note(&mut released, entry);
                         self.set_entry(&mut meta, gc, 0)?;
                     }
                 }
@@ -148,9 +166,11 @@ impl Qcow2 {
             if l2 != 0 {
                 for l2i in 0..self.l2_entries() as usize {
                     let entry = self.entry_at(&mut meta, l2, l2i)?;
+                    note(&mut released, entry);
                     self.release(&mut meta, entry);
                 }
                 meta.refcounts.free_later(l2 >> cb);
+                dropped_tables.push(l2 >> cb);
                 self.flush_if_over_capacity(&mut meta)?;
             }
             if meta.l1[l1i] != 0 {
@@ -160,8 +180,28 @@ impl Qcow2 {
         }
         // Entries first, synced; the references they held are released after.
         self.flush_meta(&mut meta)?;
+        // qemu discards in the same batches (a batch is punched as merged runs, so which file
+        // blocks get freed depends on them): the data first, then each L2 table on its own,
+        // from the last one down.
+        self.punch_if_free(&mut meta, released)?;
+        for &table in dropped_tables.iter().rev() {
+            self.punch_if_free(&mut meta, vec![table])?;
+        }
         self.shrink_reftable(&mut meta)?;
         self.cut_file_tail(&mut meta)
+    }
+
+    /// Punches out of the file those of `clusters` that nothing references any more.
+    fn punch_if_free(&self, meta: &mut Meta, mut clusters: Vec<u64>) -> Result<()> {
+        clusters.sort_unstable();
+        clusters.dedup();
+        let mut free = Vec::with_capacity(clusters.len());
+        for c in clusters {
+            if meta.refcounts.get(self.file.as_ref(), c)? == 0 {
+                free.push(c);
+            }
+        }
+        self.punch_holes(&free)
     }
 
     /// Drops refcount blocks that count nothing but (maybe) themselves: the refcount table
@@ -200,22 +240,27 @@ impl Qcow2 {
                 dropped.push((own, counts_itself));
             }
         }
-        if dropped.is_empty() {
-            return Ok(());
-        }
+        // Written whole even when nothing changes, as qemu does (the file then holds the same
+        // allocated blocks).
         let table_offset = meta.refcounts.table_offset();
         let raw: Vec<u8> = new_table.iter().flat_map(|e| e.to_be_bytes()).collect();
         file.write_at(&raw, table_offset)?;
         file.flush()?;
+        if dropped.is_empty() {
+            return Ok(());
+        }
         let clusters = (table.len() as u64 * 8).div_ceil(cs) as u32;
         meta.refcounts.reload(file, table_offset, clusters)?;
-        for (cluster, counts_itself) in dropped {
+        for &(cluster, counts_itself) in &dropped {
             // A block that counted itself took its count with it.
             if !counts_itself {
                 meta.refcounts.free_later(cluster);
             }
         }
-        self.flush_meta(meta)
+        self.flush_meta(meta)?;
+        let mut blocks: Vec<u64> = dropped.iter().map(|&(c, _)| c).collect();
+        blocks.sort_unstable();
+        self.punch_holes(&blocks)
     }
 
     /// The last cluster of the first `clusters` with a non-zero refcount.
@@ -285,18 +330,36 @@ impl Qcow2 {
     }
 
     /// Makes host bytes that lie inside the file read as zeros (bytes past its end already
-    /// do): clusters handed out again may still hold what they held before.
+    /// do): clusters handed out again may still hold what they held before, which qemu would
+    /// let show through. Only ranges that are not zeros already are rewritten, so the file
+    /// keeps the same allocated and sparse ranges as qemu's.
     fn zero_host(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
         let eof = self.file.size()?;
-        if offset < eof {
-            self.file
-                .write_zeroes(offset, len.min(eof - offset), true)?;
+        let end = (offset + len).min(eof);
+        let mut pos = offset;
+        let mut buf = Vec::new();
+        while pos < end {
+            let n = CHUNK.min(end - pos);
+            buf.resize(n as usize, 0);
+            self.file.read_at(&mut buf, pos)?;
+            if buf.iter().any(|&b| b != 0) {
+                buf.fill(0);
+                self.file.write_at(&buf, pos)?;
+            }
+            pos += n;
         }
         Ok(())
     }
 
     /// `preallocation=metadata`: every cluster of `[from, to)` gets a host cluster and an L2
     /// entry; the data is not written.
+    ///
+    /// The clusters are handed out as qemu's allocation requests hand them out, so that the
+    /// layout is qemu's: within one request (which ends where its chunk ends, or where the next
+    /// cluster cannot continue the host range) fresh clusters continue right after the
+    /// previous cluster's host offset when that space is free; a new request takes the first
+    /// free run. A new L2 table is allocated before the data it maps.
     fn preallocate_metadata(&self, from: u64, to: u64) -> Result<()> {
         let cs = self.cs();
         let cb = self.cluster_bits;
@@ -312,81 +375,137 @@ impl Qcow2 {
         };
         let mut gc = from >> cb;
         while gc < end {
-            let entry = self.lookup(&mut meta, gc)?;
-            match entry {
-                L2Entry::Normal {
+            // One request: qemu asks for at most INT_MAX bytes (whole clusters) at a time.
+            let request_start = (gc << cb).max(from);
+            let request_end_byte = to.min(request_start + REQUEST_MAX / cs * cs);
+            let request_end = request_end_byte.div_ceil(cs);
+            let mut next_host: Option<u64> = None;
+            while gc < request_end {
+                let entry = self.lookup(&mut meta, gc)?;
+                if let L2Entry::Normal {
                     offset,
                     copied: true,
-                } => {
-                    // Already has a cluster of its own, kept as it is (qemu does too).
+                }
+                | L2Entry::ZeroAlloc {
+                    offset,
+                    copied: true,
+                } = entry
+                {
+                    if next_host.is_some_and(|h| h != offset) {
+                        break;
+                    }
+                    if let L2Entry::ZeroAlloc { .. } = entry {
+                        // Kept, and made a data cluster; its bytes are zeroed so that the
+                        // range still reads as zeros.
+                        self.zero_host(offset, cs)?;
+                        let (l1i, l2i) = self.split(gc);
+                        let l2 = self.l2_for_write(&mut meta, l1i)?;
+                        self.write_entry(&mut meta, l2, l2i, offset | COPIED)?;
+                    }
+                    // A cluster of its own already: kept as it is.
                     note_end(offset, gc);
+                    next_host = Some(offset + cs);
                     gc += 1;
                     continue;
                 }
-                L2Entry::ZeroAlloc {
-                    offset,
-                    copied: true,
-                } => {
-                    // The cluster is kept and becomes a data cluster; its bytes are zeroed so
-                    // that the range still reads as zeros.
-                    self.zero_host(offset, cs)?;
-                    let (l1i, l2i) = self.split(gc);
-                    let l2 = self.l2_for_write(&mut meta, l1i)?;
-                    self.write_entry(&mut meta, l2, l2i, offset | COPIED)?;
-                    note_end(offset, gc);
-                    gc += 1;
-                    continue;
+                // A run of clusters needing fresh space, inside one L2 slice.
+                let limit = (request_end - gc).min(self.clusters_left_in_slice(gc));
+                let mut n = 1;
+                while n < limit {
+                    match self.lookup(&mut meta, gc + n)? {
+                        L2Entry::Normal { copied: true, .. }
+                        | L2Entry::ZeroAlloc { copied: true, .. } => break,
+                        _ => n += 1,
+                    }
                 }
-                _ => {}
-            }
-            // A run of clusters needing fresh space, inside one L2 slice.
-            let limit = (end - gc).min(self.clusters_left_in_slice(gc));
-            let mut n = 1;
-            while n < limit {
-                match self.lookup(&mut meta, gc + n)? {
-                    L2Entry::Normal { copied: true, .. }
-                    | L2Entry::ZeroAlloc { copied: true, .. } => break,
-                    _ => n += 1,
-                }
-            }
-            // The L2 table before the data, as qemu orders them.
-            let (l1i, _) = self.split(gc);
-            self.l2_for_write(&mut meta, l1i)?;
-            let host = meta.refcounts.alloc(file, n)? << cb;
-            self.zero_host(host, n << cb)?;
-            // As qemu's copy-on-write around the preallocated range: the part of the first
-            // cluster that belongs to the old disk is written with its content, the part of
-            // the last cluster past the new end with zeros.
-            let head = from.saturating_sub(gc << cb);
-            if head > 0 {
-                let data = self.cluster_data(&mut meta, gc)?;
-                let zeros;
-                let bytes = match &data {
-                    Some(d) => &d[..head as usize],
-                    None => {
-                        zeros = vec![0u8; head as usize];
-                        &zeros[..]
+                // The L2 table before the data.
+                let (l1i, _) = self.split(gc);
+                self.l2_for_write(&mut meta, l1i)?;
+                let host = match next_host {
+                    None => meta.refcounts.alloc(file, n)? << cb,
+                    Some(h) => {
+                        let k = self.alloc_at(&mut meta, h >> cb, n)?;
+                        if k == 0 {
+                            break;
+                        }
+                        n = k;
+                        h
                     }
                 };
-                file.write_at(bytes, host)?;
+                self.fill_edges(&mut meta, gc, n, host, from, to)?;
+                for i in 0..n {
+                    let h = host + (i << cb);
+                    self.set_entry(&mut meta, gc + i, h | COPIED)?;
+                    note_end(h, gc + i);
+                }
+                next_host = Some(host + (n << cb));
+                gc += n;
+                self.flush_if_over_capacity(&mut meta)?;
             }
-            let last = gc + n - 1;
-            let tail = to - (last << cb);
-            if tail < cs {
-                let start = tail.max(from.saturating_sub(last << cb));
-                let at = host + ((n - 1) << cb) + start;
-                file.write_at(&vec![0u8; (cs - start) as usize], at)?;
+            if gc == request_end && !request_end_byte.is_multiple_of(cs) && request_end_byte < to {
+                // The next request starts inside the cluster this one ended in.
+                gc -= 1;
             }
-            for i in 0..n {
-                let h = host + (i << cb);
-                self.set_entry(&mut meta, gc + i, h | COPIED)?;
-                note_end(h, gc + i);
-            }
-            gc += n;
-            self.flush_if_over_capacity(&mut meta)?;
         }
         if mapped_end > file.size()? {
             file.truncate(mapped_end)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates up to `n` free clusters starting exactly at `cluster`; returns how many.
+    fn alloc_at(&self, meta: &mut Meta, cluster: u64, n: u64) -> Result<u64> {
+        let file = self.file.as_ref();
+        let mut k = 0;
+        while k < n
+            && ((cluster + k + 1) << self.cluster_bits) <= super::header::MAX_HOST_OFFSET
+            && meta.refcounts.get(file, cluster + k)? == 0
+        {
+            k += 1;
+        }
+        for c in cluster..cluster + k {
+            meta.refcounts.increment(file, c)?;
+        }
+        Ok(k)
+    }
+
+    /// Writes what qemu's copy-on-write around a preallocated range writes into the fresh
+    /// clusters `[gc, gc + n)` at `host`: the part of the first cluster that belongs to the
+    /// old disk (before `from`) with its content, the part of the last cluster past the new
+    /// end `to` with zeros. Fresh clusters that the file already covers are zeroed first, so
+    /// that nothing they held before shows through.
+    fn fill_edges(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+        n: u64,
+        host: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let cb = self.cluster_bits;
+        let file = self.file.as_ref();
+        self.zero_host(host, n << cb)?;
+        let head = from.saturating_sub(gc << cb);
+        if head > 0 {
+            let data = self.cluster_data(meta, gc)?;
+            let zeros;
+            let bytes = match &data {
+                Some(d) => &d[..head as usize],
+                None => {
+                    zeros = vec![0u8; head as usize];
+                    &zeros[..]
+                }
+            };
+            file.write_at(bytes, host)?;
+        }
+        let last = gc + n - 1;
+        let tail = to.saturating_sub(last << cb);
+        if tail < cs {
+            let start = tail.max(from.saturating_sub(last << cb));
+            let at = host + ((n - 1) << cb) + start;
+            file.write_at(&vec![0u8; (cs - start) as usize], at)?;
         }
         Ok(())
     }
