@@ -101,12 +101,21 @@ pub fn cvtnum(what: &str, text: &str) -> Result<u64, crate::CliError> {
 pub fn parse_size(text: &str) -> Result<u64, NumError> {
     let s = text.as_bytes();
     let int = strtoull(s, 10);
+    // An overflowing or negative number is out of range, unless more text follows it: the
+    // text is then malformed, which qemu reports first.
+    let range_or_trailing = |e: usize| {
+        if e < s.len() {
+            NumError::Invalid
+        } else {
+            NumError::Range
+        }
+    };
     let (mut val, mut end, int_ok) = match int {
-        Some((_, _, true)) => return Err(NumError::Range),
+        Some((_, e, true)) => return Err(range_or_trailing(e)),
         Some((v, e, false)) => {
             let signed_negative = s[..e].contains(&b'-');
             if signed_negative {
-                return Err(NumError::Range);
+                return Err(range_or_trailing(e));
             }
             (v, e, true)
         }
@@ -120,7 +129,7 @@ pub fn parse_size(text: &str) -> Result<u64, NumError> {
                 val = v;
                 end = e;
             }
-            Some((_, _, true)) => return Err(NumError::Range),
+            Some((_, e, true)) => return Err(range_or_trailing(e)),
             None => return Err(NumError::Invalid),
         }
         if s.get(end) == Some(&b'.') || suffix_mul(s.get(end).copied()).is_some() {
@@ -229,8 +238,24 @@ mod tests {
         for s in invalid {
             assert_eq!(parse_size(s), Err(NumError::Invalid), "{s:?}");
         }
-        for s in ["-5", " -5", "16E", "18446744073709551616"] {
+        for s in [
+            "-5",
+            " -5",
+            "-0",
+            "16E",
+            "18446744073709551616",
+            "0x10000000000000000",
+        ] {
             assert_eq!(parse_size(s), Err(NumError::Range), "{s:?}");
+        }
+        // Trailing text makes a negative or overflowing number malformed rather than too big.
+        for s in [
+            "-1M",
+            "-1.5k",
+            "99999999999999999999k",
+            "0x10000000000000000k",
+        ] {
+            assert_eq!(parse_size(s), Err(NumError::Invalid), "{s:?}");
         }
     }
 

@@ -370,6 +370,14 @@ pub fn open_with_aio(
     let path = Path::new(&spec.path);
     let meta = std::fs::metadata(path);
     if meta.as_ref().is_ok_and(|m| m.is_dir()) {
+        // Opening a directory for writing fails in the open call itself (EISDIR); only a
+        // read-only open gets as far as qemu's check of the file type.
+        if !(read_only || o.read_only) {
+            return Err(fail(format!(
+                "Could not open '{}': Is a directory",
+                spec.path
+            )));
+        }
         return Err(fail(format!(
             "'file' driver requires '{}' to be a regular file",
             spec.path

@@ -66,6 +66,18 @@ pub enum ZeroMode {
     MayUnmap,
 }
 
+/// What [`Format::resize`] does with the range a grow adds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResizeOptions {
+    /// How much of the new range to allocate now (qemu's `--preallocation`).
+    pub prealloc: crate::raw::Preallocation,
+    /// Make the whole clusters of the new range read as zeros instead of falling through to a
+    /// backing image that is longer than the old size (qemu's zero-write truncate). The
+    /// partial cluster at the old end is left to the caller, which writes zeros through the
+    /// generic path so that the rest of that cluster is copied up.
+    pub zero_new_clusters: bool,
+}
+
 /// Format-specific facts for `img info`.
 #[derive(Clone, Debug, Default)]
 pub struct FormatInfo {
@@ -152,6 +164,16 @@ pub trait Format: Send + Sync {
         Err(crate::Error::unsupported(
             self.file_name(),
             "compressed writes are not supported in this format",
+        ))
+    }
+
+    /// Changes the virtual size to `size` as qemu's truncate does: a grow maps the new range
+    /// as unallocated (or preallocates it, see [`ResizeOptions`]), a shrink drops everything
+    /// past the new end. `&mut self`: no request is in flight while the size changes.
+    fn resize(&mut self, size: u64, opts: &ResizeOptions) -> Result<()> {
+        let _ = (size, opts);
+        Err(crate::Error::InvalidArgument(
+            "Image format driver does not support resize".into(),
         ))
     }
 

@@ -7,6 +7,10 @@ use crate::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
+/// The largest image length qemu's block layer accepts (`BDRV_MAX_LENGTH`): `i64::MAX`
+/// rounded down to a multiple of its largest request alignment.
+pub const MAX_LENGTH: u64 = 9_223_372_035_781_033_984;
+
 /// How a guest range is stored, as `img map` and `img convert` see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockStatus {
@@ -167,6 +171,16 @@ impl Image {
         self.format.make_empty()?;
         self.invalidate_decompressed();
         self.format.flush()
+    }
+
+    /// The image `depth` levels down the chain (0 is this one), to change it (a commit grows
+    /// its base).
+    pub fn at_depth_mut(&mut self, depth: usize) -> Option<&mut Image> {
+        let mut image = self;
+        for _ in 0..depth {
+            image = image.backing.as_deref_mut()?;
+        }
+        Some(image)
     }
 
     /// The image `depth` levels down the chain (0 is this one).
@@ -595,6 +609,38 @@ impl Image {
                 },
             });
         }
+    }
+
+    /// Changes the virtual size to `size`, preallocating a grown range as `prealloc` asks
+    /// (see [`Format::resize`]). As in qemu, when a backing image is longer than the old size
+    /// the new range reads as zeros rather than showing the backing image's data.
+    pub fn resize(&mut self, size: u64, prealloc: crate::raw::Preallocation) -> Result<()> {
+        self.check_writable()?;
+        if size > MAX_LENGTH {
+            return Err(Error::InvalidArgument(format!(
+                "offset({size}) exceeds maximum({MAX_LENGTH})"
+            )));
+        }
+        let old = self.size();
+        let zero_new = size > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
+        self.format.resize(
+            size,
+            &crate::format::ResizeOptions {
+                prealloc,
+                zero_new_clusters: zero_new,
+            },
+        )?;
+        self.invalidate_decompressed();
+        if zero_new {
+            // The format zeroed the whole clusters; the rest of the cluster at the old end is
+            // written as data, which copies its head up from the backing image.
+            let cs = self.format.cluster_size();
+            let head_end = old.div_ceil(cs).saturating_mul(cs).min(size);
+            if head_end > old {
+                self.write_at(&vec![0u8; (head_end - old) as usize], old)?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes every completed write durable, metadata included.

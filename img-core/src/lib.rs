@@ -19,7 +19,7 @@ pub mod size;
 
 pub use chain::BackingPolicy;
 pub use error::{Error, Result};
-pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
+pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ResizeOptions, ZeroMode};
 pub use image::{BlockStatus, Image};
 pub use locking::Usage;
 pub use open::{open_image, probe_format, DetectZeroes, DiscardMode, OpenOptions};

@@ -96,18 +96,15 @@ pub fn run(args: &[String]) -> CmdResult {
         writable_depth: Some(depth),
         ..Default::default()
     });
-    let top = open::open(&spec, false, cache)?;
+    let mut top = open::open(&spec, false, cache)?;
     let failed = |e: img_core::Error| CliError::new(format!("Could not commit image: {e}"));
-    let base_image = top
-        .at_depth(depth)
-        .expect("the base was found in this chain");
-    if base_image.size() < top.size() {
-        return Err(CliError::new(format!(
-            "Could not commit image: the base '{}' is smaller than '{}' and growing it is \
-             not supported yet",
-            base_image.file_name(),
-            top.file_name()
-        )));
+    // As qemu: a base smaller than the top image grows to its size (a larger one is kept).
+    let size = top.size();
+    let base_image = top.at_depth_mut(depth).expect("the base was found in this chain");
+    if base_image.size() < size {
+        base_image
+            .resize(size, img_core::raw::Preallocation::Off)
+            .map_err(failed)?;
     }
 
     let mut bar = Progress::new(show_progress && !quiet);

@@ -331,30 +331,43 @@ struct Given {
     number: Option<u64>,
 }
 
-/// The option list of one `create` call.
-struct Opts {
+/// The option list of one `create` call (`measure` checks its `-o` list with it too).
+pub(crate) struct Opts {
     descs: Vec<Desc>,
     given: Vec<Given>,
 }
 
 impl Opts {
+    /// The options `fmt` and the file underneath accept, none given yet.
+    pub(crate) fn for_format(fmt: &str) -> Self {
+        Opts {
+            descs: merged_opts(fmt),
+            given: Vec::new(),
+        }
+    }
+
+    /// The parsed value of the number or size given last for `name`.
+    pub(crate) fn number(&self, name: &str) -> Option<u64> {
+        self.get(name).and_then(|g| g.number)
+    }
+
     /// The value given last for `name`, as qemu looks options up.
     fn get(&self, name: &str) -> Option<&Given> {
         self.given.iter().rev().find(|g| g.name == name)
     }
 
-    fn text(&self, name: &str) -> Option<&str> {
+    pub(crate) fn text(&self, name: &str) -> Option<&str> {
         self.get(name).map(|g| g.text.as_str())
     }
 
-    fn bool(&self, name: &str) -> bool {
+    pub(crate) fn bool(&self, name: &str) -> bool {
         self.text(name)
             .and_then(|t| crate::options::parse_bool(name, t).ok())
             .unwrap_or(false)
     }
 
     /// Adds one `name=value`, checked against the option's type as qemu checks it.
-    fn set(&mut self, name: &str, text: &str) -> Result<(), String> {
+    pub(crate) fn set(&mut self, name: &str, text: &str) -> Result<(), String> {
         let desc = self
             .descs
             .iter()

@@ -9,13 +9,16 @@ mod convert;
 pub(crate) mod create;
 mod info;
 mod map;
+mod measure;
 mod rebase;
+mod resize;
 
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
-    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "rebase",
+    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure",
+    "rebase", "resize",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -40,6 +43,8 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "map" => map::run(rest),
         "commit" => commit::run(rest),
         "rebase" => rebase::run(rest),
+        "measure" => measure::run(rest),
+        "resize" => resize::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -65,7 +70,9 @@ fn print_help() {
          create [-q] [-f fmt] [-o options] filename [size]\n  \
          info [-f fmt] [--output=ofmt] [-U] [--backing-chain] filename\n  \
          rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename\n  \
-         map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n",
+         map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
+         measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
+         resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n",
         env!("CARGO_PKG_VERSION")
     );
 }

@@ -3,5 +3,6 @@
 pub mod commit;
 pub mod compare;
 pub mod map;
+pub mod measure;
 pub mod rebase;
 pub mod status;

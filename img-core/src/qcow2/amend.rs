@@ -326,13 +326,14 @@ impl Qcow2 {
     /// truncates with `exact=true`, no preallocation), with resize's own refusals (a version 2
     /// image with snapshots, sizes not a multiple of 512, ...). Called without the metadata
     /// lock held, after the header rewrite and lazy refcounts and before a downgrade.
-    ///
-    /// Hook: resizing is being written separately; it is wired here once merged.
     fn amend_size(&mut self, new_size: u64) -> Result<()> {
-        Err(Error::unsupported(
-            self.name(),
-            format!("changing the virtual size to {new_size} with amend is not supported yet"),
-        ))
+        self.resize_to(
+            new_size,
+            &crate::format::ResizeOptions {
+                prealloc: crate::raw::Preallocation::Off,
+                zero_new_clusters: false,
+            },
+        )
     }
 
     /// The header as it should be on disk now: the fields the driver keeps up to date in

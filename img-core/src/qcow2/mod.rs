@@ -30,14 +30,16 @@ pub mod create;
 mod empty;
 pub mod header;
 pub mod l2;
+pub mod measure;
 pub mod refcount;
+mod resize;
 
 pub use cache::CacheStats;
 pub use cache_options::CacheOptions;
 pub use create::{create, Qcow2CreateOptions};
 pub use header::{CompressionType, Header};
 
-use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
+use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ResizeOptions, ZeroMode};
 use crate::{Error, Result};
 use blockdev::Storage;
 use cache::MetaCache;
@@ -1101,6 +1103,10 @@ impl Format for Qcow2 {
         let entry = L2Entry::compressed(host, len, self.cluster_bits);
         self.set_entry(&mut meta, offset >> self.cluster_bits, entry)?;
         self.flush_if_over_capacity(&mut meta)
+    }
+
+    fn resize(&mut self, size: u64, opts: &ResizeOptions) -> Result<()> {
+        self.resize_to(size, opts)
     }
 
     fn flush(&self) -> Result<()> {

@@ -1,10 +1,12 @@
 //! raw: the guest disk is the file, byte for byte.
 
 mod create;
+mod resize;
 
 pub use create::{create, Preallocation, RawCreateOptions};
+pub use resize::resize_file;
 
-use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
+use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ResizeOptions, ZeroMode};
 use crate::{Error, Result};
 use blockdev::Storage;
 use std::sync::Arc;
@@ -89,6 +91,19 @@ impl Format for Raw {
         Ok(())
     }
 
+    fn resize(&mut self, size: u64, opts: &ResizeOptions) -> Result<()> {
+        if self.storage.is_read_only() {
+            return Err(Error::ReadOnly {
+                file: self.file_name().to_string(),
+            });
+        }
+        resize_file(self.storage.as_ref(), size, opts.prealloc)?;
+        // The file may end up longer than asked (qemu writes a whole first block into an empty
+        // file); the disk is the file.
+        self.size = self.storage.size()?;
+        Ok(())
+    }
+
     fn flush(&self) -> Result<()> {
         Ok(self.storage.flush()?)
     }
@@ -99,19 +114,5 @@ impl Format for Raw {
 
     fn is_read_only(&self) -> bool {
         self.storage.is_read_only()
-    }
-}
-
-impl Raw {
-    /// Changes the virtual size (and the file's size).
-    pub fn resize(&mut self, size: u64) -> Result<()> {
-        if self.storage.is_read_only() {
-            return Err(Error::ReadOnly {
-                file: self.file_name().to_string(),
-            });
-        }
-        self.storage.truncate(size)?;
-        self.size = size;
-        Ok(())
     }
 }
