@@ -759,15 +759,25 @@ fn command_line_matches_qemu() {
     assert_eq!(specific(&v3)["lazy-refcounts"], true);
 }
 
-/// The `size` option waits for resizing (written separately): until then it is refused.
+/// `size=` resizes as qemu-img amend does: growing and shrinking give the same result.
 #[test]
-fn size_is_not_supported_yet() {
+fn size_resizes_as_qemu_does() {
     let dir = tempfile::tempdir().unwrap();
-    let (v3, _) = data_image(dir.path(), "size.qcow2", 65536, "");
-    let m = run_tool(&img_bin(), &["-o", "size=4M"], &v3);
-    assert_eq!(m.code, Some(1));
-    assert!(m.stderr.contains("not supported yet"), "{}", m.stderr);
-    assert_qemu_check_clean(&v3);
+    for size in ["200M", "4M", "1M"] {
+        let (ours, _) = data_image(dir.path(), "ours.qcow2", 65536, "");
+        let (theirs, _) = data_image(dir.path(), "theirs.qcow2", 65536, "");
+        let arg = format!("size={size}");
+        let m = run_tool(&img_bin(), &["-o", &arg], &ours);
+        let q = run_tool(Path::new("qemu-img"), &["-o", &arg], &theirs);
+        assert_eq!(m.code, q.code, "{size}: {} / {}", m.stderr, q.stderr);
+        assert_eq!(
+            m.stderr.replace("img:", ""),
+            q.stderr.replace("qemu-img:", ""),
+            "{size}"
+        );
+        assert_qemu_check_clean(&ours);
+        assert_qemu_compare_identical(&ours, "qcow2", &theirs, "qcow2");
+    }
 }
 
 /// Reads the whole guest disk of an image file through img-core.

@@ -100,7 +100,9 @@ pub fn run(args: &[String]) -> CmdResult {
     let failed = |e: img_core::Error| CliError::new(format!("Could not commit image: {e}"));
     // As qemu: a base smaller than the top image grows to its size (a larger one is kept).
     let size = top.size();
-    let base_image = top.at_depth_mut(depth).expect("the base was found in this chain");
+    let base_image = top
+        .at_depth_mut(depth)
+        .expect("the base was found in this chain");
     if base_image.size() < size {
         base_image
             .resize(size, img_core::raw::Preallocation::Off)

@@ -17,8 +17,8 @@ use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
-    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure",
-    "rebase", "resize",
+    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
+    "resize",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
