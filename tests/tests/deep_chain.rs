@@ -71,13 +71,19 @@ fn a_chain_1000_deep_reads_with_bounded_memory_and_files() {
         (10, "write -P 2 1M 64k"),
         (500, "write -P 3 1M 4k"),
         (999, "write -z 2M 64k"),
-        (1000, "write -P 4 7M 1000"),
     ] {
         qemu_io("qcow2", &path(layer), &[cmd.to_string()]);
     }
+    // A partial-cluster write on top copies the rest of its cluster up from 1000 images
+    // below. (qemu-io itself crashes on this write: its copy-on-write read recurses through
+    // the chain on a small coroutine stack.)
+    {
+        let top = img_core::open_image(&path(DEPTH), &img_core::OpenOptions::default()).unwrap();
+        top.write_at(&[4u8; 1000], 7 << 20).unwrap();
+        top.close().unwrap();
+    }
 
     let ours = d.join("ours.raw");
-    let theirs = d.join("theirs.raw");
     img_ok(&[
         "convert",
         "-O",
@@ -85,20 +91,26 @@ fn a_chain_1000_deep_reads_with_bounded_memory_and_files() {
         path(DEPTH).to_str().unwrap(),
         ours.to_str().unwrap(),
     ]);
-    // Measured before qemu-img runs: every child so far is an img process.
+    // Every child so far is an img process or a qemu-io on a shallow part of the chain.
     let peak_kib = children_max_rss_kib();
     assert!(
         peak_kib < 256 * 1024,
         "img read a {DEPTH}-deep chain with a peak RSS of {peak_kib} KiB"
     );
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        path(DEPTH).to_str().unwrap(),
-        theirs.to_str().unwrap(),
-    ]);
-    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    // The expected disk, layer by layer from the bottom. (qemu-img 10.0.2 cannot be the
+    // oracle here: its convert of this chain dies, recursing through 1000 images on a
+    // coroutine stack.)
+    let mut model = vec![0u8; 64 << 20];
+    let mib = 1usize << 20;
+    model[..8 * mib].fill(1);
+    model[mib..mib + 65536].fill(2);
+    model[mib..mib + 4096].fill(3);
+    model[2 * mib..2 * mib + 65536].fill(0);
+    model[7 * mib..7 * mib + 1000].fill(4);
+    assert!(
+        std::fs::read(&ours).unwrap() == model,
+        "img read the chain wrongly"
+    );
 
     // In process: one file descriptor per image of the chain, and all of them go on close.
     let before = open_files();
