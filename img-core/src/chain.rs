@@ -96,7 +96,10 @@ pub(crate) fn open_chain(top: Box<dyn Format>, opts: &OpenOptions) -> Result<Ima
     // The permissions each level's user holds; a backing image's user is the image above.
     let mut users = locking::user(opts.read_only, opts.usage);
     let mut layers = vec![Layer { format: top }];
-    while policy.open_backing {
+    loop {
+        if !policy.open_backing {
+            break;
+        }
         let above = &layers[layers.len() - 1].format;
         let info = above.info();
         // An empty name is no backing file, as in qemu.
@@ -166,7 +169,6 @@ fn open_backing(
         create: false,
         locking: opts.locking,
         permissions,
-        ..Default::default()
     };
     // The permissions depend on the format; a format that must be probed is probed through an
     // unlocked open first, as the top image is.

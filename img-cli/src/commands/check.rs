@@ -364,6 +364,33 @@ pub fn json_report(r: &CheckReport, filename: &str) -> String {
     format!("{{\n{}\n}}", body.join(",\n"))
 }
 
+/// As qemu-img, which opens the image with its backing chain before checking it: a backing
+/// file that cannot be opened fails the check. Only the header is read here, so a damaged
+/// image is still checked.
+fn check_backing_opens(storage: &Arc<dyn Storage>, path: &str) -> Result<(), String> {
+    let size = storage.size().map_err(|e| e.to_string())?;
+    let mut first = vec![0u8; size.min(2 << 20) as usize];
+    if storage.read_at(&mut first, 0).is_err() {
+        return Ok(());
+    }
+    let Ok(header) = img_core::qcow2::Header::parse(path, &first, size) else {
+        return Ok(());
+    };
+    let Some(backing) = header.backing_file else {
+        return Ok(());
+    };
+    let name = img_core::chain::resolve_backing_name(path, &backing);
+    let opts = img_core::OpenOptions {
+        format: header.backing_format,
+        read_only: true,
+        locking: img_core::locking::Locking::Off,
+        ..Default::default()
+    };
+    img_core::open_image(std::path::Path::new(&name), &opts)
+        .map(drop)
+        .map_err(|e| format!("Could not open backing file: {}", e.reason()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,31 +434,4 @@ mod tests {
             "No errors were found on the image.\nImage end offset: 262144\n"
         );
     }
-}
-
-/// As qemu-img, which opens the image with its backing chain before checking it: a backing
-/// file that cannot be opened fails the check. Only the header is read here, so a damaged
-/// image is still checked.
-fn check_backing_opens(storage: &Arc<dyn Storage>, path: &str) -> Result<(), String> {
-    let size = storage.size().map_err(|e| e.to_string())?;
-    let mut first = vec![0u8; size.min(2 << 20) as usize];
-    if storage.read_at(&mut first, 0).is_err() {
-        return Ok(());
-    }
-    let Ok(header) = img_core::qcow2::Header::parse(path, &first, size) else {
-        return Ok(());
-    };
-    let Some(backing) = header.backing_file else {
-        return Ok(());
-    };
-    let name = img_core::chain::resolve_backing_name(path, &backing);
-    let opts = img_core::OpenOptions {
-        format: header.backing_format,
-        read_only: true,
-        locking: img_core::locking::Locking::Off,
-        ..Default::default()
-    };
-    img_core::open_image(std::path::Path::new(&name), &opts)
-        .map(drop)
-        .map_err(|e| format!("Could not open backing file: {}", e.reason()))
 }
