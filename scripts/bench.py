@@ -98,18 +98,20 @@ def chain_cases(img, work, base, out):
          [img, "convert", "-O", "raw", prev, out], ["qemu-img", "convert", "-O", "raw", prev, out], [out])
     case("map --output=json of the 100-deep chain", [img, "map", "--output=json", prev],
          ["qemu-img", "map", "--output=json", prev])
-    # 1000 small overlays: the cost of walking the chain for every request.
+    # 750 small overlays: the cost of walking the chain for every request. (qemu-img 10.0.2
+    # dies with a segmentation fault converting a 1000-deep chain: it recurses through the
+    # chain on a coroutine stack; img reads such a chain, see tests/tests/deep_chain.rs.)
     small = os.path.join(work, "s0.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", small, "64M"], check=True)
     qemu_io(small, "write -P 1 0 64M")
     prev = small
-    for i in range(1, 1001):
+    for i in range(1, 751):
         layer = os.path.join(work, f"s{i}.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", os.path.basename(prev),
                         "-F", "qcow2", layer, "64M"], check=True)
         prev = layer
     qemu_io(prev, "write -P 9 1M 64k")
-    case("convert a 1000-deep chain of 64 MiB images -> raw",
+    case("convert a 750-deep chain of 64 MiB images -> raw",
          [img, "convert", "-O", "raw", prev, out], ["qemu-img", "convert", "-O", "raw", prev, out], [out])
 
     # Safe rebase: an overlay with scattered writes moved from one base to another that

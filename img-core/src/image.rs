@@ -188,6 +188,17 @@ impl Image {
         self.chain().nth(depth)
     }
 
+    /// The length block status covers: qemu counts a raw image in whole sectors, so the
+    /// padding after a raw backing file's partial last sector is part of it (a hole).
+    fn status_size(&self) -> u64 {
+        let size = self.size();
+        if self.format.driver() == "raw" {
+            size.div_ceil(512).saturating_mul(512)
+        } else {
+            size
+        }
+    }
+
     /// The images of the chain, this one first.
     pub fn chain(&self) -> impl Iterator<Item = &Image> {
         std::iter::successors(Some(self), |i| i.backing())
@@ -591,8 +602,8 @@ impl Image {
                 Mapping::Zero => status(true, false, None, false),
                 Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),
                 Mapping::Unallocated => match image.backing.as_deref() {
-                    Some(below) if offset < below.size() => {
-                        len = extent.len.min(below.size() - offset);
+                    Some(below) if offset < below.status_size() => {
+                        len = extent.len.min(below.status_size() - offset);
                         image = below;
                         depth += 1;
                         continue;
