@@ -10,7 +10,7 @@
 use crate::commands::create::{split_options, valid_option_list};
 use crate::cvt::{self, NumError};
 use crate::getopt::{opt, parse, OptSpec};
-use crate::open::{self, ImageSpec, UNSUPPORTED_FORMATS};
+use crate::open::{self, ImageSpec};
 use crate::options::parse_bool;
 use crate::{CliError, CmdResult};
 use img_core::qcow2::amend::{amend_image, AmendOptions};
@@ -128,45 +128,6 @@ const CREATE_ONLY_OPTS: &[(&str, Kind)] = &[
     ("compression_type", Kind::Str),
 ];
 
-/// Block drivers qemu knows besides qcow2 (which amends) and luks: `-o help` for them says
-/// they cannot amend rather than that they are unknown.
-const OTHER_DRIVERS: &[&str] = &[
-    "blkdebug",
-    "blklogwrites",
-    "blkreplay",
-    "blkverify",
-    "compress",
-    "copy-before-write",
-    "copy-on-read",
-    "file",
-    "snapshot-access",
-    "ftp",
-    "ftps",
-    "gluster",
-    "host_cdrom",
-    "host_device",
-    "http",
-    "https",
-    "io_uring",
-    "iscsi",
-    "nbd",
-    "nfs",
-    "null-aio",
-    "null-co",
-    "nvme",
-    "nvme-io_uring",
-    "preallocate",
-    "quorum",
-    "raw",
-    "rbd",
-    "replication",
-    "ssh",
-    "throttle",
-    "virtio-blk-vfio-pci",
-    "virtio-blk-vhost-user",
-    "virtio-blk-vhost-vdpa",
-];
-
 fn no_amend(fmt: &str) -> CliError {
     CliError::new(format!(
         "Format driver '{fmt}' does not support option amendment"
@@ -179,7 +140,8 @@ fn print_amend_help(fmt: &str) -> CmdResult {
         return Err(CliError::new("The 'luks' format is not supported by img"));
     }
     if fmt != "qcow2" {
-        if UNSUPPORTED_FORMATS.contains(&fmt) || OTHER_DRIVERS.contains(&fmt) {
+        // Drivers qemu knows say they cannot amend; others are unknown.
+        if crate::commands::create::BLOCK_DRIVERS.contains(&fmt) {
             return Err(no_amend(fmt));
         }
         return Err(CliError::new(format!("Unknown file format '{fmt}'")));

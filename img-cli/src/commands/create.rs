@@ -229,8 +229,8 @@ const FILE_OPTS: &[Desc] = &[
     ),
 ];
 
-/// Values qemu accepts for `backing_fmt` (its block driver names).
-const BLOCK_DRIVERS: &[&str] = &[
+/// qemu's block driver names: the values it accepts for `backing_fmt`.
+pub(crate) const BLOCK_DRIVERS: &[&str] = &[
     "blkdebug",
     "blklogwrites",
     "blkreplay",

@@ -165,14 +165,10 @@ struct Snapshot {
     unknown_extra: Vec<u8>,
 }
 
-/// Size of a snapshot table entry's fixed part.
-const SNAPSHOT_HEADER: usize = 40;
-/// Extra data this version writes: VM state size, disk size, icount.
-const SNAPSHOT_EXTRA: usize = 24;
-/// Extra data every version 3 snapshot needs (VM state size and disk size).
-const SNAPSHOT_EXTRA_V3: u32 = 16;
-/// The largest extra data qemu accepts in a snapshot entry.
-const SNAPSHOT_MAX_EXTRA: u32 = 1024;
+use super::snapshot::{
+    ENTRY_HEADER as SNAPSHOT_HEADER, KNOWN_EXTRA as SNAPSHOT_EXTRA,
+    MAX_EXTRA as SNAPSHOT_MAX_EXTRA, REQUIRED_EXTRA_V3 as SNAPSHOT_EXTRA_V3,
+};
 /// The largest snapshot table qemu accepts.
 const SNAPSHOT_MAX_TABLE: u64 = 64 << 20;
 /// The length of a version 3 header as this version writes it.
@@ -581,25 +577,23 @@ impl Qcow2 {
     ) -> Result<()> {
         let mut table = Vec::new();
         for sn in snapshots {
-            table.resize(table.len().div_ceil(8) * 8, 0);
-            let extra_size = (sn.extra_data_size as usize).max(SNAPSHOT_EXTRA);
-            table.extend_from_slice(&sn.l1_offset.to_be_bytes());
-            table.extend_from_slice(&sn.l1_size.to_be_bytes());
-            table.extend_from_slice(&(sn.id.len() as u16).to_be_bytes());
-            table.extend_from_slice(&(sn.name.len() as u16).to_be_bytes());
-            table.extend_from_slice(&sn.date_sec.to_be_bytes());
-            table.extend_from_slice(&sn.date_nsec.to_be_bytes());
-            table.extend_from_slice(&sn.vm_clock_nsec.to_be_bytes());
-            // A VM state too large for 32 bits reads as none to older readers.
-            let small = u32::try_from(sn.vm_state_size).unwrap_or(0);
-            table.extend_from_slice(&small.to_be_bytes());
-            table.extend_from_slice(&(extra_size as u32).to_be_bytes());
-            table.extend_from_slice(&sn.vm_state_size.to_be_bytes());
-            table.extend_from_slice(&sn.disk_size.to_be_bytes());
-            table.extend_from_slice(&sn.icount.to_be_bytes());
-            table.extend_from_slice(&sn.unknown_extra);
-            table.extend_from_slice(&sn.id);
-            table.extend_from_slice(&sn.name);
+            super::snapshot::push_entry(
+                &mut table,
+                &super::snapshot::EntryRef {
+                    l1_offset: sn.l1_offset,
+                    l1_size: sn.l1_size,
+                    id: &sn.id,
+                    name: &sn.name,
+                    date_sec: sn.date_sec,
+                    date_nsec: sn.date_nsec,
+                    vm_clock_nsec: sn.vm_clock_nsec,
+                    vm_state_size: sn.vm_state_size,
+                    extra_data_size: sn.extra_data_size,
+                    disk_size: sn.disk_size,
+                    icount: sn.icount,
+                    unknown_extra: &sn.unknown_extra,
+                },
+            );
         }
         let file = Arc::clone(&self.file);
         let file = file.as_ref();

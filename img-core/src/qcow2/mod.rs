@@ -33,6 +33,7 @@ pub mod l2;
 pub mod measure;
 pub mod refcount;
 mod resize;
+pub mod snapshot;
 
 pub use cache::CacheStats;
 pub use cache_options::CacheOptions;

@@ -7,16 +7,9 @@ use std::borrow::Cow;
 
 type R<T> = std::result::Result<T, Fail>;
 
+use crate::qcow2::snapshot::{KNOWN_EXTRA, MAX_EXTRA, MAX_TABLE, REQUIRED_EXTRA_V3};
 /// Bytes of a snapshot table entry's fixed part.
-const ENTRY_HEADER: u64 = 40;
-/// Bytes of the extra data this version knows (VM state size, disk size, icount).
-const KNOWN_EXTRA: usize = 24;
-/// Extra data every version 3 entry must have (VM state size and disk size).
-const REQUIRED_EXTRA_V3: u32 = 16;
-/// The largest snapshot extra data qemu accepts.
-const MAX_EXTRA: u32 = 1024;
-/// The largest snapshot table qemu accepts.
-const MAX_TABLE: u64 = 64 << 20;
+const ENTRY_HEADER: u64 = crate::qcow2::snapshot::ENTRY_HEADER as u64;
 
 /// Offset of `nb_snapshots` in the header (followed by `snapshots_offset`).
 const NB_SNAPSHOTS: u64 = 60;
@@ -265,25 +258,23 @@ impl Checker<'_> {
     fn write_snapshots(&mut self) -> R<()> {
         let mut table = Vec::new();
         for sn in &self.snapshots {
-            table.resize(table.len().div_ceil(8) * 8, 0);
-            let extra_size = (sn.extra_data_size as usize).max(KNOWN_EXTRA);
-            table.extend_from_slice(&sn.l1_offset.to_be_bytes());
-            table.extend_from_slice(&sn.l1_size.to_be_bytes());
-            table.extend_from_slice(&(sn.id.len() as u16).to_be_bytes());
-            table.extend_from_slice(&(sn.name.len() as u16).to_be_bytes());
-            table.extend_from_slice(&sn.date_sec.to_be_bytes());
-            table.extend_from_slice(&sn.date_nsec.to_be_bytes());
-            table.extend_from_slice(&sn.vm_clock_nsec.to_be_bytes());
-            // A VM state too large for 32 bits reads as none to old readers.
-            let small_vm_state = u32::try_from(sn.vm_state_size).unwrap_or(0);
-            table.extend_from_slice(&small_vm_state.to_be_bytes());
-            table.extend_from_slice(&(extra_size as u32).to_be_bytes());
-            table.extend_from_slice(&sn.vm_state_size.to_be_bytes());
-            table.extend_from_slice(&sn.disk_size.to_be_bytes());
-            table.extend_from_slice(&sn.icount.to_be_bytes());
-            table.extend_from_slice(&sn.unknown_extra);
-            table.extend_from_slice(sn.id.as_bytes());
-            table.extend_from_slice(sn.name.as_bytes());
+            crate::qcow2::snapshot::push_entry(
+                &mut table,
+                &crate::qcow2::snapshot::EntryRef {
+                    l1_offset: sn.l1_offset,
+                    l1_size: sn.l1_size,
+                    id: sn.id.as_bytes(),
+                    name: sn.name.as_bytes(),
+                    date_sec: sn.date_sec,
+                    date_nsec: sn.date_nsec,
+                    vm_clock_nsec: sn.vm_clock_nsec,
+                    vm_state_size: sn.vm_state_size,
+                    extra_data_size: sn.extra_data_size,
+                    disk_size: sn.disk_size,
+                    icount: sn.icount,
+                    unknown_extra: &sn.unknown_extra,
+                },
+            );
             if table.len() as u64 > MAX_TABLE {
                 return Err(Fail::EFBIG);
             }
