@@ -906,7 +906,7 @@ mod crash {
         let mut rng = StdRng::seed_from_u64(9);
         // Every epoch when there are few, an even spread of them otherwise.
         let step = ((end - start) / 24).max(1);
-        for e in (start..=end).step_by(step as usize).chain([end]) {
+        for e in (start..=end).step_by(step).chain([end]) {
             // Nothing of the epoch, all of it, and random subsets of its sectors.
             for mode in 0..8 {
                 let what = format!(
