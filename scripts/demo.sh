@@ -26,3 +26,15 @@ PY
 "$IMG" convert -O raw disk-zstd.qcow2 back.raw
 cmp disk.raw back.raw && echo "round trip through compressed qcow2: identical"
 ls -ls disk.raw disk.qcow2 disk-zstd.qcow2
+
+# A derived image over disk.qcow2: writes land in the overlay, reads fall through.
+"$IMG" create -f qcow2 -b disk.qcow2 -F qcow2 overlay.qcow2
+# One write into the overlay (qemu-io, from qemu-utils, is the writer at hand).
+if command -v qemu-io >/dev/null; then
+    qemu-io -f qcow2 -c "write -P 0x61 1M 64k" overlay.qcow2 >/dev/null
+fi
+"$IMG" info --backing-chain overlay.qcow2
+"$IMG" map overlay.qcow2
+"$IMG" rebase -b "" overlay.qcow2
+"$IMG" map --output=json overlay.qcow2
+"$IMG" check overlay.qcow2

@@ -51,6 +51,35 @@ pub enum Error {
         /// What is wrong, as qemu says it.
         message: String,
     },
+    /// Another process uses the image in a way that conflicts with this open: it holds a
+    /// permission this opener does not share, or does not share one this opener needs
+    /// (`shared`). QEMU's image locking; the message is QEMU's.
+    #[error(
+        "Failed to get {}\"{}\" lock{}\nIs another process using the image [{name}]?",
+        if *shared { "shared " } else { "" },
+        perm.names(),
+        reason_suffix(source)
+    )]
+    Locked {
+        /// File name.
+        name: String,
+        /// The permission in conflict.
+        perm: crate::Perm,
+        /// Whether the conflict is with not sharing `perm` (someone else holds it).
+        shared: bool,
+        /// Why the conflict test itself failed, if it did (`None`: a real conflict).
+        source: Option<io::Error>,
+    },
+    /// A lock byte could not be taken (QEMU's image locking).
+    #[error("Failed to lock byte {byte}{}", reason_suffix(source))]
+    LockByte {
+        /// File name.
+        name: String,
+        /// The byte offset.
+        byte: u64,
+        /// The operating system's reason (`None`: another process holds the byte).
+        source: Option<io::Error>,
+    },
     /// A write was attempted on storage opened read-only.
     #[error("'{name}' is opened read-only")]
     ReadOnly {
@@ -67,6 +96,13 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// ": reason" after a lock message, when there is a reason to give.
+fn reason_suffix(e: &Option<io::Error>) -> String {
+    e.as_ref()
+        .map(|e| format!(": {}", os_message(e)))
+        .unwrap_or_default()
 }
 
 /// An OS error as strerror words it ("No such file or directory"), without Rust's

@@ -7,7 +7,8 @@
 //! touching any format.
 //!
 //! [`FileStorage`] issues its I/O through the engine chosen by [`Aio`]: blocking calls from the
-//! calling threads, or one io_uring shared by them (see the `file` module).
+//! calling threads, or one io_uring shared by them (see the `file` module). It takes QEMU's
+//! image locks ([`Permissions`], [`Locking`]), so that img and QEMU never write an image at once.
 
 mod aio;
 mod aligned;
@@ -19,6 +20,7 @@ pub use aio::Aio;
 pub use aligned::AlignedBuf;
 pub use cache_mode::CacheMode;
 pub use error::{os_message, Error, Result};
+pub use file::lock::{ofd_locks_available, Locking, Perm, Permissions, PERM_BASE, SHARED_BASE};
 pub use file::{EngineOptions, FileOptions, FileStorage, DEFAULT_QUEUE_DEPTH, NATIVE_NEEDS_DIRECT};
 
 use std::fmt::Debug;

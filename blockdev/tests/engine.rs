@@ -177,6 +177,7 @@ fn native_requires_direct() {
                 cache,
                 aio: Aio::Native,
                 create: false,
+                ..Default::default()
             };
             let err = FileStorage::open(&path, opts).unwrap_err();
             assert!(matches!(err, Error::InvalidOptions { .. }), "{err:?}");

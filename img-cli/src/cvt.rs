@@ -80,6 +80,21 @@ pub fn parse_u64(s: &str) -> Result<u64, NumError> {
     }
 }
 
+/// Parses a size option the way qemu-img's `cvtnum` reports it: `what` names the option in
+/// the messages ("Invalid {what} specified: 'x'." / "... Must be between 0 and 2^63-1.").
+pub fn cvtnum(what: &str, text: &str) -> Result<u64, crate::CliError> {
+    match parse_size(text) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(n),
+        Err(NumError::Invalid) => Err(crate::CliError::new(format!(
+            "Invalid {what} specified: '{text}'."
+        ))),
+        _ => Err(crate::CliError::new(format!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        ))),
+    }
+}
+
 /// Parses a size as qemu does: a decimal integer or fraction with an optional binary suffix
 /// (`B`, `k`, `M`, `G`, `T`, `P`, `E`, any case), or a hexadecimal integer without one.
 /// Fractions need a suffix and are rounded to the nearest byte.

@@ -6,6 +6,7 @@ mod getopt;
 mod human;
 mod open;
 mod options;
+mod progress;
 mod qcow2_bitmaps;
 mod qjson;
 
@@ -83,7 +84,26 @@ impl From<blockdev::Error> for CliError {
 /// What a command returns: its exit code on success.
 pub type CmdResult = Result<u8, CliError>;
 
+/// Raises the soft limit on open files to the hard limit: each image of a backing chain holds
+/// one file open, and a deep chain would otherwise stop at the common soft limit of 1024.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass, which lives for
+    // both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let args: Vec<String> = std::env::args().collect();
     let code = match commands::dispatch(&args[1..]) {
         Ok(code) => code,

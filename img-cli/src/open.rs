@@ -4,8 +4,9 @@
 use crate::options::{parse_bool, parse_kv};
 use crate::CliError;
 use blockdev::{Aio, CacheMode};
+use img_core::locking::{Locking, FORCE_SHARE_NEEDS_READ_ONLY};
 use img_core::qcow2::CacheOptions;
-use img_core::{open_image, DetectZeroes, DiscardMode, Image, OpenOptions};
+use img_core::{open_image, BackingPolicy, DetectZeroes, DiscardMode, Image, OpenOptions, Usage};
 use std::path::Path;
 
 /// Formats qemu knows that this build cannot open; they get a clearer message than qemu's
@@ -38,6 +39,13 @@ pub struct ImageSpec {
     pub protocol_only: bool,
     /// The other `--image-opts` options, applied when the image is opened.
     pub options: ImageOptions,
+    /// `-U`/`--force-share`: let other processes write the image while it is open.
+    pub force_share: bool,
+    /// How the command uses the image, which decides the lock bytes it takes (qemu-img's
+    /// open flags): `metadata_only` for info, `no_share` for convert's sources.
+    pub usage: Usage,
+    /// What the image may open beneath it (qemu-img's `-u` opens no backing file).
+    pub backing: BackingPolicy,
 }
 
 /// Options of an `--image-opts` string besides the file name and the driver. Values are
@@ -56,8 +64,12 @@ pub struct ImageOptions {
     pub discard: Option<String>,
     /// `detect-zeroes`.
     pub detect_zeroes: Option<String>,
-    /// `file.locking` (`locking` with `driver=file`), validated only.
+    /// `file.locking` (`locking` with `driver=file`).
     pub locking: Option<String>,
+    /// `force-share` of the format node.
+    pub force_share: Option<bool>,
+    /// `file.force-share`: the file node's own, which takes the format node's when absent.
+    pub file_force_share: Option<bool>,
     /// Options for the format driver (the qcow2 cache options, or options no layer knows),
     /// in order of first appearance, the last value of a repeated option winning.
     pub format_options: Vec<(String, String)>,
@@ -75,7 +87,7 @@ const QCOW2_OPTIONS: &[&str] = &[
 ];
 
 /// Options every node takes: flags of the block layer (no-op here beyond validation where
-/// they do not apply: `node-name`, `auto-read-only`, `force-share`).
+/// they do not apply: `node-name`, `auto-read-only`).
 const NODE_OPTIONS: &[&str] = &[
     "node-name",
     "read-only",
@@ -96,7 +108,28 @@ impl ImageSpec {
             format: format.map(str::to_string),
             protocol_only: false,
             options: ImageOptions::default(),
+            force_share: false,
+            usage: Usage::default(),
+            backing: BackingPolicy::default(),
         }
+    }
+
+    /// The spec with `-U` given (or not).
+    pub fn with_force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// The spec with its own backing policy (e.g. no backing file, for `info` and `-u`).
+    pub fn with_backing(mut self, backing: BackingPolicy) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// The spec for a command that uses the image as `usage` says.
+    pub fn with_usage(mut self, usage: Usage) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// An image named by an `--image-opts` option string such as
@@ -140,9 +173,10 @@ impl ImageSpec {
         let read_only = flag("read-only", "read-only")?;
         let direct = flag("cache.direct", "cache.direct")?;
         flag("auto-read-only", "auto-read-only")?;
-        flag("force-share", "force-share")?;
+        let force_share = flag("force-share", "force-share")?;
         let mut options = ImageOptions {
             read_only: read_only == Some(true),
+            force_share,
             cache_direct: direct,
             cache_no_flush: no_flush,
             discard: get("discard").map(str::to_string),
@@ -168,6 +202,9 @@ impl ImageSpec {
                 format: Some("raw".to_string()),
                 protocol_only: true,
                 options,
+                force_share: false,
+                usage: Usage::default(),
+                backing: BackingPolicy::default(),
             });
         }
         // The file node inherits the format node's cache flags unless given its own.
@@ -179,7 +216,7 @@ impl ImageSpec {
         }
         flag("file.read-only", "read-only")?;
         flag("file.auto-read-only", "auto-read-only")?;
-        flag("file.force-share", "force-share")?;
+        options.file_force_share = flag("file.force-share", "force-share")?;
         options.aio = get("file.aio").map(str::to_string);
         options.locking = get("file.locking").map(str::to_string);
         // The engine has one discard and one zero-detection setting per image; the file
@@ -227,6 +264,9 @@ impl ImageSpec {
             format: driver,
             protocol_only: false,
             options,
+            force_share: false,
+            usage: Usage::default(),
+            backing: BackingPolicy::default(),
         })
     }
 
@@ -282,22 +322,44 @@ pub fn open_with_aio(
     aio: Aio,
 ) -> Result<Image, CliError> {
     let fail = |m: String| CliError::new(format!("Could not open '{}': {m}", spec.arg));
+    let o = &spec.options;
+    // -U adds force-share=on to the options, which must not say otherwise.
+    if spec.force_share && o.force_share == Some(false) {
+        return Err(CliError::new(
+            "--force-share/-U conflicts with image options",
+        ));
+    }
+    let read_only = read_only || o.read_only;
+    let force_share = spec.force_share || o.force_share == Some(true);
+    // The file node inherits the format node's flag unless it has its own; only the file's
+    // matters to the locks, but either refuses a writable image, before anything is opened.
+    let file_force_share = o.file_force_share.unwrap_or(force_share);
+    if (force_share || file_force_share) && !read_only {
+        return Err(fail(FORCE_SHARE_NEEDS_READ_ONLY.into()));
+    }
     if let Some(f) = spec.format.as_deref() {
         if UNSUPPORTED_FORMATS.contains(&f) {
             return Err(fail(format!("The '{f}' format is not supported by img")));
         }
     }
-    let o = &spec.options;
     // The file layer's options.
     let cache = file_cache_mode(spec, cache);
     let aio = match o.aio.as_deref() {
         None => aio,
         Some(a) => Aio::parse(a).ok_or_else(|| fail(format!("invalid parameter value: {a}")))?,
     };
-    if let Some(l) = o.locking.as_deref() {
-        if !["on", "off", "auto"].contains(&l) {
-            return Err(fail(format!("invalid parameter value: {l}")));
+    let locking = match o.locking.as_deref() {
+        None => Locking::Auto,
+        Some(l) => {
+            Locking::parse(l).ok_or_else(|| fail(format!("invalid parameter value: {l}")))?
         }
+    };
+    if locking == Locking::On && !blockdev::ofd_locks_available() {
+        eprintln!(
+            "img: warning: File lock requested but OFD locking syscall is unavailable, \
+             falling back to POSIX file locks\n\
+             Due to the implementation, locks can be lost unexpectedly."
+        );
     }
     if aio == Aio::Native && !cache.direct() {
         return Err(fail(
@@ -323,9 +385,13 @@ pub fn open_with_aio(
     }
     let mut opts = OpenOptions {
         format: spec.format.clone(),
-        read_only: read_only || o.read_only,
+        read_only,
         cache,
         aio,
+        force_share: file_force_share,
+        locking,
+        usage: spec.usage,
+        backing: spec.backing.clone(),
         ..Default::default()
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported
@@ -368,6 +434,15 @@ pub fn open_with_aio(
         }
     }
     let image = open_image(path, &opts).map_err(|e| fail(open_reason(&e)))?;
+    if !read_only && opts.format.is_none() && image.format().driver() == "raw" {
+        eprintln!(
+            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+             Automatically detecting the format is dangerous for raw images, write operations \
+             on block 0 will be restricted.\n         \
+             Specify the 'raw' format explicitly to remove the restrictions.",
+            spec.path
+        );
+    }
     // Options no layer took are refused once the image opened, as qemu does.
     let qcow2 = image.format().driver() == "qcow2" && !spec.protocol_only;
     if let Some((k, _)) = o
@@ -637,12 +712,7 @@ fn qemu_strtosz(text: &str) -> Result<u64, NumError> {
 /// The reason part of an open failure, without the file name the core error already carries
 /// (qemu names the file once in front).
 pub fn open_reason(e: &img_core::Error) -> String {
-    match e {
-        img_core::Error::Invalid { reason, .. } => reason.clone(),
-        img_core::Error::Unsupported { what, .. } => what.clone(),
-        img_core::Error::InvalidArgument(m) => m.clone(),
-        other => other.to_string(),
-    }
+    e.reason()
 }
 
 #[cfg(test)]
@@ -717,6 +787,35 @@ mod tests {
             ImageSpec::from_image_opts("driver=file,filename=a,aio=io_uring,file.aio=x").unwrap();
         assert_eq!(s.options.aio.as_deref(), Some("io_uring"));
         assert_eq!(s.options.unknown_file_option.as_deref(), Some("file.aio"));
+    }
+
+    #[test]
+    fn force_share_and_locking_options() {
+        let s = ImageSpec::from_image_opts(
+            "driver=qcow2,file.filename=a,force-share=on,file.force-share=off,file.locking=off",
+        )
+        .unwrap();
+        assert_eq!(s.options.force_share, Some(true));
+        assert_eq!(s.options.file_force_share, Some(false));
+        assert_eq!(s.options.locking.as_deref(), Some("off"));
+        let e =
+            ImageSpec::from_image_opts("driver=qcow2,file.filename=a,force-share=x").unwrap_err();
+        assert!(e
+            .message
+            .ends_with("Parameter 'force-share' expects 'on' or 'off'"));
+        // Refusals come before the file is opened (it does not exist here).
+        let spec = ImageSpec::file("/nonexistent/a.qcow2", None).with_force_share(true);
+        let e = open(&spec, false, CacheMode::Writeback).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Could not open '/nonexistent/a.qcow2': force-share=on can only be used with \
+             read-only images"
+        );
+        let spec = ImageSpec::from_image_opts("driver=qcow2,file.filename=/x,force-share=off")
+            .unwrap()
+            .with_force_share(true);
+        let e = open(&spec, true, CacheMode::Writeback).unwrap_err();
+        assert_eq!(e.message, "--force-share/-U conflicts with image options");
     }
 
     #[test]

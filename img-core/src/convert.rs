@@ -30,6 +30,10 @@ pub struct ConvertOptions {
     /// reflinks where the filesystem shares extents). Holes still stay holes; zeros inside
     /// data extents are not looked for, since the data is never read.
     pub copy_offload: bool,
+    /// `-B`: the target has a backing file that already holds what the sources' backing
+    /// chains hold, so only what the sources' own (top) images allocate is written; the rest
+    /// is left unallocated in the target.
+    pub target_has_backing: bool,
 }
 
 impl Default for ConvertOptions {
@@ -42,6 +46,7 @@ impl Default for ConvertOptions {
             parallel: 8,
             out_of_order: false,
             copy_offload: false,
+            target_has_backing: false,
         }
     }
 }
@@ -176,6 +181,8 @@ impl Job<'_, '_> {
         let mut buf = vec![0u8; len];
         // Ranges of the chunk known to read as zeros without reading them.
         let mut holes: Vec<std::ops::Range<usize>> = Vec::new();
+        // Ranges left to the target's backing file (with `target_has_backing`).
+        let mut skips: Vec<std::ops::Range<usize>> = Vec::new();
         let mut base = 0u64;
         for src in self.sources {
             let (start, end) = (base, base + src.size());
@@ -186,16 +193,32 @@ impl Job<'_, '_> {
             }
             let mut pos = from;
             while pos < to {
+                if self.opts.target_has_backing {
+                    // What the source leaves to its backing chain, the target leaves to its.
+                    let own = src.format().map(pos - start, to - pos)?;
+                    if own.mapping == crate::format::Mapping::Unallocated {
+                        let n = own.len.min(to - pos);
+                        skips.push((pos - offset) as usize..(pos - offset + n) as usize);
+                        pos += n;
+                        continue;
+                    }
+                }
                 let status = src.block_status(pos - start, to - pos)?;
                 let n = status.len.min(to - pos);
                 let at = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero && !status.data && self.opts.min_sparse != 0 {
+                if status.zero && self.opts.min_sparse != 0 {
                     holes.push(at);
                 } else {
                     src.read_at(&mut buf[at], pos - start)?;
                 }
                 pos += n;
             }
+        }
+        if self.opts.compress && !skips.is_empty() {
+            // A compressed cluster is written whole: the parts of a cluster the source leaves
+            // to its backing file are read through the chain, unless the whole cluster is
+            // left to it.
+            skips = self.fill_partial_clusters(offset, &mut buf, skips)?;
         }
         let ops = if self.opts.compress {
             self.compressed_ops(offset, &buf, &holes)
@@ -204,7 +227,63 @@ impl Job<'_, '_> {
         } else {
             self.sparse_ops(offset, &buf, &holes)
         };
+        let ops = without(ops, &skips);
         Ok(Plan { offset, buf, ops })
+    }
+
+    /// Reads into `buf` the skipped ranges of target clusters that are only partly skipped;
+    /// returns the ranges still skipped (whole clusters).
+    fn fill_partial_clusters(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        skips: Vec<std::ops::Range<usize>>,
+    ) -> Result<Vec<std::ops::Range<usize>>> {
+        let cs = self.target.format().cluster_size();
+        // Pieces of skips that do not cross cluster boundaries.
+        let mut pieces = Vec::new();
+        for r in skips {
+            let mut at = r.start;
+            while at < r.end {
+                let next_boundary = ((offset + at as u64) / cs + 1) * cs - offset;
+                let end = (next_boundary as usize).min(r.end);
+                pieces.push(at..end);
+                at = end;
+            }
+        }
+        let cluster_of = |i: usize| (offset + i as u64) / cs;
+        let mut kept = Vec::new();
+        for p in &pieces {
+            let c = cluster_of(p.start);
+            let c_start = (c * cs).saturating_sub(offset) as usize;
+            let c_end = (((c + 1) * cs - offset) as usize).min(buf.len());
+            let skipped: usize = pieces
+                .iter()
+                .filter(|q| cluster_of(q.start) == c)
+                .map(|q| q.len())
+                .sum();
+            if skipped == c_end - c_start {
+                kept.push(p.clone());
+            } else {
+                self.read_sources(&mut buf[p.clone()], offset + p.start as u64)?;
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Reads the concatenated sources at target offset `offset`.
+    fn read_sources(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut base = 0u64;
+        for src in self.sources {
+            let (start, end) = (base, base + src.size());
+            base = end;
+            let (from, to) = (offset.max(start), (offset + buf.len() as u64).min(end));
+            if from < to {
+                let at = (from - offset) as usize..(to - offset) as usize;
+                src.read_at(&mut buf[at], from - start)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether data moves file to file in the kernel: asked for, and every image is a raw file.
@@ -230,7 +309,7 @@ impl Job<'_, '_> {
                 let status = src.block_status(pos - start, to - pos)?;
                 let n = status.len.min(to - pos);
                 let range = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero && !status.data {
+                if status.zero {
                     ops.push(Op::Zero(range));
                 } else {
                     ops.push(Op::Copy {
@@ -400,6 +479,54 @@ impl Op {
             }
         }
     }
+}
+
+/// The ops with the ranges `skips` (sorted, disjoint) cut out of them: those bytes are not
+/// written at all. A compressed cluster that loses part of itself is written plainly.
+fn without(ops: Vec<Op>, skips: &[std::ops::Range<usize>]) -> Vec<Op> {
+    if skips.is_empty() {
+        return ops;
+    }
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let range = match &op {
+            Op::Data(r) | Op::Zero(r) | Op::Cluster(r, _) | Op::Copy { range: r, .. } => r.clone(),
+        };
+        if !skips
+            .iter()
+            .any(|s| s.start < range.end && range.start < s.end)
+        {
+            out.push(op);
+            continue;
+        }
+        // The parts of the range outside every skip.
+        let mut at = range.start;
+        let mut parts = Vec::new();
+        for s in skips
+            .iter()
+            .filter(|s| s.start < range.end && range.start < s.end)
+        {
+            if s.start > at {
+                parts.push(at..s.start);
+            }
+            at = at.max(s.end);
+        }
+        if at < range.end {
+            parts.push(at..range.end);
+        }
+        for p in parts {
+            out.push(match &op {
+                Op::Zero(_) => Op::Zero(p),
+                Op::Copy { src, from, range } => Op::Copy {
+                    src: *src,
+                    from: from + (p.start - range.start) as u64,
+                    range: p,
+                },
+                Op::Data(_) | Op::Cluster(..) => Op::Data(p),
+            });
+        }
+    }
+    out
 }
 
 impl Job<'_, '_> {

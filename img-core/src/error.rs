@@ -59,6 +59,15 @@ pub enum Error {
         size: u64,
     },
 
+    /// A backing file of the image could not be opened.
+    #[error("'{file}': Could not open backing file: {}", .source.reason())]
+    BackingOpen {
+        /// The image whose chain was being opened.
+        file: String,
+        /// Why the backing file could not be opened.
+        source: Box<Error>,
+    },
+
     /// An option given by the user is invalid.
     #[error("{0}")]
     InvalidArgument(String),
@@ -70,6 +79,20 @@ impl Error {
         Error::Invalid {
             file: file.to_string(),
             reason: reason.into(),
+        }
+    }
+
+    /// The reason alone, without the file name the message would start with: what a user
+    /// sees after "Could not open 'FILE': ", as qemu words it.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Invalid { reason, .. } => reason.clone(),
+            Error::Unsupported { what, .. } => what.clone(),
+            Error::InvalidArgument(m) => m.clone(),
+            Error::BackingOpen { source, .. } => {
+                format!("Could not open backing file: {}", source.reason())
+            }
+            other => other.to_string(),
         }
     }
 

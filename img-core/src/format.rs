@@ -188,6 +188,31 @@ pub trait Format: Send + Sync {
     /// Facts for `img info`.
     fn info(&self) -> FormatInfo;
 
+    /// Records a new backing file name and format in the image's metadata (`None` removes the
+    /// backing file). Formats without backing files refuse.
+    fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let _ = (name, format);
+        Err(crate::Error::unsupported(
+            self.file_name(),
+            format!("The '{}' format has no backing files", self.driver()),
+        ))
+    }
+
+    /// Deallocates every cluster, so that the image reads its backing file everywhere (what
+    /// `commit` leaves behind). Formats without backing files refuse.
+    fn make_empty(&self) -> Result<()> {
+        Err(crate::Error::unsupported(
+            self.file_name(),
+            format!("The '{}' format cannot be emptied", self.driver()),
+        ))
+    }
+
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
+
+    /// The driver itself, for operations only one format has (`img amend` on qcow2); `None`
+    /// for formats that offer none.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }

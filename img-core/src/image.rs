@@ -20,9 +20,13 @@ pub struct BlockStatus {
     pub zero: bool,
     /// The range has data (or is allocated) in some image of the chain.
     pub data: bool,
-    /// Index in the chain of the image that holds the range (0 = this image), or `None` when no
-    /// image of the chain allocates it.
-    pub depth: Option<usize>,
+    /// Index in the chain (0 = this image) of the image that holds the range; when no image
+    /// holds it, of the image where the search ended (the bottom of the chain, or the image
+    /// whose backing file ends before the range).
+    pub depth: usize,
+    /// Some image of the chain allocates the range (qemu's "present"); when not, it reads as
+    /// zeros.
+    pub present: bool,
     /// Host offset of uncompressed data, when `data`.
     pub offset: Option<u64>,
     /// The range is stored compressed.
@@ -140,9 +144,64 @@ impl Image {
         self.format.as_ref()
     }
 
+    /// The format driver underneath, for format-specific operations that change it
+    /// (`img amend`).
+    pub fn format_mut(&mut self) -> &mut dyn Format {
+        self.format.as_mut()
+    }
+
     /// The backing image, if any.
     pub fn backing(&self) -> Option<&Image> {
         self.backing.as_deref()
+    }
+
+    /// Records a new backing file (name and format) in the image. Writes made so far are
+    /// made durable first. The backing image opened beneath this one is not changed: the
+    /// new name takes effect when the image is next opened.
+    pub fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        self.flush()?;
+        self.format.set_backing_file(name, format)
+    }
+
+    /// Deallocates everything the image holds, leaving it reading its backing file.
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let _quiesced = self.io_barrier.write().unwrap_or_else(|e| e.into_inner());
+        self.format.make_empty()?;
+        self.invalidate_decompressed();
+        self.format.flush()
+    }
+
+    /// The image `depth` levels down the chain (0 is this one), to change it (a commit grows
+    /// its base).
+    pub fn at_depth_mut(&mut self, depth: usize) -> Option<&mut Image> {
+        let mut image = self;
+        for _ in 0..depth {
+            image = image.backing.as_deref_mut()?;
+        }
+        Some(image)
+    }
+
+    /// The image `depth` levels down the chain (0 is this one).
+    pub fn at_depth(&self, depth: usize) -> Option<&Image> {
+        self.chain().nth(depth)
+    }
+
+    /// The length block status covers: qemu counts a raw image in whole sectors, so the
+    /// padding after a raw backing file's partial last sector is part of it (a hole).
+    fn status_size(&self) -> u64 {
+        let size = self.size();
+        if self.format.driver() == "raw" {
+            size.div_ceil(512).saturating_mul(512)
+        } else {
+            size
+        }
+    }
+
+    /// The images of the chain, this one first.
+    pub fn chain(&self) -> impl Iterator<Item = &Image> {
+        std::iter::successors(Some(self), |i| i.backing())
     }
 
     /// Virtual disk size in bytes.
@@ -197,20 +256,46 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let extent = self.format.map(pos, (buf.len() - done) as u64)?;
+            let (image, extent) = self.owner_of(pos, (buf.len() - done) as u64)?;
             let n = extent.len as usize;
             let part = &mut buf[done..done + n];
-            self.read_extent(extent, pos, part)?;
+            match image {
+                Some(image) => image.read_extent(extent, pos, part)?,
+                // Nothing in the chain holds it, or it lies past a backing image's end.
+                None => part.fill(0),
+            }
             done += n;
         }
         Ok(())
     }
 
+    /// Walks down the chain to the image that holds `pos`: returns it and its extent, or `None`
+    /// and the length of the run no image holds. A loop rather than recursion, so that the
+    /// depth of a chain costs no stack.
+    fn owner_of(&self, pos: u64, len: u64) -> Result<(Option<&Image>, Extent)> {
+        let mut image = self;
+        let mut len = len;
+        loop {
+            let extent = image.format.map(pos, len)?;
+            if extent.mapping != Mapping::Unallocated {
+                return Ok((Some(image), extent));
+            }
+            match image.backing.as_deref() {
+                Some(below) if pos < below.size() => {
+                    len = extent.len.min(below.size() - pos);
+                    image = below;
+                }
+                _ => return Ok((None, extent)),
+            }
+        }
+    }
+
+    /// Reads one extent that `self` maps (never an unallocated one: [`Image::owner_of`]
+    /// resolves those).
     fn read_extent(&self, extent: Extent, pos: u64, part: &mut [u8]) -> Result<()> {
         match extent.mapping {
             Mapping::Data { offset, .. } => self.format.data_file().read_at(part, offset)?,
-            Mapping::Zero | Mapping::ZeroAllocated { .. } => part.fill(0),
-            Mapping::Unallocated => self.read_backing(part, pos)?,
+            Mapping::Zero | Mapping::ZeroAllocated { .. } | Mapping::Unallocated => part.fill(0),
             Mapping::Compressed { offset, len } => {
                 let cs = self.format.cluster_size();
                 let in_cluster = (pos % cs) as usize;
@@ -219,21 +304,6 @@ impl Image {
                 })?;
             }
         }
-        Ok(())
-    }
-
-    /// Reads from the backing image; what lies beyond the backing image's end reads as zeros.
-    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(backing) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bsize = backing.size();
-        let avail = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
-        if avail > 0 {
-            backing.read_at(&mut buf[..avail], offset)?;
-        }
-        buf[avail..].fill(0);
         Ok(())
     }
 
@@ -502,39 +572,54 @@ impl Image {
 
     /// How the range starting at `offset` is stored, following the backing chain.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.block_status_at_depth(offset, len, 0)
-    }
-
-    fn block_status_at_depth(&self, offset: u64, len: u64, depth: usize) -> Result<BlockStatus> {
-        let extent = self.format.map(offset, len)?;
-        let status = |zero, data, offset, compressed| BlockStatus {
-            len: extent.len,
-            zero,
-            data,
-            depth: Some(depth),
-            offset,
-            compressed,
-        };
-        Ok(match extent.mapping {
-            Mapping::Data { offset, .. } => status(false, true, Some(offset), false),
-            Mapping::Compressed { .. } => status(false, true, None, true),
-            Mapping::Zero => status(true, false, None, false),
-            Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),
-            Mapping::Unallocated => match &self.backing {
-                Some(b) if offset < b.size() => {
-                    let blen = extent.len.min(b.size() - offset);
-                    b.block_status_at_depth(offset, blen, depth + 1)?
+        let mut image = self;
+        let mut len = len;
+        let mut depth = 0;
+        loop {
+            let extent = image.format.map(offset, len)?;
+            let status = |zero, data, host, compressed| BlockStatus {
+                len: extent.len,
+                zero,
+                data,
+                depth,
+                present: true,
+                offset: host,
+                compressed,
+            };
+            return Ok(match extent.mapping {
+                Mapping::Data { offset: host, .. } => {
+                    // As qemu: a data cluster over a hole of its file reads as zeros, which
+                    // lets convert and map treat it so.
+                    let file = image.format.data_file();
+                    let (alloc, n) = file.allocation(host, extent.len)?;
+                    let zero = alloc == blockdev::Allocation::Hole;
+                    BlockStatus {
+                        len: n.clamp(1, extent.len),
+                        ..status(zero, true, Some(host), false)
+                    }
                 }
-                _ => BlockStatus {
-                    len: extent.len,
-                    zero: true,
-                    data: false,
-                    depth: None,
-                    offset: None,
-                    compressed: false,
+                Mapping::Compressed { .. } => status(false, true, None, true),
+                Mapping::Zero => status(true, false, None, false),
+                Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),
+                Mapping::Unallocated => match image.backing.as_deref() {
+                    Some(below) if offset < below.status_size() => {
+                        len = extent.len.min(below.status_size() - offset);
+                        image = below;
+                        depth += 1;
+                        continue;
+                    }
+                    _ => BlockStatus {
+                        len: extent.len,
+                        zero: true,
+                        data: false,
+                        depth,
+                        present: false,
+                        offset: None,
+                        compressed: false,
+                    },
                 },
-            },
-        })
+            });
+        }
     }
 
     /// Changes the virtual size to `size`, preallocating a grown range as `prealloc` asks
@@ -575,11 +660,19 @@ impl Image {
         self.format.flush()
     }
 
-    /// Flushes and marks the image clean. Dropping an image closes it too, but only an explicit
-    /// close reports errors.
+    /// Flushes and marks the image clean, with every image of its chain. Dropping an image
+    /// closes it too, but only an explicit close reports errors.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.format.close()
+        let mut result = self.format.close();
+        let mut below = self.backing.take();
+        while let Some(mut image) = below {
+            image.closed = true;
+            let r = image.format.close();
+            result = result.and(r);
+            below = image.backing.take();
+        }
+        result
     }
 }
 
@@ -588,6 +681,12 @@ impl Drop for Image {
         if !self.closed {
             // Errors cannot be reported from drop; `close` is the checked path.
             let _ = self.format.close();
+        }
+        // Unlink the chain one image at a time: dropping it as nested boxes would recurse once
+        // per image.
+        let mut below = self.backing.take();
+        while let Some(mut image) = below {
+            below = image.backing.take();
         }
     }
 }

@@ -5,17 +5,21 @@
 //! performs reads, writes, write-zeroes and discards for every format and walks backing chains;
 //! formats never run I/O loops of their own.
 
+pub mod chain;
 pub mod convert;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod locking;
 pub mod open;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;
 pub mod size;
 
+pub use chain::BackingPolicy;
 pub use error::{Error, Result};
 pub use format::{Allocation, Extent, Format, FormatInfo, Mapping, ResizeOptions, ZeroMode};
 pub use image::{BlockStatus, Image};
+pub use locking::Usage;
 pub use open::{open_image, probe_format, DetectZeroes, DiscardMode, OpenOptions};

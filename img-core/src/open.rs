@@ -24,6 +24,15 @@ pub struct OpenOptions {
     pub detect_zeroes: DetectZeroes,
     /// qcow2 metadata cache options.
     pub qcow2_cache: crate::qcow2::CacheOptions,
+    /// `force-share=on` (`-U`): let other processes write and resize the image while it is
+    /// open. Only for read-only opens.
+    pub force_share: bool,
+    /// QEMU's image locking of the file (`file.locking=`).
+    pub locking: crate::locking::Locking,
+    /// How the image is used, which decides the lock permissions (see [`crate::locking`]).
+    pub usage: crate::locking::Usage,
+    /// What the image may open beneath it (see [`crate::chain`]).
+    pub backing: crate::chain::BackingPolicy,
 }
 
 /// qemu's `discard=` option.
@@ -100,18 +109,28 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
             cache: opts.cache,
             aio: opts.aio,
             create: false,
+            ..crate::locking::file_options(path, opts)?
         },
     )?);
     open_storage(storage, opts)
 }
 
-/// Opens an image on already opened storage.
+/// Opens an image on already opened storage, with its backing chain.
 pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+    let format = open_format(storage, opts)?;
+    crate::chain::open_chain(format, opts)
+}
+
+/// Opens the format driver of one image (no backing chain).
+pub(crate) fn open_format(
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn Format>> {
     let driver = match opts.format.as_deref() {
         Some(f) => f.to_string(),
         None => probe_format(storage.as_ref())?.to_string(),
     };
-    let format: Box<dyn Format> = match driver.as_str() {
+    Ok(match driver.as_str() {
         "raw" => Box::new(Raw::open(storage)?),
         "qcow2" => Box::new(Qcow2::open(
             storage,
@@ -122,8 +141,5 @@ pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Ima
             },
         )?),
         other => return Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
-    };
-    let mut image = Image::new(format, None);
-    image.set_request_options(opts.discard, opts.detect_zeroes);
-    Ok(image)
+    })
 }

@@ -25,7 +25,7 @@ fn compare_with_qemu(cluster_size: u64, version: u32, refcount_bits: u32, size: 
             } else {
                 CompressionType::Zlib
             },
-            extended_l2: false,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -20,10 +20,15 @@
 //! such writes hold a lock striped by block index, so concurrent unaligned writes to different
 //! bytes of one block do not undo each other.
 
+pub(crate) mod lock;
 mod threads;
 mod uring;
 
-use crate::{Aio, AlignedBuf, Alignment, Allocation, CacheMode, Error, Result, Storage};
+use lock::{Flavour, Locks};
+
+use crate::{
+    Aio, AlignedBuf, Alignment, Allocation, CacheMode, Error, Locking, Permissions, Result, Storage,
+};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -45,8 +50,15 @@ pub struct FileOptions {
     pub cache: CacheMode,
     /// The I/O engine.
     pub aio: Aio,
-    /// Create the file if it does not exist, and truncate it if it does.
+    /// Create the file if it does not exist, and truncate it if it does. The file is
+    /// truncated only once the lock bytes show that nobody else is using it, and holds at
+    /// least [`Permissions::CREATE`] until it is closed or given other permissions.
     pub create: bool,
+    /// QEMU's image locking (`file.locking`).
+    pub locking: Locking,
+    /// The permissions to announce through the lock bytes, checked against every other
+    /// process's at open (the default takes no lock). See [`FileStorage::set_permissions`].
+    pub permissions: Permissions,
 }
 
 /// Tuning of the I/O engine, beyond what qemu's options name.
@@ -126,6 +138,14 @@ pub struct FileStorage {
     /// O_DIRECT only. An unaligned write holds the stripes of its first and last blocks while
     /// it reads, patches and writes them back.
     stripes: Box<[Mutex<()>]>,
+    /// The QEMU lock bytes this descriptor holds; they go with the descriptor when it closes.
+    locks: Locks,
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        self.locks.release(self.file.as_raw_fd());
+    }
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -164,7 +184,8 @@ impl FileStorage {
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if opts.create {
-            oo.create(true).truncate(true);
+            // Truncated below, once the locks show that nobody is using the file.
+            oo.create(true);
         }
         let mut flags = 0;
         if opts.cache.direct() {
@@ -189,6 +210,26 @@ impl FileStorage {
         } else {
             Alignment::default()
         };
+        let locks = Locks::new(Flavour::for_mode(opts.locking));
+        let permissions = if opts.create {
+            Permissions {
+                perm: opts.permissions.perm | Permissions::CREATE.perm,
+                shared: opts.permissions.shared & Permissions::CREATE.shared,
+            }
+        } else {
+            opts.permissions
+        };
+        locks
+            .set(file.as_raw_fd(), permissions)
+            .map_err(|f| f.into_error(&name))?;
+        if opts.create {
+            file.set_len(0).map_err(|source| Error::Io {
+                op: "truncate",
+                name: name.clone(),
+                offset: 0,
+                source,
+            })?;
+        }
         let engine = Engine::new(opts.aio, &file, engine.queue_depth, engine.sqpoll);
         Ok(FileStorage {
             engine,
@@ -202,7 +243,29 @@ impl FileStorage {
             stripes: (0..if opts.cache.direct() { RMW_STRIPES } else { 0 })
                 .map(|_| Mutex::new(()))
                 .collect(),
+            locks,
         })
+    }
+
+    /// Announces `p` through QEMU's lock bytes instead of the permissions held so far, after
+    /// checking that no other process holds a permission `p` does not share, nor refuses to
+    /// share one `p` holds. On a conflict ([`Error::Locked`]) the previous permissions stay.
+    /// Without locking (`locking=off`, or `auto` on a kernel without OFD locks) this only
+    /// records `p`.
+    pub fn set_permissions(&self, p: Permissions) -> Result<()> {
+        self.locks
+            .set(self.file.as_raw_fd(), p)
+            .map_err(|f| f.into_error(&self.name))
+    }
+
+    /// The permissions announced (or, without locking, recorded).
+    pub fn permissions(&self) -> Permissions {
+        self.locks.current()
+    }
+
+    /// Whether this file uses QEMU's lock bytes.
+    pub fn locking(&self) -> bool {
+        self.locks.active()
     }
 
     /// Opens `path` read-only with the page cache.
@@ -879,5 +942,98 @@ mod tests {
             .unwrap();
             assert_eq!(s.queue_depth(), Some(got));
         }
+    }
+
+    /// A qcow2 writer's permissions, as QEMU takes them.
+    fn qemu_writer() -> Permissions {
+        use crate::Perm;
+        Permissions {
+            perm: Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+            shared: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        }
+    }
+
+    #[test]
+    fn create_leaves_a_file_in_use_alone() {
+        if !crate::ofd_locks_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, [7u8; 4096]).unwrap();
+        let holder = FileStorage::open(
+            &p,
+            FileOptions {
+                permissions: qemu_writer(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let err = FileStorage::create(&p).unwrap_err();
+        assert!(
+            matches!(err, Error::Locked { shared: false, .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Failed to get \"write\" lock\nIs another process using the image [{}]?",
+                p.display()
+            )
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), [7u8; 4096], "not truncated");
+        drop(holder);
+        let s = FileStorage::create(&p).unwrap();
+        assert_eq!(s.size().unwrap(), 0);
+        assert_eq!(s.permissions(), Permissions::CREATE);
+    }
+
+    #[test]
+    fn locks_end_with_the_storage_whatever_the_engine() {
+        if !crate::ofd_locks_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        for aio in [Aio::IoUring, Aio::Threads] {
+            let opts = FileOptions {
+                aio,
+                permissions: qemu_writer(),
+                ..Default::default()
+            };
+            let a = FileStorage::open(&p, opts).unwrap();
+            assert!(a.locking());
+            // A second writer is refused while the first is open...
+            assert!(matches!(
+                FileStorage::open(&p, opts),
+                Err(Error::Locked { .. })
+            ));
+            // ...and admitted as soon as it is dropped, even when an io_uring kept the file.
+            drop(a);
+            FileStorage::open(&p, opts).unwrap();
+        }
+        // Without locking nothing is checked.
+        let a = FileStorage::open(
+            &p,
+            FileOptions {
+                permissions: qemu_writer(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let b = FileStorage::open(
+            &p,
+            FileOptions {
+                permissions: qemu_writer(),
+                locking: crate::Locking::Off,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(!b.locking());
+        // Relaxing is always possible, and then the other may come in.
+        a.set_permissions(Permissions::default()).unwrap();
+        b.set_permissions(Permissions::default()).unwrap();
     }
 }

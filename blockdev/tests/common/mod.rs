@@ -37,6 +37,7 @@ pub fn open_engine(path: &Path, aio: Aio, cache: CacheMode, engine: EngineOption
         cache,
         aio,
         create: !path.exists(),
+        ..Default::default()
     };
     let s = FileStorage::open_with(path, opts, engine).unwrap();
     // Fallback from io_uring to threads is allowed by design, but say so: the run then tests

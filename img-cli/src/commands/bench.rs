@@ -95,6 +95,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let mut aio = Aio::Threads;
     let mut pattern_given = false;
     let mut drain = true;
+    let mut force_share = false;
     for o in &opts {
         let v = o.value.clone().unwrap_or_default();
         match o.name.as_str() {
@@ -136,7 +137,8 @@ pub fn run(args: &[String]) -> CmdResult {
             }
             "flush-interval" => b.flush_interval = int_in_range("flush interval", &v, 0)?,
             "no-drain" => drain = false,
-            // -q and -U change nothing here: the lines above are all bench prints, as qemu.
+            "force-share" => force_share = true,
+            // -q changes nothing here: the lines above are all bench prints, as qemu.
             _ => {}
         }
     }
@@ -155,7 +157,8 @@ pub fn run(args: &[String]) -> CmdResult {
     if let Some(extra) = pos.get(1) {
         return Err(CliError::usage(format!("Unexpected argument: {extra}")));
     }
-    let spec = ImageSpec::from_args(filename, image_opts, format.as_deref())?;
+    let spec = ImageSpec::from_args(filename, image_opts, format.as_deref())?
+        .with_force_share(force_share);
     let img = open_with_aio(&spec, !b.write, cache, aio)?;
     let step = b.step.unwrap_or(b.bufsize);
     println!(

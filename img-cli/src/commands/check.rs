@@ -6,6 +6,7 @@
 use crate::getopt::{self, opt};
 use crate::{CliError, CmdResult};
 use blockdev::{FileOptions, FileStorage, Storage};
+use img_core::locking::{file_permissions, Locking, FORCE_SHARE_NEEDS_READ_ONLY};
 use img_core::qcow2::check::{self, CheckReport, Fix};
 use std::io::Write;
 use std::sync::Arc;
@@ -56,11 +57,14 @@ struct Target {
     /// The file to open.
     path: String,
     format: Option<String>,
+    /// The `--image-opts` options (only the cache, locking and force-share ones matter).
+    options: crate::open::ImageOptions,
 }
 
 /// Parses an `--image-opts` specification (`driver=qcow2,file.filename=x.qcow2,...`) with the
-/// parser the other commands use. Of its options only the cache flags matter to a check,
-/// which reads the metadata directly rather than through the driver's caches.
+/// parser the other commands use. Of its options only the cache, locking and force-share
+/// flags matter to a check, which reads the metadata directly rather than through the
+/// driver's caches.
 fn parse_image_opts(spec: &str, cache: &mut blockdev::CacheMode) -> Result<Target, CliError> {
     let s = crate::open::ImageSpec::from_image_opts(spec)?;
     *cache = crate::open::file_cache_mode(&s, *cache);
@@ -68,6 +72,7 @@ fn parse_image_opts(spec: &str, cache: &mut blockdev::CacheMode) -> Result<Targe
         display: s.arg,
         path: s.path,
         format: s.format,
+        options: s.options,
     })
 }
 
@@ -149,31 +154,46 @@ pub fn run(args: &[String]) -> CmdResult {
             display: pos[0].clone(),
             path: pos[0].clone(),
             format,
+            options: Default::default(),
         }
     };
     let repair = fix != Fix::NONE;
     let could_not_open =
         |reason: String| CliError::new(format!("Could not open '{}': {reason}", target.display));
-    if repair && force_share {
-        return Err(could_not_open(
-            "force-share=on can only be used with read-only images".into(),
+    let o = &target.options;
+    if force_share && o.force_share == Some(false) {
+        return Err(CliError::new(
+            "--force-share/-U conflicts with image options",
         ));
     }
+    // As in `open`: only the file node's flag matters to the locks, either refuses repairs.
+    let root_share = force_share || o.force_share == Some(true);
+    let file_share = o.file_force_share.unwrap_or(root_share);
+    if repair && (root_share || file_share) {
+        return Err(could_not_open(FORCE_SHARE_NEEDS_READ_ONLY.into()));
+    }
+    let locking = match o.locking.as_deref() {
+        None => Locking::Auto,
+        Some(l) => Locking::parse(l)
+            .ok_or_else(|| could_not_open(format!("invalid parameter value: {l}")))?,
+    };
     if let Some(f) = &target.format {
         if !img_core::open::FORMATS.contains(&f.as_str()) {
             return Err(could_not_open(format!("Unknown driver '{f}'")));
         }
     }
-    let storage: Arc<dyn Storage> = match FileStorage::open(
+    let storage = match FileStorage::open(
         &target.path,
         FileOptions {
             read_only: !repair,
             cache: cache_mode,
             aio: blockdev::Aio::Threads,
             create: false,
+            locking,
+            ..Default::default()
         },
     ) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             let reason = match e.io_error() {
                 Some(io) => format!(
@@ -188,10 +208,21 @@ pub fn run(args: &[String]) -> CmdResult {
     };
     let driver = match &target.format {
         Some(f) => f.clone(),
-        None => img_core::probe_format(storage.as_ref())
+        None => img_core::probe_format(&storage)
             .map_err(|e| could_not_open(e.to_string()))?
             .to_string(),
     };
+    // The lock bytes qemu-img takes for a check (a repair writes), before the format is looked
+    // at.
+    let access = img_core::OpenOptions {
+        read_only: !repair,
+        force_share: file_share,
+        ..Default::default()
+    };
+    storage
+        .set_permissions(file_permissions(&driver, &access))
+        .map_err(|e| could_not_open(e.to_string()))?;
+    let storage: Arc<dyn Storage> = Arc::new(storage);
     if driver != "qcow2" {
         return Err(CliError::with_code(
             "This image format does not support checks",
@@ -199,6 +230,7 @@ pub fn run(args: &[String]) -> CmdResult {
         ));
     }
 
+    check_backing_opens(&storage, &target.path).map_err(could_not_open)?;
     let first = run_check(&storage, fix, &could_not_open)?;
     let report = if first.corruptions_fixed > 0 || first.leaks_fixed > 0 {
         if !json && !quiet {
@@ -330,6 +362,33 @@ pub fn json_report(r: &CheckReport, filename: &str) -> String {
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("    \"{k}\": {v}")))
         .collect();
     format!("{{\n{}\n}}", body.join(",\n"))
+}
+
+/// As qemu-img, which opens the image with its backing chain before checking it: a backing
+/// file that cannot be opened fails the check. Only the header is read here, so a damaged
+/// image is still checked.
+fn check_backing_opens(storage: &Arc<dyn Storage>, path: &str) -> Result<(), String> {
+    let size = storage.size().map_err(|e| e.to_string())?;
+    let mut first = vec![0u8; size.min(2 << 20) as usize];
+    if storage.read_at(&mut first, 0).is_err() {
+        return Ok(());
+    }
+    let Ok(header) = img_core::qcow2::Header::parse(path, &first, size) else {
+        return Ok(());
+    };
+    let Some(backing) = header.backing_file else {
+        return Ok(());
+    };
+    let name = img_core::chain::resolve_backing_name(path, &backing);
+    let opts = img_core::OpenOptions {
+        format: header.backing_format,
+        read_only: true,
+        locking: img_core::locking::Locking::Off,
+        ..Default::default()
+    };
+    img_core::open_image(std::path::Path::new(&name), &opts)
+        .map(drop)
+        .map_err(|e| format!("Could not open backing file: {}", e.reason()))
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@
 
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
+use crate::progress::Progress;
 use crate::{CliError, CmdResult};
 use img_core::ops::compare::{compare, CompareError, Event, Outcome, Side};
-use std::io::Write;
 
 const SPECS: &[OptSpec] = &[
     opt(Some('h'), Some("help"), false),
@@ -40,46 +40,6 @@ Checks whether two images have the same content. Exit status: 0 identical, 1 dif
   -h, --help            show this help
 ";
 
-/// qemu-img's progress line: printed when it moved by more than two percent, and at 0 and
-/// 100%. The arithmetic is single precision, as qemu's, so the same steps print the same
-/// numbers.
-struct Progress {
-    enabled: bool,
-    current: f32,
-    last_print: f32,
-}
-
-impl Progress {
-    const MIN_SKIP: f32 = 2.0;
-
-    fn new(enabled: bool) -> Self {
-        Progress {
-            enabled,
-            current: 0.0,
-            last_print: 0.0,
-        }
-    }
-
-    /// Adds `delta` percent of the job.
-    fn advance(&mut self, delta: f32) {
-        let current = (self.current + delta / 100.0 * 100.0).min(100.0);
-        self.current = current;
-        if current > self.last_print + Self::MIN_SKIP || current == 100.0 || current == 0.0 {
-            self.last_print = current;
-            if self.enabled {
-                print!("    ({:3.2}/100%)\r", current);
-                let _ = std::io::stdout().flush();
-            }
-        }
-    }
-
-    fn end(&self) {
-        if self.enabled {
-            println!();
-        }
-    }
-}
-
 /// Runs `img compare` with its arguments.
 pub fn run(args: &[String]) -> CmdResult {
     let (opts, pos) = parse(args, SPECS)?;
@@ -90,6 +50,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let mut cache = "writeback".to_string();
     let mut progress = false;
     let mut quiet = false;
+    let mut force_share = false;
     for o in &opts {
         match o.name.as_str() {
             "help" => {
@@ -103,7 +64,8 @@ pub fn run(args: &[String]) -> CmdResult {
             "cache" => cache = o.value.clone().unwrap_or_default(),
             "progress" => progress = true,
             "quiet" => quiet = true,
-            // -U: no locks to share; --object: no secrets needed.
+            "force-share" => force_share = true,
+            // --object: no secrets needed.
             _ => {}
         }
     }
@@ -120,6 +82,7 @@ pub fn run(args: &[String]) -> CmdResult {
         fmt1.as_deref(),
         fmt2.as_deref(),
         image_opts,
+        force_share,
         &cache,
         strict,
         quiet,
@@ -136,6 +99,7 @@ fn compare_files(
     fmt1: Option<&str>,
     fmt2: Option<&str>,
     image_opts: bool,
+    force_share: bool,
     cache: &str,
     strict: bool,
     quiet: bool,
@@ -155,7 +119,9 @@ fn compare_files(
                 2,
             ));
         }
-        let spec = ImageSpec::from_args(name, image_opts, fmt).map_err(|e| with_code(e, 2))?;
+        let spec = ImageSpec::from_args(name, image_opts, fmt)
+            .map_err(|e| with_code(e, 2))?
+            .with_force_share(force_share);
         open::open(&spec, true, cache).map_err(|e| with_code(e, 2))
     };
     let a = open_one(name1, fmt1)?;

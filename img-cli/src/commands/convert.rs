@@ -7,7 +7,7 @@ use crate::{CliError, CmdResult};
 use blockdev::CacheMode;
 use img_core::convert::{convert, ConvertOptions};
 use img_core::size::parse_size;
-use img_core::Image;
+use img_core::{Image, Usage};
 use std::io::Write;
 
 const SPECS: &[crate::getopt::OptSpec] = &[
@@ -43,6 +43,7 @@ struct Args {
     out_fmt: String,
     options: Option<String>,
     image_opts: bool,
+    force_share: bool,
     compress: bool,
     min_sparse: u64,
     no_create: bool,
@@ -54,6 +55,10 @@ struct Args {
     parallel: usize,
     out_of_order: bool,
     copy_offload: bool,
+    /// `-B`: the target's backing file (only what the source's top image holds is copied).
+    backing: Option<String>,
+    /// `-F`: its format.
+    backing_fmt: Option<String>,
     files: Vec<String>,
 }
 
@@ -68,6 +73,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         out_fmt: "raw".into(),
         options: None,
         image_opts: false,
+        force_share: false,
         compress: false,
         min_sparse: 4096,
         no_create: false,
@@ -79,6 +85,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         parallel: 8,
         out_of_order: false,
         copy_offload: false,
+        backing: None,
+        backing_fmt: None,
         files,
     };
     for o in opts {
@@ -118,13 +126,10 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "image-opts" => a.image_opts = true,
             "W" => a.out_of_order = true,
             "C" => a.copy_offload = true,
-            "U" => {}
+            "force-share" => a.force_share = true,
             "target-is-zero" => a.target_is_zero = true,
-            "B" | "F" => {
-                return Err(CliError::new(
-                    "Backing files are not supported yet (convert -B/-F)",
-                ))
-            }
+            "B" => a.backing = Some(v),
+            "F" => a.backing_fmt = Some(v),
             "l" | "s" => {
                 return Err(CliError::new(
                     "Internal snapshots are not supported yet (convert -l/-s)",
@@ -145,6 +150,26 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
     if a.files.len() < 2 {
         return Err(CliError::usage("Expecting image file name"));
     }
+    // A backing file given as a creation option counts as -B, as in qemu.
+    if let Some(list) = &a.options {
+        for (k, v) in create::split_options(list).0 {
+            match k.as_str() {
+                "backing_file" => a.backing = Some(v),
+                "backing_fmt" => a.backing_fmt = Some(v),
+                _ => {}
+            }
+        }
+    }
+    if a.backing.is_some() && a.backing_fmt.is_none() {
+        return Err(CliError::new(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
+    if a.backing.is_some() && a.out_fmt == "raw" {
+        return Err(CliError::new(
+            "Backing file not supported for file format 'raw'",
+        ));
+    }
     if a.compress && a.out_fmt != "qcow2" {
         return Err(CliError::new(format!(
             "Operation or feature not supported for output format '{}' with compression",
@@ -155,6 +180,19 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         return Err(CliError::new("--target-is-zero requires use of -n flag"));
     }
     Ok(a)
+}
+
+/// qemu-img words a failure to create the target "name: error while converting fmt: reason",
+/// where `img create` says "name: reason".
+fn creating(e: CliError, out: &str, fmt: &str) -> CliError {
+    let reason = e
+        .message
+        .strip_prefix(&format!("{out}: "))
+        .unwrap_or(&e.message);
+    CliError {
+        message: format!("{out}: error while converting {fmt}: {reason}"),
+        ..e
+    }
 }
 
 /// Runs `img convert` with its arguments.
@@ -168,7 +206,13 @@ pub fn run(args: &[String]) -> CmdResult {
     let (out, inputs) = a.files.split_last().expect("checked: at least two files");
     let mut sources: Vec<Image> = Vec::new();
     for name in inputs {
-        let spec = ImageSpec::from_args(name, a.image_opts, a.src_fmt.as_deref())?;
+        // As qemu-img: nobody may write a source while it is copied, unless -U.
+        let spec = ImageSpec::from_args(name, a.image_opts, a.src_fmt.as_deref())?
+            .with_force_share(a.force_share)
+            .with_usage(Usage {
+                no_share: true,
+                ..Default::default()
+            });
         sources.push(open(&spec, true, a.src_cache)?);
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
@@ -178,10 +222,16 @@ pub fn run(args: &[String]) -> CmdResult {
             out,
             a.options.as_deref(),
             Some(total),
-            None,
-            None,
+            create::Backing {
+                file: a.backing.as_deref(),
+                format: a.backing_fmt.as_deref(),
+                // As qemu-img convert: the backing file is opened with the target, not
+                // before it is created.
+                unsafe_open: true,
+            },
         )?
-        .execute()?;
+        .execute()
+        .map_err(|e| creating(e, out, &a.out_fmt))?;
     }
     let target = open(&ImageSpec::file(out, Some(&a.out_fmt)), false, a.dst_cache)?;
     if a.no_create && target.size() < total {
@@ -193,10 +243,12 @@ pub fn run(args: &[String]) -> CmdResult {
     let opts = ConvertOptions {
         min_sparse: a.min_sparse,
         compress: a.compress,
-        target_is_zero: !a.no_create || a.target_is_zero,
+        // A target with a backing file reads what its backing file holds, not zeros.
+        target_is_zero: (!a.no_create || a.target_is_zero) && a.backing.is_none(),
         parallel: a.parallel,
         out_of_order: a.out_of_order,
         copy_offload: a.copy_offload,
+        target_has_backing: a.backing.is_some(),
         ..Default::default()
     };
     let show = a.progress && !a.quiet;

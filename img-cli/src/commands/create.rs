@@ -10,9 +10,9 @@
 use crate::cvt::{self, NumError};
 use crate::getopt::{opt, parse, OptSpec};
 use crate::{CliError, CmdResult};
+use blockdev::{FileOptions, FileStorage};
 use img_core::qcow2::{self, CompressionType, Qcow2CreateOptions};
 use img_core::raw::{self, Preallocation, RawCreateOptions};
-use std::fs::OpenOptions;
 use std::path::Path;
 
 const SPECS: &[OptSpec] = &[
@@ -36,7 +36,7 @@ powers of 1024).
   -f, --format FMT         image format: raw (default) or qcow2
   -o, --options OPTIONS    format options, comma separated ('-o help' lists them)
   -q, --quiet              do not print the 'Formatting' line
-  -b, --backing FILE       backing file (not supported yet)
+  -b, --backing FILE       backing file
   -F, --backing-format FMT format of the backing file
   -u, --backing-unsafe     do not open the backing file
   -h, --help               show this help
@@ -493,6 +493,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let mut options: Option<String> = None;
     let mut base: Option<String> = None;
     let mut base_fmt: Option<String> = None;
+    let mut backing_unsafe = false;
     for o in &opts {
         let v = o.value.clone().unwrap_or_default();
         match o.name.as_str() {
@@ -513,8 +514,8 @@ pub fn run(args: &[String]) -> CmdResult {
             }
             "backing" => base = Some(v),
             "backing-format" => base_fmt = Some(v),
-            // -u only matters when a backing file is opened; --object defines secrets for
-            // encryption, which is refused later.
+            "backing-unsafe" => backing_unsafe = true,
+            // --object defines secrets for encryption, which is refused later.
             _ => {}
         }
     }
@@ -530,20 +531,7 @@ pub fn run(args: &[String]) -> CmdResult {
     };
     let mut img_size: Option<u64> = None;
     if let Some(s) = pos.get(1) {
-        img_size = Some(match cvt::parse_size(s) {
-            Ok(n) if n <= i64::MAX as u64 => n,
-            Err(NumError::Invalid) => {
-                return Err(CliError::new(format!(
-                    "Invalid image size specified: '{s}'."
-                )))
-            }
-            _ => {
-                return Err(CliError::new(format!(
-                    "Invalid image size specified. Must be between 0 and {}.",
-                    i64::MAX
-                )))
-            }
-        });
+        img_size = Some(cvt::cvtnum("image size", s)?);
     }
     if let Some(extra) = pos.get(2) {
         return Err(CliError::usage(format!("Unexpected argument: {extra}")));
@@ -554,13 +542,27 @@ pub fn run(args: &[String]) -> CmdResult {
         &filename,
         options.as_deref(),
         img_size,
-        base.as_deref(),
-        base_fmt.as_deref(),
+        Backing {
+            file: base.as_deref(),
+            format: base_fmt.as_deref(),
+            unsafe_open: backing_unsafe,
+        },
     )?;
     if !quiet {
         println!("Formatting '{filename}', fmt={fmt} {}", plan.describe());
     }
     plan.execute()
+}
+
+/// The backing file of a new image, as `-b`, `-F` and `-u` give it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Backing<'a> {
+    /// `-b`: the name to record (relative names are relative to the new image's directory).
+    pub file: Option<&'a str>,
+    /// `-F`: its format.
+    pub format: Option<&'a str>,
+    /// `-u`: do not open it (so neither check it nor take the size from it).
+    pub unsafe_open: bool,
 }
 
 /// A validated image creation: format, file, size and options, ready to run. `img convert`
@@ -579,9 +581,9 @@ impl CreatePlan {
         filename: &str,
         options: Option<&str>,
         img_size: Option<u64>,
-        base: Option<&str>,
-        base_fmt: Option<&str>,
+        backing: Backing,
     ) -> Result<Self, CliError> {
+        let (base, base_fmt) = (backing.file, backing.format);
         let filename = filename.to_string();
         let fmt = fmt.to_string();
         if fmt != "raw" && fmt != "qcow2" {
@@ -647,10 +649,8 @@ impl CreatePlan {
                     "Expected backing file name, got empty string",
                 ));
             }
-            return Err(named(
-                &filename,
-                format!("Backing files are not supported yet (backing file '{b}')"),
-            ));
+            let b = b.to_string();
+            check_backing(&filename, &b, backing.unsafe_open, &mut o)?;
         }
         // qemu's "no size" is the value -1, whichever way it was given.
         let size = match o.get("size").and_then(|g| g.number) {
@@ -681,6 +681,60 @@ impl CreatePlan {
     }
 }
 
+/// Opens the backing file of a new image, as qemu does unless `-u` is given: it must open,
+/// its format must be recorded, and the new image's size defaults to its size.
+fn check_backing(
+    filename: &str,
+    backing: &str,
+    unsafe_open: bool,
+    o: &mut Opts,
+) -> Result<(), CliError> {
+    let recorded_format = o.text("backing_fmt").map(str::to_string);
+    if unsafe_open {
+        if recorded_format.is_none() {
+            return Err(named(
+                filename,
+                "Backing file specified without backing format",
+            ));
+        }
+        return Ok(());
+    }
+    let full = img_core::chain::resolve_backing_name(filename, backing);
+    let opts = img_core::OpenOptions {
+        format: recorded_format.clone(),
+        read_only: true,
+        force_share: true,
+        ..Default::default()
+    };
+    let image = img_core::open_image(Path::new(&full), &opts).map_err(|e| {
+        named(
+            filename,
+            format!(
+                "{}\nCould not open backing image.",
+                crate::open::open_reason(&e)
+            ),
+        )
+    })?;
+    if recorded_format.is_none() {
+        return Err(named(
+            filename,
+            format!(
+                "Backing file specified without backing format\nDetected format of {}.",
+                image.format().driver()
+            ),
+        ));
+    }
+    let sized = o
+        .get("size")
+        .and_then(|g| g.number)
+        .is_some_and(|n| n != u64::MAX);
+    if !sized {
+        o.set("size", &image.size().to_string())
+            .map_err(|m| named(filename, m))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
     if fmt != "raw" && fmt != "qcow2" {
         return Err(CliError::new(format!("Unknown file format '{fmt}'")));
@@ -689,29 +743,32 @@ pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
     Ok(0)
 }
 
-/// Creates (or truncates) the file, with qemu's message when that fails. With `nocow`, the
-/// new (empty) file gets the No_COW attribute, which Btrfs only honours on empty files; as in
-/// qemu, a filesystem without the attribute is no error.
+/// Creates (or truncates) the file, with qemu's message when that fails. As qemu, an existing
+/// file is truncated only once QEMU's lock bytes show that no other process uses it in a way
+/// that excludes this (a QEMU that writes a qcow2 image, say). With `nocow`, the new (empty)
+/// file gets the No_COW attribute, which Btrfs only honours on empty files; as in qemu, a
+/// filesystem without the attribute is no error.
 fn create_file(path: &Path, filename: &str, nocow: bool) -> Result<(), CliError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map(|f| {
+    let opts = FileOptions {
+        create: true,
+        ..Default::default()
+    };
+    match FileStorage::open(path, opts) {
+        Ok(f) => {
             if nocow {
-                set_nocow(&f);
+                set_nocow(f.file());
             }
-        })
-        .map_err(|e| {
-            named(
-                filename,
-                format!(
-                    "Could not create '{filename}': {}",
-                    blockdev::os_message(&e)
-                ),
-            )
-        })
+            Ok(())
+        }
+        Err(blockdev::Error::Open { source, .. }) => Err(named(
+            filename,
+            format!(
+                "Could not create '{filename}': {}",
+                blockdev::os_message(&source)
+            ),
+        )),
+        Err(e) => Err(named(filename, e)),
+    }
 }
 
 /// Sets FS_NOCOW_FL, ignoring filesystems that do not support it.
@@ -841,7 +898,7 @@ fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
                 .into(),
         );
     }
-    if o.get("backing_fmt").is_some() {
+    if o.get("backing_fmt").is_some() && o.get("backing_file").is_none() {
         return Err("Backing format cannot be used without backing file".into());
     }
     if version < 3 && lazy_refcounts {
@@ -901,6 +958,8 @@ fn plan_qcow2(size: u64, o: &Opts) -> Result<Qcow2Plan, String> {
             lazy_refcounts,
             compression_type,
             extended_l2: false,
+            backing_file: o.text("backing_file").map(str::to_string),
+            backing_format: o.text("backing_fmt").map(str::to_string),
         },
         unsupported,
     })

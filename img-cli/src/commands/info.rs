@@ -9,6 +9,7 @@ use crate::human::size_to_str;
 use crate::open::{self, ImageSpec};
 use crate::qjson::{dump_human, to_json_pretty, QValue};
 use crate::{CliError, CmdResult};
+use img_core::{BackingPolicy, Usage};
 use std::os::unix::fs::MetadataExt;
 
 const SPECS: &[OptSpec] = &[
@@ -34,6 +35,17 @@ Shows the format, sizes and format-specific facts of an image.
   -h, --help             show this help
 ";
 
+/// An image's backing file as `info` shows it.
+#[derive(Clone, Debug)]
+struct BackingInfo {
+    /// The name recorded in the image.
+    recorded: String,
+    /// The name resolved against the image's directory.
+    full: String,
+    /// The recorded format, if any.
+    format: Option<String>,
+}
+
 /// One node of the image graph, with the facts qemu-img shows.
 #[derive(Clone, Debug)]
 struct NodeInfo {
@@ -43,6 +55,8 @@ struct NodeInfo {
     actual_size: Option<u64>,
     cluster_size: Option<u64>,
     dirty: bool,
+    /// The backing file: as recorded, resolved, and its recorded format.
+    backing: Option<BackingInfo>,
     /// `format-specific`: the type and its data.
     specific: Option<(String, Vec<(String, QValue)>)>,
     children: Vec<(String, NodeInfo)>,
@@ -62,6 +76,13 @@ impl NodeInfo {
         d.push(("virtual-size".into(), self.virtual_size.into()));
         if let Some(c) = self.cluster_size {
             d.push(("cluster-size".into(), c.into()));
+        }
+        if let Some(b) = &self.backing {
+            d.push(("backing-filename".into(), b.recorded.clone().into()));
+            d.push(("full-backing-filename".into(), b.full.clone().into()));
+            if let Some(f) = &b.format {
+                d.push(("backing-filename-format".into(), f.clone().into()));
+            }
         }
         if let Some((kind, data)) = &self.specific {
             d.push((
@@ -115,6 +136,16 @@ impl NodeInfo {
         if let Some(cs) = self.cluster_size {
             out.push_str(&format!("{ind}cluster_size: {cs}\n"));
         }
+        if let Some(b) = &self.backing {
+            out.push_str(&format!("{ind}backing file: {}", b.recorded));
+            if b.full != b.recorded {
+                out.push_str(&format!(" (actual path: {})", b.full));
+            }
+            out.push('\n');
+            if let Some(f) = &b.format {
+                out.push_str(&format!("{ind}backing file format: {f}\n"));
+            }
+        }
         if self.dirty {
             out.push_str(&format!("{ind}cleanly shut down: no\n"));
         }
@@ -157,6 +188,7 @@ fn file_node(path: &str, length: u64) -> NodeInfo {
         actual_size: allocated_bytes(path),
         cluster_size: None,
         dirty: false,
+        backing: None,
         specific: Some(("file".to_string(), Vec::new())),
         children: Vec::new(),
     }
@@ -197,6 +229,11 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         }
         (fmt.driver().to_string(), data)
     });
+    let backing = info.backing_file.as_ref().map(|recorded| BackingInfo {
+        recorded: recorded.clone(),
+        full: img_core::chain::resolve_backing_name(&spec.path, recorded),
+        format: info.backing_format.clone(),
+    });
     Ok(NodeInfo {
         filename: spec.path.clone(),
         format: fmt.driver().to_string(),
@@ -204,6 +241,7 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         actual_size: file.actual_size,
         cluster_size: info.cluster_size,
         dirty: info.dirty,
+        backing,
         specific,
         children: vec![("file".to_string(), file)],
     })
@@ -216,6 +254,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let mut image_opts = false;
     let mut chain = false;
     let mut json = false;
+    let mut force_share = false;
     for o in &opts {
         match o.name.as_str() {
             "help" => {
@@ -235,8 +274,8 @@ pub fn run(args: &[String]) -> CmdResult {
                     )))
                 }
             },
-            // -U: this tool takes no locks that sharing would relax; --object defines
-            // secrets, which unencrypted images do not need.
+            "force-share" => force_share = true,
+            // --object defines secrets, which unencrypted images do not need.
             _ => {}
         }
     }
@@ -248,19 +287,68 @@ pub fn run(args: &[String]) -> CmdResult {
             "--image-opts and --format are mutually exclusive",
         ));
     }
-    let spec = ImageSpec::from_args(&pos[0], image_opts, fmt.as_deref())?;
-    let info = collect(&spec)?;
+    // As qemu-img: the data is not read, so no "consistent read" lock is taken.
+    let spec = ImageSpec::from_args(&pos[0], image_opts, fmt.as_deref())?
+        .with_force_share(force_share)
+        .with_usage(Usage {
+            metadata_only: true,
+            ..Default::default()
+        });
+    let spec = spec.with_backing(BackingPolicy::none());
+    let infos = if chain {
+        collect_chain(spec)?
+    } else {
+        vec![collect(&spec)?]
+    };
     if json {
         let v = if chain {
-            QValue::List(vec![info.to_qvalue()])
+            QValue::List(infos.iter().map(NodeInfo::to_qvalue).collect())
         } else {
-            info.to_qvalue()
+            infos[0].to_qvalue()
         };
         println!("{}", to_json_pretty(&v));
     } else {
         let mut out = String::new();
-        info.dump(0, "/", &mut out);
+        for (i, info) in infos.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            info.dump(0, "/", &mut out);
+        }
         print!("{out}");
     }
     Ok(0)
+}
+
+/// The facts of every image of the chain, top first. Each image is opened on its own, with
+/// its backing file closed, as qemu-img does; a name met twice is a loop.
+fn collect_chain(top: ImageSpec) -> Result<Vec<NodeInfo>, CliError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut infos = Vec::new();
+    let mut spec = top;
+    loop {
+        if !seen.insert(spec.path.clone()) {
+            return Err(CliError::new(format!(
+                "Backing file '{}' creates an infinite loop.",
+                spec.path
+            )));
+        }
+        let info = collect(&spec)?;
+        let next = info.backing.clone();
+        infos.push(info);
+        let Some(b) = next else {
+            return Ok(infos);
+        };
+        if infos.len() > img_core::chain::DEFAULT_MAX_DEPTH {
+            return Err(CliError::new(format!(
+                "The backing chain of '{}' is deeper than {} images",
+                infos[0].filename,
+                img_core::chain::DEFAULT_MAX_DEPTH
+            )));
+        }
+        spec = ImageSpec::file(&b.full, b.format.as_deref())
+            .with_force_share(spec.force_share)
+            .with_usage(spec.usage)
+            .with_backing(BackingPolicy::none());
+    }
 }

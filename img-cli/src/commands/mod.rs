@@ -1,19 +1,24 @@
 //! The subcommands, one module each, and the dispatcher.
 
+mod amend;
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 pub(crate) mod create;
 mod info;
+mod map;
 mod measure;
+mod rebase;
 mod resize;
 
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
-    "check", "compare", "convert", "create", "info", "measure", "resize",
+    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
+    "resize",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -28,12 +33,16 @@ pub fn dispatch(args: &[String]) -> CmdResult {
     };
     let rest = &args[1..];
     match cmd.as_str() {
+        "amend" => amend::run(rest),
         "create" => create::run(rest),
         "info" => info::run(rest),
         "bench" => bench::run(rest),
         "check" => check::run(rest),
         "convert" => convert::run(rest),
         "compare" => compare::run(rest),
+        "map" => map::run(rest),
+        "commit" => commit::run(rest),
+        "rebase" => rebase::run(rest),
         "measure" => measure::run(rest),
         "resize" => resize::run(rest),
         "-h" | "--help" | "help" => {
@@ -53,11 +62,15 @@ fn print_help() {
         "img version {} - a qemu-img compatible disk image utility\n\
          usage: img [standard options] command [command options]\n\n\
          Command syntax:\n  \
+         amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename\n  \
          check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n  \
+         commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename\n  \
          compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2\n  \
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
          create [-q] [-f fmt] [-o options] filename [size]\n  \
-         info [-f fmt] [--output=ofmt] [-U] filename\n  \
+         info [-f fmt] [--output=ofmt] [-U] [--backing-chain] filename\n  \
+         rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename\n  \
+         map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
          resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n",
         env!("CARGO_PKG_VERSION")

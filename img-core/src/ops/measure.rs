@@ -175,7 +175,7 @@ pub fn data_clusters_bytes(image: &Image, cluster_size: u64) -> Result<u64> {
         let host = if file.is_some() && data && flags & OFFSET_VALID != 0 {
             let st = image.block_status(offset, len)?;
             // Only data of the top image lies in its file.
-            st.offset.filter(|_| st.depth == Some(0))
+            st.offset.filter(|_| st.depth == 0 && st.present)
         } else {
             None
         };

@@ -46,11 +46,13 @@ pub fn qemu_status(image: &Image, offset: u64, bytes: u64) -> Result<(u32, u64)>
         (ZERO | OFFSET_VALID | ALLOCATED, bytes)
     } else {
         let st = image.block_status(offset, bytes.min(size - offset))?;
-        let flags = if st.depth.is_none() {
+        let flags = if !st.present {
             // Allocated nowhere, and there is nothing underneath: reads as zeros.
             ZERO
         } else if st.compressed {
             DATA | COMPRESSED | ALLOCATED
+        } else if st.data && st.zero {
+            DATA | ZERO | OFFSET_VALID | ALLOCATED
         } else if st.data {
             DATA | OFFSET_VALID | ALLOCATED
         } else if raw || st.offset.is_some() {

@@ -29,6 +29,10 @@ pub struct Qcow2CreateOptions {
     pub compression_type: CompressionType,
     /// `extended_l2` (refused: not supported yet).
     pub extended_l2: bool,
+    /// `backing_file`: the name recorded for the backing file, as given.
+    pub backing_file: Option<String>,
+    /// `backing_fmt`: the backing file's format.
+    pub backing_format: Option<String>,
 }
 
 impl Default for Qcow2CreateOptions {
@@ -41,6 +45,8 @@ impl Default for Qcow2CreateOptions {
             lazy_refcounts: false,
             compression_type: CompressionType::Zlib,
             extended_l2: false,
+            backing_file: None,
+            backing_format: None,
         }
     }
 }
@@ -133,8 +139,8 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Result
         refcount_order: opts.refcount_bits.trailing_zeros(),
         header_length: if v3 { 112 } else { 72 },
         compression_type: opts.compression_type,
-        backing_file: None,
-        backing_format: None,
+        backing_file: opts.backing_file.clone(),
+        backing_format: opts.backing_file.as_ref().and(opts.backing_format.clone()),
         feature_names: if v3 {
             header::standard_feature_names()
         } else {

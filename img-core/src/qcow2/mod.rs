@@ -21,11 +21,13 @@
 //! memory back, so an idle image holds no cached metadata. With `discard=unmap`, clusters
 //! whose refcount drops to zero have holes punched under them when the decrement is applied.
 
+pub mod amend;
 pub mod cache;
 pub mod cache_options;
 pub mod check;
 pub mod compress;
 pub mod create;
+mod empty;
 pub mod header;
 pub mod l2;
 pub mod measure;
@@ -46,7 +48,7 @@ use l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use refcount::Refcounts;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 /// Options for opening a qcow2 image.
@@ -95,29 +97,95 @@ pub struct Qcow2 {
     _cleaner: Option<Cleaner>,
 }
 
-/// The background thread that frees cache entries left unused for `cache-clean-interval`.
-/// It holds the metadata weakly and ends when the image (and with it the sender) is dropped.
+/// This image's registration with the cache cleaner: the one background thread of the
+/// process that frees cache entries left unused for `cache-clean-interval`. One thread serves
+/// every open image, so a chain of a thousand images costs no thousand threads. The
+/// registration holds the metadata weakly and is removed when the image is dropped.
 struct Cleaner {
-    _stop: mpsc::Sender<()>,
+    id: u64,
+}
+
+/// An image the cleaner visits.
+struct CleanerJob {
+    id: u64,
+    meta: Weak<Mutex<Meta>>,
+    interval: Duration,
+    due: std::time::Instant,
+}
+
+/// The cleaner thread's list of images, and the condition it sleeps on.
+#[derive(Default)]
+struct CleanerShared {
+    jobs: Mutex<(u64, Vec<CleanerJob>)>,
+    changed: std::sync::Condvar,
 }
 
 impl Cleaner {
-    fn spawn(meta: Weak<Mutex<Meta>>, interval: Duration) -> Option<Cleaner> {
-        let (tx, rx) = mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name("qcow2-cache-clean".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
-                    let Some(meta) = meta.upgrade() else {
-                        return;
-                    };
-                    let mut m = meta.lock().unwrap_or_else(|e| e.into_inner());
-                    m.clean_unused_caches();
+    /// The shared list; the thread starts with the first registration.
+    fn shared() -> Option<&'static CleanerShared> {
+        static SHARED: std::sync::OnceLock<Option<&'static CleanerShared>> =
+            std::sync::OnceLock::new();
+        *SHARED.get_or_init(|| {
+            let shared: &'static CleanerShared = Box::leak(Box::default());
+            std::thread::Builder::new()
+                .name("qcow2-cache-clean".into())
+                .spawn(move || Self::run(shared))
+                // Without a thread the caches are simply never cleaned, as with interval 0.
+                .ok()?;
+            Some(shared)
+        })
+    }
+
+    fn register(meta: Weak<Mutex<Meta>>, interval: Duration) -> Option<Cleaner> {
+        let shared = Self::shared()?;
+        let mut jobs = shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.0 += 1;
+        let id = jobs.0;
+        let due = std::time::Instant::now() + interval;
+        jobs.1.push(CleanerJob {
+            id,
+            meta,
+            interval,
+            due,
+        });
+        shared.changed.notify_all();
+        Some(Cleaner { id })
+    }
+
+    fn run(shared: &'static CleanerShared) {
+        let mut jobs = shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = std::time::Instant::now();
+            for job in jobs.1.iter_mut().filter(|j| j.due <= now) {
+                job.due = now + job.interval;
+                if let Some(meta) = job.meta.upgrade() {
+                    meta.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clean_unused_caches();
                 }
-            })
-            // Without a thread the caches are simply never cleaned, as with interval 0.
-            .ok()?;
-        Some(Cleaner { _stop: tx })
+            }
+            jobs = match jobs.1.iter().map(|j| j.due).min() {
+                Some(next) => {
+                    let wait = next.saturating_duration_since(std::time::Instant::now());
+                    shared
+                        .changed
+                        .wait_timeout(jobs, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => shared.changed.wait(jobs).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
+    }
+}
+
+impl Drop for Cleaner {
+    fn drop(&mut self) {
+        if let Some(shared) = Self::shared() {
+            let mut jobs = shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.1.retain(|j| j.id != self.id);
+            shared.changed.notify_all();
+        }
     }
 }
 
@@ -183,12 +251,6 @@ impl Qcow2 {
             file.read_at(&mut first, 0)?;
         }
         let header = Header::parse(&name, &first, file_size)?;
-        if let Some(backing) = &header.backing_file {
-            return Err(Error::unsupported(
-                &name,
-                format!("the image needs its backing file '{backing}', and backing files are not supported yet"),
-            ));
-        }
         let read_only = opts.read_only || file.is_read_only();
         if header.is_corrupt() && !read_only {
             return Err(Error::invalid(
@@ -260,7 +322,7 @@ impl Qcow2 {
         };
         let meta = Arc::new(Mutex::new(meta));
         let cleaner = (clean_interval > 0)
-            .then(|| Cleaner::spawn(Arc::downgrade(&meta), Duration::from_secs(clean_interval)))
+            .then(|| Cleaner::register(Arc::downgrade(&meta), Duration::from_secs(clean_interval)))
             .flatten();
         let q = Qcow2 {
             cluster_bits: header.cluster_bits,
@@ -320,6 +382,63 @@ impl Qcow2 {
 
     /// We keep no bitmaps, so a bitmaps extension must be declared stale before we write, as
     /// the spec requires of implementations that do not understand autoclear bits.
+    /// Reads and parses the header as it is on disk now (fields such as the L1 table's place
+    /// change while the image is open; `self.header` keeps what was read at open).
+    fn header_on_disk(&self) -> Result<Header> {
+        let cs = 1usize << self.cluster_bits;
+        let mut first = vec![0u8; cs.min(self.file.size()? as usize)];
+        self.file.read_at(&mut first, 0)?;
+        Header::parse(self.file.name(), &first, self.file.size()?)
+    }
+
+    /// Records a new backing file name and format (qemu's "change backing file"): the header
+    /// and its extensions are rewritten in the first cluster. Everything written before is
+    /// made durable first, so the new name never describes data that is not on disk yet.
+    pub fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: self.file.name().to_string(),
+            });
+        }
+        let file_name = self.file.name().to_string();
+        if name.is_some_and(|n| n.len() > 1023) {
+            return Err(Error::invalid(&file_name, "Backing file name too long"));
+        }
+        {
+            let mut meta = self.lock();
+            self.flush_meta(&mut meta)?;
+        }
+        let mut h = self.header_on_disk()?;
+        h.backing_file = name.map(str::to_string);
+        h.backing_format = name.and(format).map(str::to_string);
+        let cs = 1usize << self.cluster_bits;
+        let mut first = h.serialize(cs).map_err(|_| {
+            Error::invalid(
+                &file_name,
+                "Cannot change the backing file: the header would not fit in the first cluster",
+            )
+        })?;
+        // Clear what the old header and name left behind after the new end.
+        let old_len = self.header_length_used()?;
+        if first.len() < old_len {
+            first.resize(old_len, 0);
+        }
+        self.file.write_at(&first, 0)?;
+        self.file.flush()?;
+        self.header.backing_file = h.backing_file;
+        self.header.backing_format = h.backing_format;
+        Ok(())
+    }
+
+    /// How many bytes of the first cluster the current header, its extensions and the
+    /// backing file name occupy.
+    fn header_length_used(&self) -> Result<usize> {
+        let h = self.header_on_disk()?;
+        let serialized = h.serialize(1usize << self.cluster_bits)?.len();
+        let name_end = (h.backing_file_offset + h.backing_file_size as u64) as usize;
+        Ok(serialized.max(name_end))
+    }
+
     fn clear_unknown_autoclear(&self) -> Result<()> {
         if self.header.version >= 3 && self.header.autoclear_features != 0 {
             self.file
@@ -1013,6 +1132,14 @@ impl Format for Qcow2 {
         Ok(())
     }
 
+    fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        Qcow2::set_backing_file(self, name, format)
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.deallocate_all()
+    }
+
     fn info(&self) -> FormatInfo {
         let h = &self.header;
         let mut data = serde_json::Map::new();
@@ -1040,5 +1167,9 @@ impl Format for Qcow2 {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 }

@@ -210,6 +210,15 @@ impl Refcounts {
         Ok(Some(off))
     }
 
+    /// A copy of refcount block `index` as it is now (changes still in the cache included), or
+    /// `None` where the table has no block: for walks over every refcount.
+    pub fn block_copy(&mut self, file: &dyn Storage, index: usize) -> Result<Option<Vec<u8>>> {
+        let Some(off) = self.block_offset(index)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.cache.get(file, off)?.to_vec()))
+    }
+
     /// The refcount of cluster `cluster` (0 where no block describes it).
     pub fn get(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
         let per_block = self.per_block();

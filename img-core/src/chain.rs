@@ -1,0 +1,213 @@
+//! Backing chains: the one policy that decides what an image may open beneath it.
+//!
+//! An image names its backing file (and, in qcow2, the backing file's format). Everything an
+//! image names is opened here, and only here, under these rules:
+//! - a relative name is resolved against the directory of the image that names it, as qemu
+//!   resolves it (string concatenation, no canonicalisation, so names stay as users wrote them);
+//! - the format comes from the recorded backing format; only when none is recorded is the file
+//!   probed. A recorded `raw` is never probed, so a guest that writes a qcow2 header into its
+//!   raw disk cannot make the host open another file through it;
+//! - a file that is already in the chain (by device and inode, whatever its name) is a loop
+//!   and an error, as is a chain deeper than [`BackingPolicy::max_depth`];
+//! - backing files are opened read-only, except the one image a commit writes into.
+//!
+//! The chain is opened iteratively and read iteratively ([`crate::Image`] walks down it in a
+//! loop), so its depth costs one open file and one small driver per image, not stack.
+
+use crate::locking::{self, Permissions};
+use crate::open::{open_format, probe_format, OpenOptions};
+use crate::{Error, Format, Image, Result};
+use blockdev::{FileOptions, FileStorage, Storage};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The deepest chain [`crate::open_image`] opens by default. Each image of a chain holds a
+/// file descriptor, so this is also a bound on the files one open holds.
+pub const DEFAULT_MAX_DEPTH: usize = 4096;
+
+/// What an image may open beneath it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingPolicy {
+    /// Open the backing chain at all; `false` is qemu's `-u` (unsafe) mode, where only the
+    /// named image is opened and its backing file is left alone.
+    pub open_backing: bool,
+    /// The most backing images one open may follow.
+    pub max_depth: usize,
+    /// The depth (1 = the top image's backing file) of the one backing image to open
+    /// read-write, as `commit` needs for its base.
+    pub writable_depth: Option<usize>,
+}
+
+impl BackingPolicy {
+    /// Opens the named image alone, leaving its backing file closed.
+    pub fn none() -> Self {
+        BackingPolicy {
+            open_backing: false,
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for BackingPolicy {
+    fn default() -> Self {
+        BackingPolicy {
+            open_backing: true,
+            max_depth: DEFAULT_MAX_DEPTH,
+            writable_depth: None,
+        }
+    }
+}
+
+/// Resolves the backing file name `backing` recorded in the image named `image` as qemu does:
+/// absolute names and names with a protocol prefix (`nbd:...`) stand as they are; a relative
+/// name is relative to the directory of the image.
+pub fn resolve_backing_name(image: &str, backing: &str) -> String {
+    let has_protocol = backing
+        .find(':')
+        .is_some_and(|colon| !backing[..colon].contains('/'));
+    if backing.starts_with('/') || has_protocol {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(slash) => format!("{}{backing}", &image[..=slash]),
+        None => backing.to_string(),
+    }
+}
+
+/// A file's identity (device and inode), so that a loop is found whatever names its members
+/// go by.
+fn file_id(storage: &dyn Storage) -> Option<(u64, u64)> {
+    let meta = storage.as_file()?.metadata().ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// One opened image of a chain, before the chain is assembled.
+struct Layer {
+    format: Box<dyn Format>,
+}
+
+/// Opens the backing chain beneath `top` (already opened from `opts`) and returns the whole
+/// chain as one image.
+pub(crate) fn open_chain(top: Box<dyn Format>, opts: &OpenOptions) -> Result<Image> {
+    let policy = &opts.backing;
+    let top_name = top.file_name().to_string();
+    let mut seen: Vec<(u64, u64)> = file_id(top.file().as_ref()).into_iter().collect();
+    // The permissions each level's user holds; a backing image's user is the image above.
+    let mut users = locking::user(opts.read_only, opts.usage);
+    let mut layers = vec![Layer { format: top }];
+    loop {
+        if !policy.open_backing {
+            break;
+        }
+        let above = &layers[layers.len() - 1].format;
+        let info = above.info();
+        // An empty name is no backing file, as in qemu.
+        let Some(recorded) = info.backing_file.filter(|n| !n.is_empty()) else {
+            break;
+        };
+        let depth = layers.len();
+        if depth > policy.max_depth {
+            return Err(Error::invalid(
+                &top_name,
+                format!(
+                    "the backing chain is deeper than {} images; refusing to follow it further",
+                    policy.max_depth
+                ),
+            ));
+        }
+        let name = resolve_backing_name(above.file_name(), &recorded);
+        let writable = policy.writable_depth == Some(depth);
+        users = locking::backing_of(users);
+        if writable {
+            users.perm = users.perm | locking::Perm::WRITE;
+        }
+        // A loop is found before the file is opened again: a second open of a file this
+        // process holds would first trip over its own image locks.
+        if let Ok(meta) = std::fs::metadata(&name) {
+            let id = (meta.dev(), meta.ino());
+            if seen.contains(&id) {
+                return Err(Error::invalid(
+                    &top_name,
+                    format!("Backing file '{recorded}' creates an infinite loop."),
+                ));
+            }
+            seen.push(id);
+        }
+        let opened = open_backing(&name, info.backing_format.as_deref(), writable, users, opts)
+            .map_err(|e| Error::BackingOpen {
+                file: top_name.clone(),
+                source: Box::new(e),
+            })?;
+        layers.push(Layer { format: opened });
+    }
+    // Assemble bottom up: each image owns the one beneath it.
+    let mut below: Option<Image> = None;
+    while let Some(layer) = layers.pop() {
+        let mut image = Image::new(layer.format, below.take());
+        if layers.is_empty() {
+            image.set_request_options(opts.discard, opts.detect_zeroes);
+        }
+        below = Some(image);
+    }
+    Ok(below.expect("the chain has its top image"))
+}
+
+/// Opens one backing image, read-only unless it is the image a commit writes into.
+fn open_backing(
+    name: &str,
+    recorded_format: Option<&str>,
+    writable: bool,
+    users: Permissions,
+    opts: &OpenOptions,
+) -> Result<Box<dyn Format>> {
+    let path = Path::new(name);
+    let file_opts = |permissions| FileOptions {
+        read_only: !writable,
+        cache: opts.cache,
+        aio: opts.aio,
+        create: false,
+        locking: opts.locking,
+        permissions,
+    };
+    // The permissions depend on the format; a format that must be probed is probed through an
+    // unlocked open first, as the top image is.
+    let format = match recorded_format {
+        Some(f) => f.to_string(),
+        None => {
+            let probe = FileStorage::open(path, file_opts(Permissions::default()))?;
+            probe_format(&probe)?.to_string()
+        }
+    };
+    let mut permissions = locking::file_of(&format, users, writable, false);
+    if opts.force_share {
+        permissions.shared = locking::Perm::ALL;
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, file_opts(permissions))?);
+    let backing_opts = OpenOptions {
+        format: Some(format),
+        read_only: !writable,
+        // Cache options given for the top image are not inherited, as in qemu.
+        qcow2_cache: Default::default(),
+        ..opts.clone()
+    };
+    open_format(storage, &backing_opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_backing_name as r;
+
+    #[test]
+    fn names_resolve_as_qemu_resolves_them() {
+        assert_eq!(r("top.qcow2", "base.raw"), "base.raw");
+        assert_eq!(r("sub/top.qcow2", "base.raw"), "sub/base.raw");
+        assert_eq!(r("/a/b/top.qcow2", "../base.raw"), "/a/b/../base.raw");
+        assert_eq!(r("sub/top.qcow2", "/abs/base"), "/abs/base");
+        assert_eq!(
+            r("sub/top.qcow2", "nbd:localhost:10809"),
+            "nbd:localhost:10809"
+        );
+        assert_eq!(r("sub/top.qcow2", "dir/x:y"), "sub/dir/x:y");
+    }
+}
