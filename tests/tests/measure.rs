@@ -246,6 +246,32 @@ fn qcow2_sources() {
 }
 
 #[test]
+fn overlays() {
+    // The data of the whole backing chain counts, as qemu's block status above no base
+    // reports it.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    qcow2(dir, "base.qcow2", "", "10M", &["write -P 0x11 0 4M"]);
+    qcow2(
+        dir,
+        "ov.qcow2",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "3000k",
+        &["write -P 0x22 1M 64k", "write -z 2M 64k"],
+    );
+    qcow2(
+        dir,
+        "big.qcow2",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "30M",
+        &["write -P 0x22 20M 64k"],
+    );
+    for name in ["ov.qcow2", "big.qcow2"] {
+        each_target(dir, &[name]);
+    }
+}
+
+#[test]
 fn bitmaps_are_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

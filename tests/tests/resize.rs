@@ -68,6 +68,13 @@ impl Pair {
         }
     }
 
+    /// Puts a copy of `src` named `name` next to both images (a backing file).
+    fn with_file(self, src: &Path, name: &str) -> Pair {
+        copy_sparse(src, &self.qdir.join(name));
+        copy_sparse(src, &self.idir.join(name));
+        self
+    }
+
     fn q(&self) -> PathBuf {
         self.qdir.join(&self.name)
     }
@@ -437,6 +444,76 @@ fn sequence_like_qemu(src: &Path, steps: &[&[&str]], expect: Expect) {
         assert_eq!(r.code, Some(0), "step {n} {step:?}: {}", r.stderr);
         let what = format!("{} after step {n} {step:?}", src.display());
         assert_qcow2_results(&p, &what, expect);
+    }
+}
+
+#[test]
+fn overlays_like_qemu() {
+    // Growing an image whose backing file is longer than it makes the new range read as
+    // zeros, not as the backing file's data (whole clusters get the zero flag, the rest of
+    // the cluster at the old end is written); version 2 cannot mark zeros, and fails as qemu
+    // fails. The cluster at the old end is copied up from the backing file when preallocation
+    // replaces it.
+    let s = Sources::new();
+    let base = s.qcow2("base.qcow2", "", "10M", &["write -P 0x11 0 10M"]);
+    let raw_base = s.dir.join("base.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        &base.display().to_string(),
+        &raw_base.display().to_string(),
+    ]);
+    for (name, opts, backing, fmt) in [
+        ("ov.qcow2", "", "base.qcow2", "qcow2"),
+        ("ov2.qcow2", "compat=0.10", "base.qcow2", "qcow2"),
+        ("ovr.qcow2", "", "base.raw", "raw"),
+    ] {
+        let p = s.dir.join(name);
+        let o = if opts.is_empty() {
+            format!("backing_file={backing},backing_fmt={fmt}")
+        } else {
+            format!("{opts},backing_file={backing},backing_fmt={fmt}")
+        };
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            &p.display().to_string(),
+            "3000k",
+        ]);
+        qemu_io("qcow2", &p, &["write -P 0x22 1M 64k".to_string()]);
+        let base_file = if fmt == "raw" { &raw_base } else { &base };
+        for args in [
+            &["@", "+1M"][..],
+            &["@", "+8k"],
+            &["@", "20M"],
+            &["--preallocation=metadata", "@", "+2M"],
+            &["--preallocation=falloc", "@", "+2M"],
+            &["--preallocation=full", "@", "20M"],
+            &["--shrink", "@", "1M"],
+        ] {
+            let p = Pair::new(&p, "disk.qcow2").with_file(base_file, backing);
+            let r = p.resize(args);
+            let what = format!("{name} {args:?}");
+            assert_qcow2_results(&p, &what, Expect::Layout);
+            if r.code == Some(0) && args[args.len() - 1] != "1M" {
+                // Old data (the overlay's and the backing file's) stays; the new range is zeros.
+                qemu_io(
+                    "qcow2",
+                    &p.i(),
+                    &[
+                        "read -P 0x11 0 1M".to_string(),
+                        "read -P 0x22 1M 64k".to_string(),
+                        "read -P 0x11 1088k 1912k".to_string(),
+                        "read -P 0 3000k 8k".to_string(),
+                    ],
+                );
+            }
+        }
     }
 }
 

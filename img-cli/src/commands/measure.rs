@@ -6,7 +6,7 @@
 //! driver's own checks.
 
 use super::create::{split_options, valid_option_list, Opts};
-use crate::cvt::{self, NumError};
+use crate::cvt;
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
 use crate::qjson::{to_json_pretty, QValue};
@@ -140,20 +140,6 @@ fn parse_snapshot_keys(v: &str) -> Result<Snapshot, CliError> {
     Ok(Snapshot::Keys { id, name })
 }
 
-/// qemu's `cvtnum("image size", ...)`.
-fn parse_image_size(v: &str) -> Result<u64, CliError> {
-    match cvt::parse_size(v) {
-        Ok(n) if n <= i64::MAX as u64 => Ok(n),
-        Err(NumError::Invalid) => Err(CliError::new(format!(
-            "Invalid image size specified: '{v}'."
-        ))),
-        _ => Err(CliError::new(format!(
-            "Invalid image size specified. Must be between 0 and {}.",
-            i64::MAX
-        ))),
-    }
-}
-
 /// Parses the command line. `Ok(None)` means the help was printed.
 fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
     let (opts, pos) = parse(args, SPECS)?;
@@ -204,7 +190,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
                     }
                 }
             }
-            "size" => a.size = Some(parse_image_size(&v)?),
+            "size" => a.size = Some(cvt::cvtnum("image size", &v)?),
             // -U: no locks to share; --object: secrets only encryption needs.
             _ => {}
         }
