@@ -1035,3 +1035,71 @@ mod crash {
         resize_crashes(4096, 8 << 20, 5000 << 10, Preallocation::Off);
     }
 }
+
+/// Opens `path` in qemu-io (read-write), which holds qemu's locks on it until dropped.
+struct QemuIoHolder(std::process::Child);
+
+impl QemuIoHolder {
+    fn new(path: &Path) -> QemuIoHolder {
+        use std::io::{BufRead, Write};
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot run qemu-io");
+        // Ready once it has answered a read: the image is open and locked.
+        writeln!(child.stdin.as_mut().unwrap(), "read 0 512").unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("read 512/512 bytes at offset 0") {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "qemu-io did not open"
+            );
+        }
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        QemuIoHolder(child)
+    }
+}
+
+impl Drop for QemuIoHolder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn locked_images_like_qemu() {
+    // While qemu-io has the image open for writing, resize cannot take the write lock and
+    // measure cannot share it, unless told to (-U), in the words qemu-img uses.
+    let s = Sources::new();
+    let src = s.qcow2("a.qcow2", "", "64M", &["write -P 1 0 1M"]);
+    let p = Pair::new(&src, "disk.qcow2");
+    let _q = QemuIoHolder::new(&p.q());
+    let _i = QemuIoHolder::new(&p.i());
+    let r = p.resize(&["@", "+1M"]);
+    assert!(
+        r.stderr.contains("Failed to get \"write\" lock"),
+        "{}",
+        r.stderr
+    );
+    for args in [
+        &["measure", "@"][..],
+        &["measure", "-U", "-O", "qcow2", "@"],
+        &["measure", "--force-share", "--output=json", "@"],
+    ] {
+        let full: Vec<&str> = args
+            .iter()
+            .map(|&a| if a == "@" { "disk.qcow2" } else { a })
+            .collect();
+        let q = run_in(Path::new("qemu-img"), &p.qdir, &full);
+        let i = run_in(&common::img_bin(), &p.idir, &full);
+        assert_eq!(i, q, "{full:?}");
+    }
+    assert_eq!(fs::read(p.i()).unwrap(), fs::read(&src).unwrap());
+}

@@ -121,6 +121,7 @@ struct Args {
     json: bool,
     size: Option<u64>,
     filename: Option<String>,
+    force_share: bool,
 }
 
 /// Parses `-l snapshot.id=...,snapshot.name=...` as qemu does.
@@ -152,6 +153,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
         json: false,
         size: None,
         filename: None,
+        force_share: false,
     };
     for o in opts {
         let v = o.value.unwrap_or_default();
@@ -191,7 +193,8 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
                 }
             }
             "size" => a.size = Some(cvt::cvtnum("image size", &v)?),
-            // -U: no locks to share; --object: secrets only encryption needs.
+            "force-share" => a.force_share = true,
+            // --object defines secrets, which only encryption needs.
             _ => {}
         }
     }
@@ -280,7 +283,8 @@ fn open_source(name: &str, a: &Args) -> Result<(Image, Option<Vec<u64>>), CliErr
             "--image-opts and --format are mutually exclusive",
         ));
     }
-    let spec = ImageSpec::from_args(name, a.image_opts, a.format.as_deref())?;
+    let spec = ImageSpec::from_args(name, a.image_opts, a.format.as_deref())?
+        .with_force_share(a.force_share);
     let cache = open::parse_cache("writeback").expect("writeback is a cache mode");
     let image = open::open(&spec, true, cache)?;
     let (id, name) = match &a.snapshot {
