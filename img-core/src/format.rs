@@ -67,7 +67,7 @@ pub enum ZeroMode {
 }
 
 /// What [`Format::resize`] does with the range a grow adds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResizeOptions {
     /// How much of the new range to allocate now (qemu's `--preallocation`).
     pub prealloc: crate::raw::Preallocation,
@@ -76,6 +76,10 @@ pub struct ResizeOptions {
     /// partial cluster at the old end is left to the caller, which writes zeros through the
     /// generic path so that the rest of that cluster is copied up.
     pub zero_new_clusters: bool,
+    /// The guest content of the cluster holding the old end, from the cluster's start up to
+    /// the old end, read through the backing chain: a format that replaces that cluster when it
+    /// preallocates copies it from here (what the image itself stores may be only part of it).
+    pub head_data: Option<Vec<u8>>,
 }
 
 /// Format-specific facts for `img info`.

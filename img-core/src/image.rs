@@ -634,18 +634,29 @@ impl Image {
         }
         let old = self.size();
         let zero_new = size > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
+        let cs = self.format.cluster_size();
+        let head_start = old / cs * cs;
+        // Preallocating may replace the cluster holding the old end; its content up to there
+        // may come from the backing chain, which only this layer can read.
+        let head_data = if size > old && old > head_start && prealloc != Default::default() {
+            let mut buf = vec![0u8; (old - head_start) as usize];
+            self.read_at(&mut buf, head_start)?;
+            Some(buf)
+        } else {
+            None
+        };
         self.format.resize(
             size,
             &crate::format::ResizeOptions {
                 prealloc,
                 zero_new_clusters: zero_new,
+                head_data,
             },
         )?;
         self.invalidate_decompressed();
         if zero_new {
             // The format zeroed the whole clusters; the rest of the cluster at the old end is
             // written as data, which copies its head up from the backing image.
-            let cs = self.format.cluster_size();
             let head_end = old.div_ceil(cs).saturating_mul(cs).min(size);
             if head_end > old {
                 self.write_at(&vec![0u8; (head_end - old) as usize], old)?;

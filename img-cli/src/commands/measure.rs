@@ -6,7 +6,7 @@
 //! driver's own checks.
 
 use super::create::{split_options, valid_option_list, Opts};
-use crate::cvt::{self, NumError};
+use crate::cvt;
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
 use crate::qjson::{to_json_pretty, QValue};
@@ -121,6 +121,7 @@ struct Args {
     json: bool,
     size: Option<u64>,
     filename: Option<String>,
+    force_share: bool,
 }
 
 /// Parses `-l snapshot.id=...,snapshot.name=...` as qemu does.
@@ -140,20 +141,6 @@ fn parse_snapshot_keys(v: &str) -> Result<Snapshot, CliError> {
     Ok(Snapshot::Keys { id, name })
 }
 
-/// qemu's `cvtnum("image size", ...)`.
-fn parse_image_size(v: &str) -> Result<u64, CliError> {
-    match cvt::parse_size(v) {
-        Ok(n) if n <= i64::MAX as u64 => Ok(n),
-        Err(NumError::Invalid) => Err(CliError::new(format!(
-            "Invalid image size specified: '{v}'."
-        ))),
-        _ => Err(CliError::new(format!(
-            "Invalid image size specified. Must be between 0 and {}.",
-            i64::MAX
-        ))),
-    }
-}
-
 /// Parses the command line. `Ok(None)` means the help was printed.
 fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
     let (opts, pos) = parse(args, SPECS)?;
@@ -166,6 +153,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
         json: false,
         size: None,
         filename: None,
+        force_share: false,
     };
     for o in opts {
         let v = o.value.unwrap_or_default();
@@ -204,8 +192,9 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
                     }
                 }
             }
-            "size" => a.size = Some(parse_image_size(&v)?),
-            // -U: no locks to share; --object: secrets only encryption needs.
+            "size" => a.size = Some(cvt::cvtnum("image size", &v)?),
+            "force-share" => a.force_share = true,
+            // --object defines secrets, which only encryption needs.
             _ => {}
         }
     }
@@ -294,7 +283,8 @@ fn open_source(name: &str, a: &Args) -> Result<(Image, Option<Vec<u64>>), CliErr
             "--image-opts and --format are mutually exclusive",
         ));
     }
-    let spec = ImageSpec::from_args(name, a.image_opts, a.format.as_deref())?;
+    let spec = ImageSpec::from_args(name, a.image_opts, a.format.as_deref())?
+        .with_force_share(a.force_share);
     let cache = open::parse_cache("writeback").expect("writeback is a cache mode");
     let image = open::open(&spec, true, cache)?;
     let (id, name) = match &a.snapshot {

@@ -55,12 +55,6 @@ const SHRINK_WARNING: &str = "Shrinking an image will delete all data beyond the
                               image's end. Before performing such an operation, make sure there \
                               is no important data there.";
 
-/// qemu's warning when a raw image was opened without `-f raw`.
-const RAW_PROBE_WARNING: &str = "\
-WARNING: Image format was not specified for '{}' and probing guessed raw.
-         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
-         Specify the 'raw' format explicitly to remove the restrictions.";
-
 /// What the command line asks for.
 #[derive(Debug, Default)]
 struct Args {
@@ -194,10 +188,8 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     refuse_bitmaps(&spec)?;
     let cache = open::parse_cache("writeback").expect("writeback is a cache mode");
+    // The open prints qemu's warning when it probed a raw image for writing.
     let mut image = open::open(&spec, false, cache)?;
-    if spec.format.is_none() && image.format().driver() == "raw" {
-        eprintln!("{}", RAW_PROBE_WARNING.replace("{}", &spec.path));
-    }
 
     // qemu's arithmetic is signed 64-bit, so huge sizes come out negative and are refused.
     let current = img_core::ops::status::qemu_length(&image) as i64;

@@ -172,6 +172,9 @@ pub fn data_clusters_bytes(image: &Image, cluster_size: u64) -> Result<u64> {
     count_clusters(qemu_length(image), cluster_size, file, |offset, len| {
         let (flags, len) = qemu_status(image, offset, len)?;
         let data = flags & (DATA | ALLOCATED) == DATA | ALLOCATED;
+        // Block status also calls data over a hole of the file zeros; qemu's measuring looks
+        // at the file only for an image it takes for metadata-preallocated (`file`).
+        let over_file = data && flags & OFFSET_VALID != 0;
         let host = if file.is_some() && data && flags & OFFSET_VALID != 0 {
             let st = image.block_status(offset, len)?;
             // Only data of the top image lies in its file.
@@ -181,7 +184,7 @@ pub fn data_clusters_bytes(image: &Image, cluster_size: u64) -> Result<u64> {
         };
         Ok(Status {
             len,
-            zero: flags & ZERO != 0,
+            zero: flags & ZERO != 0 && !over_file,
             data,
             host,
         })

@@ -328,6 +328,7 @@ impl Qcow2 {
             &crate::format::ResizeOptions {
                 prealloc: crate::raw::Preallocation::Off,
                 zero_new_clusters: false,
+                head_data: None,
             },
         )
     }

@@ -62,10 +62,6 @@ impl Qcow2 {
                 "resizing an image with persistent dirty bitmaps is not supported yet",
             ));
         }
-        if opts.zero_new_clusters && h.version < 3 {
-            // Only version 3 can mark clusters as zeros over a backing file.
-            return Err(invalid("Block driver does not support requested flags"));
-        }
         // qemu counts the disk in whole sectors.
         let old = h.size / 512 * 512;
         let new_l1 = size_to_l1(size, self.cluster_bits);
@@ -83,14 +79,20 @@ impl Qcow2 {
             self.grow_l1(new_l1)?;
             match opts.prealloc {
                 Preallocation::Off => {}
-                Preallocation::Metadata => self.preallocate_metadata(old, size)?,
-                mode => self.preallocate_data(old, size, mode)?,
+                Preallocation::Metadata => {
+                    self.preallocate_metadata(old, size, opts.head_data.as_deref())?
+                }
+                mode => self.preallocate_data(old, size, mode, opts.head_data.as_deref())?,
             }
         }
+        // With falloc and full the new range is linked to fresh clusters of the file, which
+        // read as zeros already: qemu then leaves them data clusters.
+        let zero_new = opts.zero_new_clusters
+            && !matches!(opts.prealloc, Preallocation::Falloc | Preallocation::Full);
         let previous = self.header.size;
         // In memory first: zeroing the new clusters treats the new end as the disk's end.
         self.header.size = size;
-        let done = self.finish_resize(old, size, opts.zero_new_clusters);
+        let done = self.finish_resize(old, size, zero_new);
         if done.is_err() {
             self.header.size = previous;
         }
@@ -99,8 +101,15 @@ impl Qcow2 {
 
     /// Zeroes the new clusters if asked, makes all metadata durable, then writes the new size.
     fn finish_resize(&self, old: u64, size: u64, zero_new: bool) -> Result<()> {
-        if zero_new && size > old {
-            let cs = self.cs();
+        let cs = self.cs();
+        if zero_new && size > old.div_ceil(cs) * cs {
+            if self.header.version < 3 {
+                // Only version 3 can mark clusters as zeros over a backing file. As in qemu,
+                // what was done so far stays, and the size does not change.
+                return Err(invalid(
+                    "Failed to zero out new clusters: Operation not supported",
+                ));
+            }
             let mut pos = old.div_ceil(cs) * cs;
             while pos < size {
                 let n = Format::zero_clusters(self, pos, size - pos, ZeroMode::Keep)?;
@@ -329,6 +338,29 @@ impl Qcow2 {
         })
     }
 
+    /// The first `len` guest bytes of cluster `gc`, which preallocation copies into the
+    /// cluster that replaces it: `head_data` when the caller read them (through the backing
+    /// chain), else what this image stores (zeros where it stores nothing).
+    fn head_bytes(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+        len: u64,
+        head_data: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let len = len as usize;
+        if let Some(d) = head_data.filter(|d| d.len() >= len) {
+            return Ok(d[..len].to_vec());
+        }
+        Ok(match self.cluster_data(meta, gc)? {
+            Some(mut d) => {
+                d.truncate(len);
+                d
+            }
+            None => vec![0u8; len],
+        })
+    }
+
     /// Makes host bytes that lie inside the file read as zeros (bytes past its end already
     /// do): clusters handed out again may still hold what they held before, which qemu would
     /// let show through. Only ranges that are not zeros already are rewritten, so the file
@@ -360,7 +392,7 @@ impl Qcow2 {
     /// cluster cannot continue the host range) fresh clusters continue right after the
     /// previous cluster's host offset when that space is free; a new request takes the first
     /// free run. A new L2 table is allocated before the data it maps.
-    fn preallocate_metadata(&self, from: u64, to: u64) -> Result<()> {
+    fn preallocate_metadata(&self, from: u64, to: u64, head_data: Option<&[u8]>) -> Result<()> {
         let cs = self.cs();
         let cb = self.cluster_bits;
         let file = self.file.as_ref();
@@ -432,7 +464,7 @@ impl Qcow2 {
                         h
                     }
                 };
-                self.fill_edges(&mut meta, gc, n, host, from, to)?;
+                self.fill_edges(&mut meta, (gc, n, host), from, to, head_data)?;
                 for i in 0..n {
                     let h = host + (i << cb);
                     self.set_entry(&mut meta, gc + i, h | COPIED)?;
@@ -477,11 +509,10 @@ impl Qcow2 {
     fn fill_edges(
         &self,
         meta: &mut Meta,
-        gc: u64,
-        n: u64,
-        host: u64,
+        (gc, n, host): (u64, u64, u64),
         from: u64,
         to: u64,
+        head_data: Option<&[u8]>,
     ) -> Result<()> {
         let cs = self.cs();
         let cb = self.cluster_bits;
@@ -489,16 +520,8 @@ impl Qcow2 {
         self.zero_host(host, n << cb)?;
         let head = from.saturating_sub(gc << cb);
         if head > 0 {
-            let data = self.cluster_data(meta, gc)?;
-            let zeros;
-            let bytes = match &data {
-                Some(d) => &d[..head as usize],
-                None => {
-                    zeros = vec![0u8; head as usize];
-                    &zeros[..]
-                }
-            };
-            file.write_at(bytes, host)?;
+            let bytes = self.head_bytes(meta, gc, head, head_data)?;
+            file.write_at(&bytes, host)?;
         }
         let last = gc + n - 1;
         let tail = to.saturating_sub(last << cb);
@@ -512,7 +535,13 @@ impl Qcow2 {
 
     /// `preallocation=falloc` and `full`: the data area is placed right after a new refcount
     /// area past the last used cluster, allocated in the file, then linked.
-    fn preallocate_data(&self, old: u64, size: u64, mode: Preallocation) -> Result<()> {
+    fn preallocate_data(
+        &self,
+        old: u64,
+        size: u64,
+        mode: Preallocation,
+        head_data: Option<&[u8]>,
+    ) -> Result<()> {
         let cs = self.cs();
         let cb = self.cluster_bits;
         let file = self.file.as_ref();
@@ -546,9 +575,8 @@ impl Qcow2 {
         })?;
         let head = old - (head_gc << cb);
         if head > 0 {
-            if let Some(data) = self.cluster_data(&mut meta, head_gc)? {
-                file.write_at(&data[..head as usize], data_start << cb)?;
-            }
+            let bytes = self.head_bytes(&mut meta, head_gc, head, head_data)?;
+            file.write_at(&bytes, data_start << cb)?;
         }
         for i in 0..data_clusters {
             let host = (data_start + i) << cb;
