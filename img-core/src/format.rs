@@ -214,6 +214,13 @@ pub trait Format: Send + Sync {
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
 
+    /// Whether block status should look under data extents for holes in the file (which read
+    /// as zeros). qemu does so for qcow2 images that look preallocated with `metadata`, whose
+    /// data clusters are mostly holes.
+    fn file_holes_are_zeros(&self) -> bool {
+        false
+    }
+
     /// The driver itself, for operations only one format has (`img amend` on qcow2); `None`
     /// for formats that offer none.
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {

@@ -587,9 +587,10 @@ impl Image {
                 compressed,
             };
             return Ok(match extent.mapping {
-                Mapping::Data { offset: host, .. } => {
-                    // As qemu: a data cluster over a hole of its file reads as zeros, which
-                    // lets convert and map treat it so.
+                Mapping::Data { offset: host, .. } if image.format.file_holes_are_zeros() => {
+                    // As qemu, for an image preallocated with `metadata`: a data cluster over
+                    // a hole of its file reads as zeros, which lets convert and map treat it
+                    // so.
                     let file = image.format.data_file();
                     let (alloc, n) = file.allocation(host, extent.len)?;
                     let zero = alloc == blockdev::Allocation::Hole;
@@ -598,6 +599,7 @@ impl Image {
                         ..status(zero, true, Some(host), false)
                     }
                 }
+                Mapping::Data { offset: host, .. } => status(false, true, Some(host), false),
                 Mapping::Compressed { .. } => status(false, true, None, true),
                 Mapping::Zero => status(true, false, None, false),
                 Mapping::ZeroAllocated { offset } => status(true, false, Some(offset), false),

@@ -355,11 +355,11 @@ pub fn looks_metadata_preallocated(file: &dyn Storage) -> Result<bool> {
     let end = file.size()?.div_ceil(cs);
     let mut counted = 0u64;
     let mut c = 0u64;
-    while c < end && counted <= threshold {
+    while c < end && counted < threshold {
         counted += u64::from(refcounts.get(file, c)? != 0);
         c += 1;
     }
-    Ok(counted > threshold)
+    Ok(counted >= threshold)
 }
 
 #[cfg(test)]

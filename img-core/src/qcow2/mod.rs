@@ -96,6 +96,9 @@ pub struct Qcow2 {
     discard_unmap: bool,
     /// Stops the cache cleaner when the image is dropped.
     _cleaner: Option<Cleaner>,
+    /// Whether the image looks preallocated with `metadata` (qemu's detection, made once, on
+    /// the first block status that needs it).
+    metadata_preallocated: std::sync::OnceLock<bool>,
 }
 
 /// This image's registration with the cache cleaner: the one background thread of the
@@ -335,6 +338,7 @@ impl Qcow2 {
             marked_corrupt: AtomicBool::new(false),
             discard_unmap: opts.discard == crate::open::DiscardMode::Unmap,
             _cleaner: cleaner,
+            metadata_preallocated: std::sync::OnceLock::new(),
         };
         if !read_only {
             q.clear_unknown_autoclear()?;
@@ -1135,6 +1139,13 @@ impl Format for Qcow2 {
 
     fn set_backing_file(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
         Qcow2::set_backing_file(self, name, format)
+    }
+
+    fn file_holes_are_zeros(&self) -> bool {
+        *self.metadata_preallocated.get_or_init(|| {
+            // An image whose refcounts cannot be read is simply not taken for preallocated.
+            measure::looks_metadata_preallocated(self.file.as_ref()).unwrap_or(false)
+        })
     }
 
     fn make_empty(&self) -> Result<()> {
