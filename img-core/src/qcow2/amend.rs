@@ -23,7 +23,7 @@
 
 use super::cache::MetaCache;
 use super::header::{
-    self, compat, ext, incompat, offsets, CompressionType, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+    self, compat, ext, incompat, offsets, CompressionType, Header, MAX_REFTABLE_BYTES,
 };
 use super::l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK};
 use super::refcount::{get_entry, set_entry, Refcounts};
@@ -147,38 +147,11 @@ impl<'a> Progress<'a> {
     }
 }
 
-/// One entry of the snapshot table, with what an upgrade must rewrite.
-#[derive(Clone, Debug)]
-struct Snapshot {
-    l1_offset: u64,
-    l1_size: u32,
-    id: Vec<u8>,
-    name: Vec<u8>,
-    date_sec: u32,
-    date_nsec: u32,
-    vm_clock_nsec: u64,
-    vm_state_size: u64,
-    extra_data_size: u32,
-    disk_size: u64,
-    icount: u64,
-    /// Extra data past the fields known here, kept as it is.
-    unknown_extra: Vec<u8>,
-}
-
-use super::snapshot::{
-    ENTRY_HEADER as SNAPSHOT_HEADER, KNOWN_EXTRA as SNAPSHOT_EXTRA,
-    MAX_EXTRA as SNAPSHOT_MAX_EXTRA, REQUIRED_EXTRA_V3 as SNAPSHOT_EXTRA_V3,
-};
-/// The largest snapshot table qemu accepts.
-const SNAPSHOT_MAX_TABLE: u64 = 64 << 20;
+use super::snapshot::{Snapshot, REQUIRED_EXTRA_V3 as SNAPSHOT_EXTRA_V3};
 /// The length of a version 3 header as this version writes it.
 const V3_HEADER_LENGTH: u32 = 112;
 /// The length of a version 2 header.
 const V2_HEADER_LENGTH: u32 = 72;
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
 
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -493,162 +466,6 @@ impl Qcow2 {
             .reload(self.file.as_ref(), table_offset, table_clusters)?;
         meta.l2.clear();
         Ok(())
-    }
-
-    /// Reads the snapshot table; returns its entries and its size in bytes.
-    fn read_snapshots(&self) -> Result<(Vec<Snapshot>, u64)> {
-        let count = self.header.nb_snapshots;
-        let start = self.header.snapshots_offset;
-        let mut out = Vec::with_capacity(count.min(1024) as usize);
-        let mut offset = start;
-        let bad = |at: u64, why: String| Error::corrupt(self.name(), at, why);
-        for i in 0..count {
-            offset = offset.div_ceil(8) * 8;
-            let mut h = [0u8; SNAPSHOT_HEADER];
-            self.file.read_at(&mut h, offset)?;
-            let entry_at = offset;
-            offset += SNAPSHOT_HEADER as u64;
-            let extra_data_size = be32(&h, 36);
-            if extra_data_size > SNAPSHOT_MAX_EXTRA {
-                return Err(bad(
-                    entry_at,
-                    format!("Too much extra metadata in snapshot table entry {i}"),
-                ));
-            }
-            let mut extra = vec![0u8; extra_data_size as usize];
-            self.file.read_at(&mut extra, offset)?;
-            offset += extra_data_size as u64;
-            let known = extra.len().min(SNAPSHOT_EXTRA);
-            let id_len = be16(&h, 12) as usize;
-            let name_len = be16(&h, 14) as usize;
-            let mut strings = vec![0u8; id_len + name_len];
-            self.file.read_at(&mut strings, offset)?;
-            offset += strings.len() as u64;
-            if offset - start > SNAPSHOT_MAX_TABLE {
-                return Err(bad(start, "Snapshot table is too big".into()));
-            }
-            let l1_size = be32(&h, 8);
-            let l1_offset = be64(&h, 0);
-            if l1_size as u64 * 8 > MAX_L1_BYTES
-                || !l1_offset.is_multiple_of(self.cs())
-                || l1_offset > i64::MAX as u64 - l1_size as u64 * 8
-            {
-                return Err(bad(
-                    entry_at,
-                    format!("Snapshot L1 table of snapshot entry {i} is invalid"),
-                ));
-            }
-            out.push(Snapshot {
-                l1_offset,
-                l1_size,
-                id: strings[..id_len].to_vec(),
-                name: strings[id_len..].to_vec(),
-                date_sec: be32(&h, 16),
-                date_nsec: be32(&h, 20),
-                vm_clock_nsec: be64(&h, 24),
-                vm_state_size: if known >= 8 {
-                    be64(&extra, 0)
-                } else {
-                    be32(&h, 32) as u64
-                },
-                extra_data_size,
-                disk_size: if known >= 16 {
-                    be64(&extra, 8)
-                } else {
-                    self.header.size / 512 * 512
-                },
-                icount: if known >= 24 {
-                    be64(&extra, 16)
-                } else {
-                    u64::MAX
-                },
-                unknown_extra: extra[known..].to_vec(),
-            });
-        }
-        Ok((out, offset - start))
-    }
-
-    /// Writes the snapshot table anew (every entry with the extra data version 3 needs) into
-    /// fresh clusters, switches the header to it once it is durable, and frees the old one.
-    fn write_snapshots(
-        &mut self,
-        meta: &mut Meta,
-        snapshots: &[Snapshot],
-        old_size: u64,
-    ) -> Result<()> {
-        let mut table = Vec::new();
-        for sn in snapshots {
-            super::snapshot::push_entry(
-                &mut table,
-                &super::snapshot::EntryRef {
-                    l1_offset: sn.l1_offset,
-                    l1_size: sn.l1_size,
-                    id: &sn.id,
-                    name: &sn.name,
-                    date_sec: sn.date_sec,
-                    date_nsec: sn.date_nsec,
-                    vm_clock_nsec: sn.vm_clock_nsec,
-                    vm_state_size: sn.vm_state_size,
-                    extra_data_size: sn.extra_data_size,
-                    disk_size: sn.disk_size,
-                    icount: sn.icount,
-                    unknown_extra: &sn.unknown_extra,
-                },
-            );
-        }
-        let file = Arc::clone(&self.file);
-        let file = file.as_ref();
-        let size = table.len() as u64;
-        let clusters = size.div_ceil(self.cs());
-        let first = meta.refcounts.alloc(file, clusters)?;
-        let offset = first << self.cluster_bits;
-        // The table and its refcounts are durable before the header points at it.
-        meta.refcounts.flush(file)?;
-        file.write_at(&table, offset)?;
-        file.flush()?;
-        let mut hdr = [0u8; 12];
-        hdr[..4].copy_from_slice(&(snapshots.len() as u32).to_be_bytes());
-        hdr[4..].copy_from_slice(&offset.to_be_bytes());
-        file.write_at(&hdr, 60)?;
-        file.flush()?;
-        let old = self.header.snapshots_offset;
-        self.header.snapshots_offset = offset;
-        if old_size > 0 {
-            // As qemu, the freed table is discarded.
-            let first_old = old >> self.cluster_bits;
-            let last_old = (old + old_size - 1) >> self.cluster_bits;
-            for c in first_old..=last_old {
-                if self.release_now(meta, c)? {
-                    file.discard(c << self.cluster_bits, self.cs())?;
-                }
-            }
-            meta.refcounts.flush(file)?;
-            file.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Drops one reference to `cluster` at once (for clusters nothing points at any more, or
-    /// never did); returns whether it became free.
-    fn release_now(&self, meta: &mut Meta, cluster: u64) -> Result<bool> {
-        let file = self.file.as_ref();
-        let rc = meta.refcounts.get(file, cluster)?;
-        if rc == 0 {
-            return Err(Error::corrupt(
-                self.name(),
-                cluster << self.cluster_bits,
-                format!("freeing cluster {cluster}, whose refcount is already 0"),
-            ));
-        }
-        meta.refcounts.set(file, cluster, rc - 1)?;
-        Ok(rc == 1)
-    }
-
-    /// Reads the L1 table of a snapshot.
-    fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
-        let mut raw = vec![0u8; entries as usize * 8];
-        self.file.read_at(&mut raw, offset)?;
-        Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
     }
 
     /// Every L1 table: the active one, then each snapshot's.

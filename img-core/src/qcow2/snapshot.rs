@@ -1,5 +1,22 @@
-//! The snapshot table's on-disk entry layout (docs/interop/qcow2.rst, "Snapshots"), shared by
-//! everything that writes the table (check's repairs, amend's version changes).
+//! Internal snapshots: the snapshot table (docs/interop/qcow2.rst, "Snapshots"), read and
+//! written for everything that touches it (check's repairs, amend, the snapshot operations).
+
+use super::header::MAX_L1_BYTES;
+use super::{Meta, Qcow2};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
 
 /// Bytes of an entry before its extra data.
 pub const ENTRY_HEADER: usize = 40;
@@ -61,4 +78,191 @@ pub fn push_entry(table: &mut Vec<u8>, e: &EntryRef) {
     table.extend_from_slice(e.unknown_extra);
     table.extend_from_slice(e.id);
     table.extend_from_slice(e.name);
+}
+
+/// One entry of the snapshot table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Offset of the snapshot's L1 table.
+    pub l1_offset: u64,
+    /// Entries of that L1 table.
+    pub l1_size: u32,
+    /// The unique ID string.
+    pub id: Vec<u8>,
+    /// The name (tag).
+    pub name: Vec<u8>,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock at creation, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state (0: none).
+    pub vm_state_size: u64,
+    /// Extra data size as recorded.
+    pub extra_data_size: u32,
+    /// Virtual disk size at creation.
+    pub disk_size: u64,
+    /// Instruction count at creation (`u64::MAX`: none).
+    pub icount: u64,
+    /// Extra data past the fields known here, kept as it is.
+    pub unknown_extra: Vec<u8>,
+}
+
+impl Qcow2 {
+    /// Reads the snapshot table; returns its entries and its size in bytes.
+    pub(super) fn read_snapshots(&self) -> Result<(Vec<Snapshot>, u64)> {
+        let count = self.header.nb_snapshots;
+        let start = self.header.snapshots_offset;
+        let mut out = Vec::with_capacity(count.min(1024) as usize);
+        let mut offset = start;
+        let bad = |at: u64, why: String| Error::corrupt(self.name(), at, why);
+        for i in 0..count {
+            offset = offset.div_ceil(8) * 8;
+            let mut h = [0u8; ENTRY_HEADER];
+            self.file.read_at(&mut h, offset)?;
+            let entry_at = offset;
+            offset += ENTRY_HEADER as u64;
+            let extra_data_size = be32(&h, 36);
+            if extra_data_size > MAX_EXTRA {
+                return Err(bad(
+                    entry_at,
+                    format!("Too much extra metadata in snapshot table entry {i}"),
+                ));
+            }
+            let mut extra = vec![0u8; extra_data_size as usize];
+            self.file.read_at(&mut extra, offset)?;
+            offset += extra_data_size as u64;
+            let known = extra.len().min(KNOWN_EXTRA);
+            let id_len = be16(&h, 12) as usize;
+            let name_len = be16(&h, 14) as usize;
+            let mut strings = vec![0u8; id_len + name_len];
+            self.file.read_at(&mut strings, offset)?;
+            offset += strings.len() as u64;
+            if offset - start > MAX_TABLE {
+                return Err(bad(start, "Snapshot table is too big".into()));
+            }
+            let l1_size = be32(&h, 8);
+            let l1_offset = be64(&h, 0);
+            if l1_size as u64 * 8 > MAX_L1_BYTES
+                || !l1_offset.is_multiple_of(self.cs())
+                || l1_offset > i64::MAX as u64 - l1_size as u64 * 8
+            {
+                return Err(bad(
+                    entry_at,
+                    format!("Snapshot L1 table of snapshot entry {i} is invalid"),
+                ));
+            }
+            out.push(Snapshot {
+                l1_offset,
+                l1_size,
+                id: strings[..id_len].to_vec(),
+                name: strings[id_len..].to_vec(),
+                date_sec: be32(&h, 16),
+                date_nsec: be32(&h, 20),
+                vm_clock_nsec: be64(&h, 24),
+                vm_state_size: if known >= 8 {
+                    be64(&extra, 0)
+                } else {
+                    be32(&h, 32) as u64
+                },
+                extra_data_size,
+                disk_size: if known >= 16 {
+                    be64(&extra, 8)
+                } else {
+                    self.header.size / 512 * 512
+                },
+                icount: if known >= 24 {
+                    be64(&extra, 16)
+                } else {
+                    u64::MAX
+                },
+                unknown_extra: extra[known..].to_vec(),
+            });
+        }
+        Ok((out, offset - start))
+    }
+
+    /// Writes the snapshot table anew (every entry with the extra data version 3 needs) into
+    /// fresh clusters, switches the header to it once it is durable, and frees the old one.
+    pub(super) fn write_snapshots(
+        &mut self,
+        meta: &mut Meta,
+        snapshots: &[Snapshot],
+        old_size: u64,
+    ) -> Result<()> {
+        let mut table = Vec::new();
+        for sn in snapshots {
+            push_entry(
+                &mut table,
+                &EntryRef {
+                    l1_offset: sn.l1_offset,
+                    l1_size: sn.l1_size,
+                    id: &sn.id,
+                    name: &sn.name,
+                    date_sec: sn.date_sec,
+                    date_nsec: sn.date_nsec,
+                    vm_clock_nsec: sn.vm_clock_nsec,
+                    vm_state_size: sn.vm_state_size,
+                    extra_data_size: sn.extra_data_size,
+                    disk_size: sn.disk_size,
+                    icount: sn.icount,
+                    unknown_extra: &sn.unknown_extra,
+                },
+            );
+        }
+        let file = Arc::clone(&self.file);
+        let file = file.as_ref();
+        let size = table.len() as u64;
+        let clusters = size.div_ceil(self.cs());
+        let first = meta.refcounts.alloc(file, clusters)?;
+        let offset = first << self.cluster_bits;
+        // The table and its refcounts are durable before the header points at it.
+        meta.refcounts.flush(file)?;
+        file.write_at(&table, offset)?;
+        file.flush()?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(snapshots.len() as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&offset.to_be_bytes());
+        file.write_at(&hdr, 60)?;
+        file.flush()?;
+        let old = self.header.snapshots_offset;
+        self.header.snapshots_offset = offset;
+        if old_size > 0 {
+            // As qemu, the freed table is discarded.
+            let first_old = old >> self.cluster_bits;
+            let last_old = (old + old_size - 1) >> self.cluster_bits;
+            for c in first_old..=last_old {
+                if self.release_now(meta, c)? {
+                    file.discard(c << self.cluster_bits, self.cs())?;
+                }
+            }
+            meta.refcounts.flush(file)?;
+            file.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to `cluster` at once (for clusters nothing points at any more, or
+    /// never did); returns whether it became free.
+    pub(super) fn release_now(&self, meta: &mut Meta, cluster: u64) -> Result<bool> {
+        let file = self.file.as_ref();
+        let rc = meta.refcounts.get(file, cluster)?;
+        if rc == 0 {
+            return Err(Error::corrupt(
+                self.name(),
+                cluster << self.cluster_bits,
+                format!("freeing cluster {cluster}, whose refcount is already 0"),
+            ));
+        }
+        meta.refcounts.set(file, cluster, rc - 1)?;
+        Ok(rc == 1)
+    }
+
+    /// Reads the L1 table of a snapshot.
+    pub(super) fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
+        let mut raw = vec![0u8; entries as usize * 8];
+        self.file.read_at(&mut raw, offset)?;
+        Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    }
 }
