@@ -68,6 +68,15 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// No internal snapshot has the ID or name asked for.
+    #[error("'{file}': no snapshot '{name}'")]
+    SnapshotNotFound {
+        /// The image file.
+        file: String,
+        /// The ID or name looked for.
+        name: String,
+    },
+
     /// An option given by the user is invalid.
     #[error("{0}")]
     InvalidArgument(String),

@@ -110,6 +110,43 @@ pub struct Snapshot {
 }
 
 impl Qcow2 {
+    /// The internal snapshots, in table order.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        Ok(self.read_snapshots()?.0)
+    }
+
+    /// Creates an internal snapshot named `name` of the disk as it is now (qemu-img
+    /// snapshot -c): the active L1 table is copied and every cluster it reaches gains a
+    /// reference, so later writes copy instead of overwriting. `date` is (seconds,
+    /// nanoseconds) since the epoch.
+    pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<()> {
+        let _ = (name, date);
+        Err(Error::unsupported(
+            self.name(),
+            "creating snapshots is not supported yet",
+        ))
+    }
+
+    /// Reverts the disk to the snapshot whose ID, or else name, is `id_or_name` (qemu-img
+    /// snapshot -a). [`Error::SnapshotNotFound`] when there is none.
+    pub fn apply_snapshot(&mut self, id_or_name: &str) -> Result<()> {
+        let _ = id_or_name;
+        Err(Error::unsupported(
+            self.name(),
+            "applying snapshots is not supported yet",
+        ))
+    }
+
+    /// Deletes the first snapshot named `name` (qemu-img snapshot -d matches names only),
+    /// freeing what only it used. [`Error::SnapshotNotFound`] when there is none.
+    pub fn delete_snapshot(&mut self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(Error::unsupported(
+            self.name(),
+            "deleting snapshots is not supported yet",
+        ))
+    }
+
     /// Reads the snapshot table; returns its entries and its size in bytes.
     pub(super) fn read_snapshots(&self) -> Result<(Vec<Snapshot>, u64)> {
         let count = self.header.nb_snapshots;
