@@ -33,6 +33,9 @@ pub struct OpenOptions {
     pub usage: crate::locking::Usage,
     /// What the image may open beneath it (see [`crate::chain`]).
     pub backing: crate::chain::BackingPolicy,
+    /// Read the image as this internal snapshot saw it (read-only opens; the backing chain
+    /// is opened as usual). See [`crate::qcow2::snapshot_load`].
+    pub snapshot: Option<crate::qcow2::SnapshotSelector>,
 }
 
 /// qemu's `discard=` option.
@@ -118,7 +121,12 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
 /// Opens an image on already opened storage, with its backing chain.
 pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
     let format = open_format(storage, opts)?;
-    crate::chain::open_chain(format, opts)
+    let mut image = crate::chain::open_chain(format, opts)?;
+    if let Some(selector) = &opts.snapshot {
+        // Only the image named: its backing images are read as they are.
+        crate::qcow2::snapshot_load::load_snapshot(&mut image, selector)?;
+    }
+    Ok(image)
 }
 
 /// Opens the format driver of one image (no backing chain).

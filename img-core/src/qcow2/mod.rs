@@ -34,11 +34,13 @@ pub mod measure;
 pub mod refcount;
 mod resize;
 pub mod snapshot;
+pub mod snapshot_load;
 
 pub use cache::CacheStats;
 pub use cache_options::CacheOptions;
 pub use create::{create, Qcow2CreateOptions};
 pub use header::{CompressionType, Header};
+pub use snapshot_load::SnapshotSelector;
 
 use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ResizeOptions, ZeroMode};
 use crate::{Error, Result};
