@@ -4,12 +4,14 @@
 //! reads from as its child `file`. Both are shown, with sizes as qemu computes them: lengths
 //! in whole 512-byte sectors and the disk size as the blocks the file occupies.
 
+use crate::commands::snapshot;
 use crate::getopt::{opt, parse, OptSpec};
 use crate::human::size_to_str;
 use crate::open::{self, ImageSpec};
 use crate::qjson::{dump_human, to_json_pretty, QValue};
 use crate::{CliError, CmdResult};
 use img_core::{BackingPolicy, Usage};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 const SPECS: &[OptSpec] = &[
@@ -57,6 +59,8 @@ struct NodeInfo {
     dirty: bool,
     /// The backing file: as recorded, resolved, and its recorded format.
     backing: Option<BackingInfo>,
+    /// The internal snapshots (shown only when there are some, as qemu does).
+    snapshots: Vec<img_core::qcow2::snapshot::Snapshot>,
     /// `format-specific`: the type and its data.
     specific: Option<(String, Vec<(String, QValue)>)>,
     children: Vec<(String, NodeInfo)>,
@@ -84,6 +88,9 @@ impl NodeInfo {
                 d.push(("backing-filename-format".into(), f.clone().into()));
             }
         }
+        if !self.snapshots.is_empty() {
+            d.push(("snapshots".into(), snapshot::to_qvalue(&self.snapshots)));
+        }
         if let Some((kind, data)) = &self.specific {
             d.push((
                 "format-specific".into(),
@@ -108,7 +115,32 @@ impl NodeInfo {
     }
 
     /// The human-readable form; `path` names the node in "Child node" headings.
-    fn dump(&self, indent: usize, path: &str, out: &mut String) {
+    fn dump(&self, indent: usize, path: &str, out: &mut Vec<u8>) {
+        let mut text = String::new();
+        self.dump_head(indent, &mut text);
+        out.extend_from_slice(text.as_bytes());
+        let ind = " ".repeat(indent * 4);
+        if !self.snapshots.is_empty() {
+            // Names are bytes, printed as they are.
+            out.extend_from_slice(format!("{ind}Snapshot list:\n").as_bytes());
+            snapshot::dump_table(&self.snapshots, &ind, out);
+        }
+        let mut text = String::new();
+        if let Some((_, data)) = &self.specific {
+            if !data.is_empty() {
+                text.push_str(&format!("{ind}Format specific information:\n"));
+                dump_human(data, indent + 1, &mut text);
+            }
+        }
+        out.extend_from_slice(text.as_bytes());
+        for (name, child) in &self.children {
+            out.extend_from_slice(format!("{ind}Child node '{path}{name}':\n").as_bytes());
+            child.dump(indent + 1, &format!("{path}{name}/"), out);
+        }
+    }
+
+    /// The lines before the snapshot list, in qemu's order.
+    fn dump_head(&self, indent: usize, out: &mut String) {
         let ind = " ".repeat(indent * 4);
         let protocol = indent > 0;
         let dsize = self
@@ -136,6 +168,9 @@ impl NodeInfo {
         if let Some(cs) = self.cluster_size {
             out.push_str(&format!("{ind}cluster_size: {cs}\n"));
         }
+        if self.dirty {
+            out.push_str(&format!("{ind}cleanly shut down: no\n"));
+        }
         if let Some(b) = &self.backing {
             out.push_str(&format!("{ind}backing file: {}", b.recorded));
             if b.full != b.recorded {
@@ -145,19 +180,6 @@ impl NodeInfo {
             if let Some(f) = &b.format {
                 out.push_str(&format!("{ind}backing file format: {f}\n"));
             }
-        }
-        if self.dirty {
-            out.push_str(&format!("{ind}cleanly shut down: no\n"));
-        }
-        if let Some((_, data)) = &self.specific {
-            if !data.is_empty() {
-                out.push_str(&format!("{ind}Format specific information:\n"));
-                dump_human(data, indent + 1, out);
-            }
-        }
-        for (name, child) in &self.children {
-            out.push_str(&format!("{ind}Child node '{path}{name}':\n"));
-            child.dump(indent + 1, &format!("{path}{name}/"), out);
         }
     }
 }
@@ -189,6 +211,7 @@ fn file_node(path: &str, length: u64) -> NodeInfo {
         cluster_size: None,
         dirty: false,
         backing: None,
+        snapshots: Vec::new(),
         specific: Some(("file".to_string(), Vec::new())),
         children: Vec::new(),
     }
@@ -201,7 +224,12 @@ fn allocated_bytes(path: &str) -> Option<u64> {
 
 /// Collects the facts qemu-img shows for the image `spec` names.
 fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
-    let image = open::open(spec, true, Default::default())?;
+    let mut image = open::open(spec, true, Default::default())?;
+    let snapshots = if spec.protocol_only {
+        Vec::new()
+    } else {
+        snapshot::snapshots(&mut image, &spec.arg)?
+    };
     let fmt = image.format();
     let file_len = fmt
         .file()
@@ -242,6 +270,7 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         cluster_size: info.cluster_size,
         dirty: info.dirty,
         backing,
+        snapshots,
         specific,
         children: vec![("file".to_string(), file)],
     })
@@ -308,14 +337,16 @@ pub fn run(args: &[String]) -> CmdResult {
         };
         println!("{}", to_json_pretty(&v));
     } else {
-        let mut out = String::new();
+        let mut out = Vec::new();
         for (i, info) in infos.iter().enumerate() {
             if i > 0 {
-                out.push('\n');
+                out.push(b'\n');
             }
             info.dump(0, "/", &mut out);
         }
-        print!("{out}");
+        std::io::stdout()
+            .write_all(&out)
+            .map_err(|e| CliError::new(format!("write error: {e}")))?;
     }
     Ok(0)
 }

@@ -12,13 +12,14 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+pub(crate) mod snapshot;
 
 use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
     "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
-    "resize",
+    "resize", "snapshot",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -45,6 +46,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "rebase" => rebase::run(rest),
         "measure" => measure::run(rest),
         "resize" => resize::run(rest),
+        "snapshot" => snapshot::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -72,7 +74,8 @@ fn print_help() {
          rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename\n  \
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
-         resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n",
+         resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n  \
+         snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n",
         env!("CARGO_PKG_VERSION")
     );
 }
