@@ -12,7 +12,8 @@ use crate::open::{self, ImageSpec};
 use crate::qjson::{to_json_pretty, QValue};
 use crate::{CliError, CmdResult};
 use img_core::ops::measure::{self, Measurement, Qcow2Target, Source};
-use img_core::qcow2::measure::{snapshot_l1, Layout, SnapshotError};
+use img_core::qcow2::measure::Layout;
+use img_core::qcow2::SnapshotSelector;
 use img_core::raw::Preallocation;
 use img_core::Image;
 
@@ -286,32 +287,19 @@ fn open_source(name: &str, a: &Args) -> Result<(Image, Option<Vec<u64>>), CliErr
     let spec = ImageSpec::from_args(name, a.image_opts, a.format.as_deref())?
         .with_force_share(a.force_share);
     let cache = open::parse_cache("writeback").expect("writeback is a cache mode");
-    let image = open::open(&spec, true, cache)?;
-    let (id, name) = match &a.snapshot {
+    let mut image = open::open(&spec, true, cache)?;
+    let selector = match &a.snapshot {
         Snapshot::None => return Ok((image, None)),
-        Snapshot::IdOrName(s) => (Some(s.as_str()), None),
-        Snapshot::Keys { id, name } => (id.as_deref(), name.as_deref()),
+        Snapshot::IdOrName(s) => SnapshotSelector::IdOrName(s.clone()),
+        Snapshot::Keys { id, name } => SnapshotSelector::Match {
+            id: id.clone(),
+            name: name.clone(),
+        },
     };
-    let fail = |m: &str| CliError::new(format!("Failed to load snapshot: {m}"));
-    let driver = image.format().driver();
-    if driver != "qcow2" {
-        return Err(fail(&format!(
-            "Block format '{driver}' used by device '' does not support temporarily loading \
-             internal snapshots"
-        )));
-    }
-    let file = image.format().file().clone();
-    let mut found = snapshot_l1(file.as_ref(), id, name);
-    if let (Snapshot::IdOrName(s), Err(SnapshotError::NotFound)) = (&a.snapshot, &found) {
-        // An ID first, then a name.
-        found = snapshot_l1(file.as_ref(), None, Some(s));
-    }
-    match found {
-        Ok(l1) => Ok((image, Some(l1))),
-        Err(SnapshotError::NotFound) => Err(fail("Can't find snapshot")),
-        Err(SnapshotError::Invalid(m)) => Err(fail(&m)),
-        Err(SnapshotError::Io(e)) => Err(fail(&open::open_reason(&e))),
-    }
+    // The image then reads as the snapshot saw it, through its backing chain, as qemu's
+    // temporarily loaded snapshot does.
+    super::snapshot::load(&mut image, &selector)?;
+    Ok((image, None))
 }
 
 /// The qcow2 options measuring depends on, checked in qemu's order with its messages.

@@ -406,6 +406,18 @@ pub(crate) fn to_qvalue(list: &[Snapshot]) -> QValue {
     )
 }
 
+/// Makes the read-only `image` read as the snapshot `selector` names (`convert -l`,
+/// `measure -l`), with qemu-img's messages.
+pub(crate) fn load(image: &mut Image, selector: &SnapshotSelector) -> Result<(), CliError> {
+    img_core::qcow2::snapshot_load::load_snapshot(image, selector).map_err(|e| {
+        let why = match e {
+            img_core::Error::SnapshotNotFound { .. } => "Can't find snapshot".to_string(),
+            other => other.reason(),
+        };
+        CliError::new(format!("Failed to load snapshot: {why}"))
+    })
+}
+
 /// Parses a `-l` snapshot parameter as qemu-img does: `snapshot.id=ID,snapshot.name=NAME`
 /// (either or both), or else an ID or name.
 pub(crate) fn parse_snapshot_param(v: &str) -> Result<SnapshotSelector, CliError> {
