@@ -1,11 +1,12 @@
 //! `img convert`: copy images into a new (or, with -n, existing) image of any format.
 
-use super::create;
+use super::{create, snapshot};
 use crate::getopt::{opt, parse};
 use crate::open::{open, ImageSpec};
 use crate::{CliError, CmdResult};
 use blockdev::CacheMode;
 use img_core::convert::{convert, ConvertOptions};
+use img_core::qcow2::SnapshotSelector;
 use img_core::size::parse_size;
 use img_core::{Image, Usage};
 use std::io::Write;
@@ -27,7 +28,6 @@ const SPECS: &[crate::getopt::OptSpec] = &[
     opt(Some('B'), None, true),
     opt(Some('F'), None, true),
     opt(Some('l'), None, true),
-    opt(Some('s'), None, true),
     opt(Some('C'), None, false),
     opt(None, Some("target-is-zero"), false),
     opt(None, Some("image-opts"), false),
@@ -59,6 +59,8 @@ struct Args {
     backing: Option<String>,
     /// `-F`: its format.
     backing_fmt: Option<String>,
+    /// `-l`: the internal snapshot of the source to copy.
+    snapshot: Option<SnapshotSelector>,
     files: Vec<String>,
 }
 
@@ -87,6 +89,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         copy_offload: false,
         backing: None,
         backing_fmt: None,
+        snapshot: None,
         files,
     };
     for o in opts {
@@ -130,11 +133,8 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "target-is-zero" => a.target_is_zero = true,
             "B" => a.backing = Some(v),
             "F" => a.backing_fmt = Some(v),
-            "l" | "s" => {
-                return Err(CliError::new(
-                    "Internal snapshots are not supported yet (convert -l/-s)",
-                ))
-            }
+            // (qemu-img 10 no longer has the deprecated -s.)
+            "l" => a.snapshot = Some(snapshot::parse_snapshot_param(&v)?),
             other => {
                 return Err(CliError::new(format!(
                     "option --{other} is not supported yet"
@@ -214,6 +214,14 @@ pub fn run(args: &[String]) -> CmdResult {
                 ..Default::default()
             });
         sources.push(open(&spec, true, a.src_cache)?);
+    }
+    if let Some(selector) = &a.snapshot {
+        if sources.len() > 1 {
+            return Err(CliError::new(
+                "No support for concatenating multiple snapshot",
+            ));
+        }
+        snapshot::load(&mut sources[0], selector)?;
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
     if !a.no_create {
