@@ -435,13 +435,7 @@ pub fn open_with_aio(
     }
     let image = open_image(path, &opts).map_err(|e| fail(open_reason(&e)))?;
     if !read_only && opts.format.is_none() && image.format().driver() == "raw" {
-        eprintln!(
-            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
-             Automatically detecting the format is dangerous for raw images, write operations \
-             on block 0 will be restricted.\n         \
-             Specify the 'raw' format explicitly to remove the restrictions.",
-            spec.path
-        );
+        warn_probed_raw(&spec.path);
     }
     // Options no layer took are refused once the image opened, as qemu does.
     let qcow2 = image.format().driver() == "qcow2" && !spec.protocol_only;
@@ -461,6 +455,17 @@ pub fn open_with_aio(
         return Err(fail(what));
     }
     Ok(image)
+}
+
+/// qemu's warning when it opens an image it probed as raw for writing (again whenever it
+/// reopens the image).
+pub fn warn_probed_raw(path: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations \
+         on block 0 will be restricted.\n         \
+         Specify the 'raw' format explicitly to remove the restrictions."
+    );
 }
 
 /// qemu's text after a size option it cannot parse.
