@@ -151,7 +151,7 @@ pub fn run(args: &[String]) -> CmdResult {
         .with_force_share(a.force_share);
     let read_only = a.action == Action::List;
     let mut image = open::open(&spec, read_only, CacheMode::Writeback)?;
-    let result = act(&mut image, &a.action, &spec.arg);
+    let result = act(&mut image, &a.action, &spec);
     // The image is closed (and marked clean) whatever happened, as qemu-img does.
     let closed = image.close();
     result?;
@@ -160,7 +160,8 @@ pub fn run(args: &[String]) -> CmdResult {
 }
 
 /// Performs `action` on the open image.
-fn act(image: &mut Image, action: &Action, arg: &str) -> Result<(), CliError> {
+fn act(image: &mut Image, action: &Action, spec: &ImageSpec) -> Result<(), CliError> {
+    let arg = spec.arg.as_str();
     match action {
         Action::List => {
             let list = snapshots(image, arg)?;
@@ -188,6 +189,10 @@ fn act(image: &mut Image, action: &Action, arg: &str) -> Result<(), CliError> {
                 |why: String| CliError::new(format!("Could not apply snapshot '{name}': {why}"));
             let list = snapshots(image, arg)?;
             let Some(qcow2) = qcow2_mut(image) else {
+                // qemu closes the raw layer to ask the file underneath, and opens it again.
+                if spec.format.is_none() && !spec.protocol_only {
+                    open::warn_probed_raw(&spec.path);
+                }
                 return Err(fail("Block driver does not support snapshots".into()));
             };
             // As qemu: a snapshot that is not there is ENOENT, found by ID, then by name.
