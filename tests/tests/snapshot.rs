@@ -773,3 +773,53 @@ fn an_image_another_process_writes_is_refused_as_qemu_refuses_it() {
     }
     assert_eq!(read_table(&a).1.len(), 1);
 }
+
+#[test]
+fn the_library_opens_an_image_as_a_snapshot_saw_it() {
+    use img_core::qcow2::SnapshotSelector;
+    let dir = tempfile::tempdir().unwrap();
+    let a = history(dir.path());
+    let p = a.display().to_string();
+    let open = |snapshot: Option<SnapshotSelector>, read_only: bool| {
+        img_core::open_image(
+            &a,
+            &img_core::OpenOptions {
+                read_only,
+                snapshot,
+                ..Default::default()
+            },
+        )
+    };
+    for (sel, name) in [
+        (SnapshotSelector::IdOrName("two".into()), "two"),
+        (
+            SnapshotSelector::Match {
+                id: Some("4".into()),
+                name: None,
+            },
+            "4",
+        ),
+    ] {
+        let image = open(Some(sel), true).unwrap();
+        let want = dir.path().join("want.raw");
+        let _ = std::fs::remove_file(&want);
+        qemu_img(&[
+            "convert",
+            "-l",
+            name,
+            "-O",
+            "raw",
+            &p,
+            &want.display().to_string(),
+        ]);
+        let want = std::fs::read(&want).unwrap();
+        assert_eq!(image.size(), want.len() as u64);
+        let mut got = vec![0u8; want.len()];
+        image.read_at(&mut got, 0).unwrap();
+        assert!(got == want, "snapshot {name}");
+    }
+    let e = open(Some(SnapshotSelector::IdOrName("nope".into())), true).unwrap_err();
+    assert!(matches!(e, img_core::Error::SnapshotNotFound { .. }), "{e}");
+    // A snapshot is only ever read.
+    assert!(open(Some(SnapshotSelector::IdOrName("two".into())), false).is_err());
+}
