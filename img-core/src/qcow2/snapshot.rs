@@ -121,8 +121,10 @@ impl Qcow2 {
     /// reference, so later writes copy instead of overwriting. `date` is (seconds,
     /// nanoseconds) since the epoch.
     ///
-    /// Order: the references are durable, and the copy flags of the active tables cleared,
-    /// before the snapshot table names the new L1 copy; a crash before that leaks clusters.
+    /// Order: the copy flags of the active tables are cleared (durably) before any cluster
+    /// gains its second reference, and the references are durable before the snapshot table
+    /// names the new L1 copy; a crash before that leaks clusters (and may leave flags missing,
+    /// which only costs copies, and which `check -r all` restores).
     pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<()> {
         self.check_writable()?;
         let (mut snapshots, table_size) = self.read_snapshots()?;
@@ -132,9 +134,12 @@ impl Qcow2 {
         self.flush_meta(meta)?;
         let file = Arc::clone(&self.file);
         let file = file.as_ref();
+        // Copy flags go first: a flag left on a shared cluster would let a write land in the
+        // snapshot's data, while a flag missing on an unshared one only costs a copy.
+        self.set_copy_flags(meta, |_| false)?;
+        self.flush_meta(meta)?;
         let active: Vec<u64> = meta.l1.clone();
         self.add_references(meta, &active, 1)?;
-        self.fix_copied(meta)?;
         // The snapshot's own copy of the L1 table (no copy flags: nothing it reaches is
         // exclusively its own).
         let copy: Vec<u8> = active
@@ -329,6 +334,24 @@ impl Qcow2 {
     /// `qemu-img check` expects of every table the active L1 reaches.
     fn fix_copied(&self, meta: &mut Meta) -> Result<()> {
         let file = Arc::clone(&self.file);
+        let refcounts = |meta: &mut Meta, cluster: u64| meta.refcounts.get(file.as_ref(), cluster);
+        self.set_copy_flags_by(meta, &refcounts)
+    }
+
+    /// Sets every copy flag the active tables hold to `rule(cluster)`.
+    fn set_copy_flags(&self, meta: &mut Meta, rule: impl Fn(u64) -> bool) -> Result<()> {
+        let by_rule = |_: &mut Meta, cluster: u64| Ok(if rule(cluster) { 1 } else { 2 });
+        self.set_copy_flags_by(meta, &by_rule)
+    }
+
+    /// Sets the copy flag of each active L1 and L2 entry to whether `refcount` says its
+    /// cluster has exactly one reference.
+    fn set_copy_flags_by(
+        &self,
+        meta: &mut Meta,
+        refcount: &dyn Fn(&mut Meta, u64) -> Result<u64>,
+    ) -> Result<()> {
+        let file = Arc::clone(&self.file);
         let file = file.as_ref();
         let cs = self.cs();
         let es = 1u64 << self.slice_bits;
@@ -338,7 +361,7 @@ impl Qcow2 {
             if l2_off == 0 {
                 continue;
             }
-            let exclusive = meta.refcounts.get(file, l2_off >> self.cluster_bits)? == 1;
+            let exclusive = refcount(meta, l2_off >> self.cluster_bits)? == 1;
             let want = if exclusive {
                 entry | COPIED
             } else {
@@ -362,7 +385,7 @@ impl Qcow2 {
                         }
                         _ => continue,
                     };
-                    let own = meta.refcounts.get(file, offset >> self.cluster_bits)? == 1;
+                    let own = refcount(meta, offset >> self.cluster_bits)? == 1;
                     let want = if own { value | COPIED } else { value & !COPIED };
                     if want != value {
                         set_table_entry(meta.l2.get_mut(file, at)?, k, want);
