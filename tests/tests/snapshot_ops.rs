@@ -244,3 +244,83 @@ proptest! {
         }
     }
 }
+
+/// Runs QEMU's monitor commands against `image` in a machine without devices (the project's
+/// scripts/qemu-system.sh unpacks QEMU 7.2 on first use); returns what the monitor printed.
+fn monitor(image: &Path, commands: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/qemu-system.sh");
+    let drive = format!("if=none,id=d0,file={},format=qcow2", image.display());
+    let mut child = std::process::Command::new(script)
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
+            "-S",
+        ])
+        .args(["-drive", &drive, "-monitor", "stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/qemu-system.sh");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{commands}\nquit\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A snapshot holding VM state saved by QEMU (`savevm`) is kept whole by img's operations on
+/// other snapshots and by applying it: QEMU loads its state afterwards (`loadvm` checks the
+/// whole state stream), and the disk reads as when it was saved.
+#[test]
+fn vm_state_saved_by_qemu_survives_img_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.qcow2");
+    let p = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"]);
+    write(&img, 1, 0, 3 << 20);
+    let at_save = disk(&img, None);
+    let out = monitor(&img, "savevm vm1");
+    assert!(!out.contains("Error"), "savevm: {out}");
+    let list = qemu_img(&["snapshot", "-l", p]);
+    assert!(
+        list.contains("vm1") && !list.contains("   0 B"),
+        "a VM state was saved: {list}"
+    );
+
+    write(&img, 2, 1 << 20, 4 << 20);
+    create(&img, "plain");
+    write(&img, 3, 0, 64 << 10);
+    apply(&img, "plain");
+    delete(&img, "plain");
+    assert_qemu_check_clean(&img);
+    let out = monitor(&img, "loadvm vm1");
+    assert!(
+        !out.contains("Error"),
+        "loadvm after img's operations: {out}"
+    );
+
+    // Applying the VM-state snapshot itself.
+    write(&img, 4, 8 << 20, 1 << 20);
+    apply(&img, "vm1");
+    assert_qemu_check_clean(&img);
+    assert_eq!(disk(&img, None), at_save);
+    let out = monitor(&img, "loadvm vm1");
+    assert!(!out.contains("Error"), "loadvm after img applied it: {out}");
+    let list = qemu_img(&["snapshot", "-l", p]);
+    assert!(list.contains("vm1"), "{list}");
+}
