@@ -16,6 +16,10 @@ if ! command -v mkfs.btrfs >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends btrfs-progs
 fi
 
+# QEMU's system emulator (unpacked, never installed) for the tests that need a real QEMU, such
+# as snapshots holding VM state saved by `savevm`.
+scripts/qemu-system.sh --prepare
+
 # Release builds: the interop and property tests move hundreds of MiB through the engine.
 cargo build --release --workspace --all-targets
 export IMG_BIN="$PWD/target/release/img"

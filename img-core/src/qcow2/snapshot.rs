@@ -2,6 +2,7 @@
 //! written for everything that touches it (check's repairs, amend, the snapshot operations).
 
 use super::header::MAX_L1_BYTES;
+use super::l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK};
 use super::{Meta, Qcow2};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -119,32 +120,280 @@ impl Qcow2 {
     /// snapshot -c): the active L1 table is copied and every cluster it reaches gains a
     /// reference, so later writes copy instead of overwriting. `date` is (seconds,
     /// nanoseconds) since the epoch.
+    ///
+    /// Order: the copy flags of the active tables are cleared (durably) before any cluster
+    /// gains its second reference, and the references are durable before the snapshot table
+    /// names the new L1 copy; a crash before that leaks clusters (and may leave flags missing,
+    /// which only costs copies, and which `check -r all` restores).
     pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<()> {
-        let _ = (name, date);
-        Err(Error::unsupported(
-            self.name(),
-            "creating snapshots is not supported yet",
-        ))
+        self.check_writable()?;
+        let (mut snapshots, table_size) = self.read_snapshots()?;
+        let meta_arc = Arc::clone(&self.meta);
+        let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = &mut *meta;
+        self.flush_meta(meta)?;
+        let file = Arc::clone(&self.file);
+        let file = file.as_ref();
+        // Copy flags go first: a flag left on a shared cluster would let a write land in the
+        // snapshot's data, while a flag missing on an unshared one only costs a copy.
+        self.set_copy_flags(meta, |_| false)?;
+        self.flush_meta(meta)?;
+        let active: Vec<u64> = meta.l1.clone();
+        self.add_references(meta, &active, 1)?;
+        // The snapshot's own copy of the L1 table (no copy flags: nothing it reaches is
+        // exclusively its own).
+        let copy: Vec<u8> = active
+            .iter()
+            .flat_map(|e| (e & !COPIED).to_be_bytes())
+            .collect();
+        let l1_offset = if copy.is_empty() {
+            0
+        } else {
+            let clusters = (copy.len() as u64).div_ceil(self.cs());
+            let first = meta.refcounts.alloc(file, clusters)?;
+            file.write_at(&copy, first << self.cluster_bits)?;
+            first << self.cluster_bits
+        };
+        self.flush_meta(meta)?;
+        let next_id = snapshots
+            .iter()
+            .filter_map(|s| std::str::from_utf8(&s.id).ok()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        snapshots.push(Snapshot {
+            l1_offset,
+            l1_size: active.len() as u32,
+            id: next_id.to_string().into_bytes(),
+            name: name.as_bytes().to_vec(),
+            date_sec: date.0,
+            date_nsec: date.1,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            extra_data_size: KNOWN_EXTRA as u32,
+            disk_size: self.header.size,
+            icount: 0,
+            unknown_extra: Vec::new(),
+        });
+        self.write_snapshots(meta, &snapshots, table_size)?;
+        self.header.nb_snapshots = snapshots.len() as u32;
+        Ok(())
     }
 
     /// Reverts the disk to the snapshot whose ID, or else name, is `id_or_name` (qemu-img
     /// snapshot -a). [`Error::SnapshotNotFound`] when there is none.
+    ///
+    /// Order: the snapshot's clusters gain a reference (durable) before the active L1 table
+    /// is overwritten with the snapshot's; the clusters the old active table reached lose
+    /// theirs only once the new table is durable; copy flags are set last.
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Result<()> {
-        let _ = id_or_name;
-        Err(Error::unsupported(
-            self.name(),
-            "applying snapshots is not supported yet",
-        ))
+        self.check_writable()?;
+        let (snapshots, _) = self.read_snapshots()?;
+        let sn = snapshots
+            .iter()
+            .find(|s| s.id == id_or_name.as_bytes())
+            .or_else(|| snapshots.iter().find(|s| s.name == id_or_name.as_bytes()))
+            .cloned()
+            .ok_or_else(|| Error::SnapshotNotFound {
+                file: self.name().to_string(),
+                name: id_or_name.to_string(),
+            })?;
+        if sn.disk_size != self.header.size {
+            self.resize_to(sn.disk_size, &crate::format::ResizeOptions::default())?;
+        }
+        let snapshot_l1 = self.read_l1(sn.l1_offset, sn.l1_size)?;
+        if snapshot_l1.len() > self.lock().l1.len() {
+            self.grow_l1(snapshot_l1.len() as u64)?;
+        }
+        let meta_arc = Arc::clone(&self.meta);
+        let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = &mut *meta;
+        self.flush_meta(meta)?;
+        let file = Arc::clone(&self.file);
+        let file = file.as_ref();
+        self.add_references(meta, &snapshot_l1, 1)?;
+        meta.refcounts.flush(file)?;
+        file.flush()?;
+        let old: Vec<u64> = meta.l1.clone();
+        for (i, e) in meta.l1.iter_mut().enumerate() {
+            *e = snapshot_l1.get(i).map_or(0, |e| e & !COPIED);
+        }
+        meta.l1_dirty.extend(0..meta.l1.len());
+        self.flush_meta(meta)?;
+        self.add_references(meta, &old, -1)?;
+        meta.refcounts.flush(file)?;
+        file.flush()?;
+        self.fix_copied(meta)?;
+        self.flush_meta(meta)
     }
 
     /// Deletes the first snapshot named `name` (qemu-img snapshot -d matches names only),
     /// freeing what only it used. [`Error::SnapshotNotFound`] when there is none.
+    ///
+    /// Order: the snapshot table without the entry is durable first, so the snapshot's
+    /// references are leaks from then on; they are dropped (durably) before any copy flag
+    /// is set on a cluster that becomes exclusively the active table's.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<()> {
-        let _ = name;
-        Err(Error::unsupported(
-            self.name(),
-            "deleting snapshots is not supported yet",
-        ))
+        self.check_writable()?;
+        let (mut snapshots, table_size) = self.read_snapshots()?;
+        let at = snapshots
+            .iter()
+            .position(|s| s.name == name.as_bytes())
+            .ok_or_else(|| Error::SnapshotNotFound {
+                file: self.name().to_string(),
+                name: name.to_string(),
+            })?;
+        let sn = snapshots.remove(at);
+        let snapshot_l1 = self.read_l1(sn.l1_offset, sn.l1_size)?;
+        let meta_arc = Arc::clone(&self.meta);
+        let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = &mut *meta;
+        self.flush_meta(meta)?;
+        self.write_snapshots(meta, &snapshots, table_size)?;
+        self.header.nb_snapshots = snapshots.len() as u32;
+        let file = Arc::clone(&self.file);
+        let file = file.as_ref();
+        self.add_references(meta, &snapshot_l1, -1)?;
+        if sn.l1_offset != 0 {
+            let bytes = sn.l1_size as u64 * 8;
+            let first = sn.l1_offset >> self.cluster_bits;
+            for c in first..first + bytes.div_ceil(self.cs()) {
+                self.release_now(meta, c)?;
+            }
+        }
+        meta.refcounts.flush(file)?;
+        file.flush()?;
+        self.fix_copied(meta)?;
+        self.flush_meta(meta)
+    }
+
+    /// Adds `addend` (1 or -1) to the refcount of every cluster `l1` reaches: its L2 tables,
+    /// and the data clusters they map (counted once per L1 table that reaches them, as qemu
+    /// counts). A table whose count drops to zero leaves the cache unwritten.
+    fn add_references(&self, meta: &mut Meta, l1: &[u64], addend: i64) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        let file = file.as_ref();
+        let cs = self.cs();
+        let es = 1u64 << self.slice_bits;
+        for (i, &entry) in l1.iter().enumerate() {
+            let l2_off = entry & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if !l2_off.is_multiple_of(cs) || l2_off >= file.size()? {
+                return Err(Error::corrupt(
+                    self.name(),
+                    l2_off,
+                    format!("L1 entry {i} points at an invalid L2 table"),
+                ));
+            }
+            for slice in (0..cs).step_by(es as usize) {
+                let raw = meta.l2.get(file, l2_off + slice)?.to_vec();
+                for k in 0..(es / 8) as usize {
+                    let e = L2Entry::decode(table_entry(&raw, k), self.cluster_bits);
+                    if let Some((first, n)) = e.host_clusters(self.cluster_bits) {
+                        for c in first..first + n {
+                            self.add_reference(meta, c, addend)?;
+                        }
+                    }
+                }
+            }
+            if self.add_reference(meta, l2_off >> self.cluster_bits, addend)? == 0 {
+                meta.l2
+                    .forget_clusters(&[l2_off >> self.cluster_bits], self.cluster_bits);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `addend` to one cluster's refcount; returns the new count.
+    fn add_reference(&self, meta: &mut Meta, cluster: u64, addend: i64) -> Result<u64> {
+        let file = self.file.as_ref();
+        let rc = meta.refcounts.get(file, cluster)?;
+        let new = rc
+            .checked_add_signed(addend)
+            .filter(|&n| n <= meta.refcounts.max_refcount());
+        let Some(new) = new else {
+            let why = if addend > 0 {
+                "refcount overflow (the refcount width is too small for another reference)"
+            } else {
+                "refcount underflow"
+            };
+            return Err(Error::corrupt(
+                self.name(),
+                cluster << self.cluster_bits,
+                why,
+            ));
+        };
+        meta.refcounts.set(file, cluster, new)?;
+        Ok(new)
+    }
+
+    /// Sets the copy flag (refcount exactly 1: may be written in place) on every active L1
+    /// entry and L2 entry whose cluster has refcount 1, and clears it on the others, as
+    /// `qemu-img check` expects of every table the active L1 reaches.
+    fn fix_copied(&self, meta: &mut Meta) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        let refcounts = |meta: &mut Meta, cluster: u64| meta.refcounts.get(file.as_ref(), cluster);
+        self.set_copy_flags_by(meta, &refcounts)
+    }
+
+    /// Sets every copy flag the active tables hold to `rule(cluster)`.
+    fn set_copy_flags(&self, meta: &mut Meta, rule: impl Fn(u64) -> bool) -> Result<()> {
+        let by_rule = |_: &mut Meta, cluster: u64| Ok(if rule(cluster) { 1 } else { 2 });
+        self.set_copy_flags_by(meta, &by_rule)
+    }
+
+    /// Sets the copy flag of each active L1 and L2 entry to whether `refcount` says its
+    /// cluster has exactly one reference.
+    fn set_copy_flags_by(
+        &self,
+        meta: &mut Meta,
+        refcount: &dyn Fn(&mut Meta, u64) -> Result<u64>,
+    ) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        let file = file.as_ref();
+        let cs = self.cs();
+        let es = 1u64 << self.slice_bits;
+        for l1i in 0..meta.l1.len() {
+            let entry = meta.l1[l1i];
+            let l2_off = entry & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            let exclusive = refcount(meta, l2_off >> self.cluster_bits)? == 1;
+            let want = if exclusive {
+                entry | COPIED
+            } else {
+                entry & !COPIED
+            };
+            if want != entry {
+                meta.l1[l1i] = want;
+                meta.l1_dirty.insert(l1i);
+            }
+            // Entries of a shared table lose their flags in place (every cluster it maps is
+            // shared too); clearing a flag is safe whatever else reads the table.
+            for slice in (0..cs).step_by(es as usize) {
+                let at = l2_off + slice;
+                let raw = meta.l2.get(file, at)?.to_vec();
+                for k in 0..(es / 8) as usize {
+                    let value = table_entry(&raw, k);
+                    let e = L2Entry::decode(value, self.cluster_bits);
+                    let offset = match e {
+                        L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } => {
+                            offset
+                        }
+                        _ => continue,
+                    };
+                    let own = refcount(meta, offset >> self.cluster_bits)? == 1;
+                    let want = if own { value | COPIED } else { value & !COPIED };
+                    if want != value {
+                        set_table_entry(meta.l2.get_mut(file, at)?, k, want);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads the snapshot table; returns its entries and its size in bytes.
