@@ -823,3 +823,76 @@ fn the_library_opens_an_image_as_a_snapshot_saw_it() {
     // A snapshot is only ever read.
     assert!(open(Some(SnapshotSelector::IdOrName("two".into())), false).is_err());
 }
+
+/// The snapshots `info --output=json` shows, without their dates (which differ between two
+/// runs), after asserting that the dates have qemu-img's microsecond resolution.
+fn snapshots_without_dates(image: &Path) -> Vec<serde_json::Value> {
+    let out = qemu_img(&["info", "--output=json", &image.display().to_string()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut list = v["snapshots"].as_array().cloned().unwrap_or_default();
+    for sn in &mut list {
+        let sn = sn.as_object_mut().unwrap();
+        let nsec = sn.remove("date-nsec").unwrap().as_u64().unwrap();
+        assert_eq!(nsec % 1000, 0, "{sn:?}");
+        sn.remove("date-sec").unwrap();
+    }
+    list
+}
+
+#[test]
+fn the_operations_through_the_command_line_do_what_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.qcow2");
+    let i = dir.path().join("i.qcow2");
+    create(&q, &[], "4M");
+    io(&q, &["write -P 1 0 1M"]);
+    std::fs::copy(&q, &i).unwrap();
+    let long = "x".repeat(300);
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["-c", "s1"],
+        vec!["-c", &long],
+        vec!["-c", "s1"],
+        vec!["-a", "1"],
+        vec!["-d", "s1"],
+        vec!["-q", "-a", "s1"],
+        vec!["-c", "after"],
+    ];
+    for (n, step) in steps.iter().enumerate() {
+        for (tool, image) in [("qemu-img", &q), ("img", &i)] {
+            let mut args = vec!["snapshot"];
+            args.extend_from_slice(step);
+            let path = image.display().to_string();
+            args.push(&path);
+            let out = if tool == "img" {
+                Command::new(img_bin()).args(&args).output().unwrap()
+            } else {
+                run(tool, &args)
+            };
+            assert!(
+                out.status.success(),
+                "{tool} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stdout.is_empty() && out.stderr.is_empty(),
+                "{tool} {args:?}"
+            );
+            if n == 0 {
+                // Data written after the first snapshot, which applying it drops.
+                io(image, &["write -P 2 0 64k"]);
+            }
+        }
+    }
+    assert_eq!(snapshots_without_dates(&i), snapshots_without_dates(&q));
+    // The table itself: names as stored (a listing shows at most 255 bytes of them).
+    let names = |p: &Path| -> Vec<(Vec<u8>, Vec<u8>)> {
+        read_table(p)
+            .1
+            .into_iter()
+            .map(|e| (e.id, e.name))
+            .collect()
+    };
+    assert_eq!(names(&i), names(&q));
+    common::assert_qemu_check_clean(&i);
+    common::assert_qemu_compare_identical(&q, "qcow2", &i, "qcow2");
+}
