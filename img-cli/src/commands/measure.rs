@@ -262,15 +262,12 @@ pub fn run(args: &[String]) -> CmdResult {
             })?;
         }
     }
-    let image = source.as_ref().map(|(image, _)| image);
+    let image = source.as_ref();
     let m = if target == "raw" {
         measure::measure_raw(image, a.size.unwrap_or(0))
     } else {
         let t = qcow2_target(&opts, a.size)?;
-        let source = source.as_ref().map(|(image, l1)| Source {
-            image,
-            snapshot_l1: l1.clone(),
-        });
+        let source = source.as_ref().map(|image| Source { image });
         measure::measure_qcow2(&t, source)?
     };
     print_measurement(&m, a.json);
@@ -278,7 +275,7 @@ pub fn run(args: &[String]) -> CmdResult {
 }
 
 /// Opens the source read-only and, with `-l`, finds the snapshot to measure.
-fn open_source(name: &str, a: &Args) -> Result<(Image, Option<Vec<u64>>), CliError> {
+fn open_source(name: &str, a: &Args) -> Result<Image, CliError> {
     if a.image_opts && a.format.is_some() {
         return Err(CliError::new(
             "--image-opts and --format are mutually exclusive",
@@ -289,7 +286,7 @@ fn open_source(name: &str, a: &Args) -> Result<(Image, Option<Vec<u64>>), CliErr
     let cache = open::parse_cache("writeback").expect("writeback is a cache mode");
     let mut image = open::open(&spec, true, cache)?;
     let selector = match &a.snapshot {
-        Snapshot::None => return Ok((image, None)),
+        Snapshot::None => return Ok(image),
         Snapshot::IdOrName(s) => SnapshotSelector::IdOrName(s.clone()),
         Snapshot::Keys { id, name } => SnapshotSelector::Match {
             id: id.clone(),
@@ -299,7 +296,7 @@ fn open_source(name: &str, a: &Args) -> Result<(Image, Option<Vec<u64>>), CliErr
     // The image then reads as the snapshot saw it, through its backing chain, as qemu's
     // temporarily loaded snapshot does.
     super::snapshot::load(&mut image, &selector)?;
-    Ok((image, None))
+    Ok(image)
 }
 
 /// The qcow2 options measuring depends on, checked in qemu's order with its messages.

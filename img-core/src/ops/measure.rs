@@ -45,13 +45,11 @@ pub struct Qcow2Target {
     pub size: u64,
 }
 
-/// Where the content to measure comes from: an image, or one of its internal snapshots.
+/// Where the content to measure comes from: an image (opened as one of its internal
+/// snapshots saw it, for `-l`).
 pub struct Source<'a> {
     /// The image.
     pub image: &'a Image,
-    /// The L1 table of a snapshot to measure instead of the current disk (see
-    /// [`measure::snapshot_l1`]).
-    pub snapshot_l1: Option<Vec<u64>>,
 }
 
 /// A qcow2 target, for `target.size` bytes or to hold `source`.
@@ -74,8 +72,6 @@ pub fn measure_qcow2(target: &Qcow2Target, source: Option<Source<'_>>) -> Result
         required = if target.has_backing_file {
             // The new image's backing file may share nothing with the source.
             virtual_size
-        } else if let Some(l1) = source.snapshot_l1 {
-            snapshot_data_clusters_bytes(image, l1, cs)?
         } else {
             data_clusters_bytes(image, cs)?
         };
@@ -187,21 +183,6 @@ pub fn data_clusters_bytes(image: &Image, cluster_size: u64) -> Result<u64> {
             zero: flags & ZERO != 0 && !over_file,
             data,
             host,
-        })
-    })
-}
-
-/// [`data_clusters_bytes`] for the disk as the snapshot with L1 table `l1` saw it.
-fn snapshot_data_clusters_bytes(image: &Image, l1: Vec<u64>, cluster_size: u64) -> Result<u64> {
-    let file = recursion_file(image)?;
-    let mut view = measure::SnapshotView::new(image.format().file().as_ref(), l1)?;
-    count_clusters(qemu_length(image), cluster_size, file, |offset, len| {
-        let st = view.status(offset, len)?;
-        Ok(Status {
-            len: st.len,
-            zero: !st.data,
-            data: st.data,
-            host: st.host,
         })
     })
 }
