@@ -591,6 +591,19 @@ fn snapshot_l1_tables_where_qemu_reads_zeros_or_fails() {
         "the other snapshot reads"
     );
     assert_listings_match(&a);
+    // An unaligned table, and one too large: listed as qemu lists them, refused when used,
+    // and the other snapshot still reads.
+    for (offset, size) in [(0x10200, e[1].l1_size), (e[1].l1_offset, 1 << 30)] {
+        let (_, mut e, _) = read_table(&a);
+        e[1].l1_offset = offset;
+        e[1].l1_size = size;
+        write_table(&a, &e);
+        assert_listings_match(&a);
+        args[1] = "s2";
+        assert!(!same_conversion(dir.path(), &args));
+        args[1] = "s1";
+        assert!(same_conversion(dir.path(), &args), "s1 beside a bad s2");
+    }
 }
 
 #[test]

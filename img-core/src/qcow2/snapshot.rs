@@ -428,17 +428,10 @@ impl Qcow2 {
             if offset - start > MAX_TABLE {
                 return Err(bad(start, "Snapshot table is too big".into()));
             }
+            // The L1 table's place is checked where it is used ([`Qcow2::read_l1`]): as in
+            // qemu, one bad entry does not hide the others.
             let l1_size = be32(&h, 8);
             let l1_offset = be64(&h, 0);
-            if l1_size as u64 * 8 > MAX_L1_BYTES
-                || !l1_offset.is_multiple_of(self.cs())
-                || l1_offset > i64::MAX as u64 - l1_size as u64 * 8
-            {
-                return Err(bad(
-                    entry_at,
-                    format!("Snapshot L1 table of snapshot entry {i} is invalid"),
-                ));
-            }
             out.push(Snapshot {
                 l1_offset,
                 l1_size,
@@ -547,7 +540,17 @@ impl Qcow2 {
 
     /// Reads the L1 table of a snapshot.
     pub(super) fn read_l1(&self, offset: u64, entries: u32) -> Result<Vec<u64>> {
-        let mut raw = vec![0u8; entries as usize * 8];
+        let bytes = entries as u64 * 8;
+        if bytes > MAX_L1_BYTES {
+            return Err(Error::invalid(self.name(), "Snapshot L1 table too large"));
+        }
+        if i64::MAX as u64 - bytes < offset || !offset.is_multiple_of(self.cs()) {
+            return Err(Error::invalid(
+                self.name(),
+                "Snapshot L1 table offset invalid",
+            ));
+        }
+        let mut raw = vec![0u8; bytes as usize];
         self.file.read_at(&mut raw, offset)?;
         Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
     }
