@@ -211,6 +211,18 @@ pub trait Format: Send + Sync {
         ))
     }
 
+    /// The file a [`Mapping::Data`] offset lies in and the offset inside that file, for
+    /// `img map` (formats whose data storage gathers several files decode it here).
+    fn data_location(&self, offset: u64) -> (String, u64) {
+        (self.data_file().name().to_string(), offset)
+    }
+
+    /// Files other than the image file that hold the image's data (VMDK extent files), as
+    /// `(child name, file name)`: `img info` shows them as child nodes.
+    fn child_files(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
 

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod qcow2;
 pub mod raw;
 pub mod size;
+pub mod vmdk;
 
 pub use chain::BackingPolicy;
 pub use error::{Error, Result};

@@ -88,7 +88,7 @@ impl DetectZeroes {
 }
 
 /// The formats this build knows, as `-f` spells them.
-pub const FORMATS: &[&str] = &["qcow2", "raw"];
+pub const FORMATS: &[&str] = &["qcow2", "raw", "vmdk"];
 
 /// Guesses the format of `storage` from its first bytes. Anything that is not recognised is
 /// raw, exactly as qemu-img probes.
@@ -98,6 +98,17 @@ pub fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
         storage.read_at(&mut magic, 0)?;
         if u32::from_be_bytes(magic) == crate::qcow2::header::MAGIC {
             return Ok("qcow2");
+        }
+        if u32::from_le_bytes(magic) == crate::vmdk::sparse::MAGIC {
+            return Ok("vmdk");
+        }
+        let sig = crate::vmdk::descriptor::SIGNATURE.as_bytes();
+        if storage.size()? >= sig.len() as u64 {
+            let mut head = vec![0u8; sig.len()];
+            storage.read_at(&mut head, 0)?;
+            if crate::vmdk::descriptor::is_descriptor(&head) {
+                return Ok("vmdk");
+            }
         }
     }
     Ok("raw")
@@ -148,6 +159,7 @@ pub(crate) fn open_format(
                 discard: opts.discard,
             },
         )?),
+        "vmdk" => Box::new(crate::vmdk::Vmdk::open(storage, opts)?),
         other => return Err(Error::InvalidArgument(format!("Unknown driver '{other}'"))),
     })
 }

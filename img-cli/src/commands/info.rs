@@ -262,17 +262,30 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         full: img_core::chain::resolve_backing_name(&spec.path, recorded),
         format: info.backing_format.clone(),
     });
+    // Extent files of the format (VMDK) are child nodes of their own, before "file", and
+    // count towards the disk size.
+    let mut children = Vec::new();
+    let mut actual_size = file.actual_size;
+    for (name, path) in fmt.child_files() {
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let node = file_node(&path, len);
+        if let (Some(a), Some(b)) = (actual_size, node.actual_size) {
+            actual_size = Some(a + b);
+        }
+        children.push((name, node));
+    }
+    children.push(("file".to_string(), file));
     Ok(NodeInfo {
         filename: spec.path.clone(),
         format: fmt.driver().to_string(),
         virtual_size,
-        actual_size: file.actual_size,
+        actual_size,
         cluster_size: info.cluster_size,
         dirty: info.dirty,
         backing,
         snapshots,
         specific,
-        children: vec![("file".to_string(), file)],
+        children,
     })
 }
 

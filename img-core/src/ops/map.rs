@@ -89,6 +89,13 @@ fn entry_at(image: &Image, offset: u64, bytes: u64) -> Result<MapEntry> {
     } else {
         st.offset
     };
+    let (filename, host) = match host {
+        Some(h) => {
+            let (file, at) = holder.format().data_location(h);
+            (Some(file), Some(at))
+        }
+        None => (None, None),
+    };
     Ok(MapEntry {
         start: offset,
         length: st.len,
@@ -98,7 +105,7 @@ fn entry_at(image: &Image, offset: u64, bytes: u64) -> Result<MapEntry> {
         data: st.data,
         compressed: st.compressed,
         offset: host,
-        filename: host.map(|_| holder.format().data_file().name().to_string()),
+        filename,
     })
 }
 

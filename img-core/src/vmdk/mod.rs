@@ -1,0 +1,822 @@
+//! VMDK: a text descriptor naming extents (sparse, flat or zero), each in its own file or,
+//! for monolithicSparse and streamOptimized, one sparse extent that embeds the descriptor.
+//!
+//! The driver is a mapping provider like every format: [`Vmdk::map`] turns guest offsets
+//! into places in its extent files. Because `Mapping::Data` offsets refer to a single data
+//! storage, the extent files are gathered in [`ExtentFiles`], a composite storage whose
+//! offsets carry the file's index in their top bits ([`encode`]); the generic I/O path
+//! reads and writes through it unchanged.
+
+pub mod descriptor;
+pub mod sparse;
+pub mod stream;
+
+use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
+use crate::open::OpenOptions;
+use crate::{Error, Result};
+use blockdev::{FileStorage, Storage};
+use descriptor::Descriptor;
+use sparse::{Grain, Header, SparseExtent, SECTOR};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bits of a data offset that address a byte inside one extent file.
+const FILE_BITS: u32 = 56;
+const IN_FILE: u64 = (1 << FILE_BITS) - 1;
+/// The most extent files one image may name (the index must fit the top bits).
+pub const MAX_EXTENTS: usize = 255;
+
+/// A data offset: byte `offset` of extent file `file`.
+pub fn encode(file: usize, offset: u64) -> u64 {
+    ((file as u64) << FILE_BITS) | offset
+}
+
+/// The extent file index and the byte offset in it of a data offset.
+pub fn decode(offset: u64) -> (usize, u64) {
+    ((offset >> FILE_BITS) as usize, offset & IN_FILE)
+}
+
+/// The extent files of an image as one storage: offsets are [`encode`]d.
+#[derive(Debug)]
+pub struct ExtentFiles {
+    name: String,
+    files: Vec<Arc<dyn Storage>>,
+}
+
+impl ExtentFiles {
+    fn route(&self, offset: u64) -> blockdev::Result<(&Arc<dyn Storage>, u64)> {
+        let (i, off) = decode(offset);
+        match self.files.get(i) {
+            Some(f) => Ok((f, off)),
+            None => Err(blockdev::Error::Io {
+                op: "route",
+                name: self.name.clone(),
+                offset,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no such extent file",
+                ),
+            }),
+        }
+    }
+}
+
+impl Storage for ExtentFiles {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> blockdev::Result<u64> {
+        // The end of the last file: every offset below it in an earlier file counts as
+        // inside (which only makes writers copy more carefully).
+        let last = self.files.len() - 1;
+        Ok(encode(last, self.files[last].size()?))
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        let (f, off) = self.route(offset)?;
+        f.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        let (f, off) = self.route(offset)?;
+        f.write_at(buf, off)
+    }
+
+    fn flush(&self) -> blockdev::Result<()> {
+        for f in &self.files {
+            f.flush()?;
+        }
+        Ok(())
+    }
+
+    fn truncate(&self, size: u64) -> blockdev::Result<()> {
+        let (f, off) = self.route(size)?;
+        f.truncate(off)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> blockdev::Result<()> {
+        let (f, off) = self.route(offset)?;
+        f.write_zeroes(off, len, may_unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        let (f, off) = self.route(offset)?;
+        f.discard(off, len)
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> blockdev::Result<(blockdev::Allocation, u64)> {
+        let (f, off) = self.route(offset)?;
+        f.allocation(off, len)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.files[0].is_read_only()
+    }
+}
+
+/// What an extent is.
+#[derive(Debug)]
+enum Kind {
+    /// Raw bytes of file `file` starting at byte `start`.
+    Flat { file: usize, start: u64 },
+    /// Reads as zeros.
+    Zero,
+    /// A hosted sparse extent in file `file`.
+    Sparse {
+        file: usize,
+        sparse: Box<SparseExtent>,
+    },
+}
+
+/// One extent: its place in the guest disk and how it is stored.
+#[derive(Debug)]
+struct VmdkExtent {
+    /// Guest byte where it starts.
+    start: u64,
+    /// Length in bytes.
+    len: u64,
+    /// The type as the descriptor names it (empty for a monolithic sparse file).
+    type_name: String,
+    /// The file name, as shown by `info`.
+    file_name: Option<String>,
+    kind: Kind,
+}
+
+/// An open VMDK image.
+pub struct Vmdk {
+    file: Arc<dyn Storage>,
+    data: Arc<dyn Storage>,
+    /// Names of the extent files by index (for `info`'s child nodes).
+    file_names: Vec<String>,
+    /// Whether extent file `i` is the descriptor file itself.
+    file_is_descriptor: Vec<bool>,
+    extents: Vec<VmdkExtent>,
+    size: u64,
+    cid: u32,
+    parent_cid: u32,
+    create_type: String,
+    parent_hint: Option<String>,
+    read_only: bool,
+    cluster_size: u64,
+}
+
+impl std::fmt::Debug for Vmdk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmdk")
+            .field("file", &self.file.name())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// Reads up to [`descriptor::MAX_DESCRIPTOR`] bytes at `offset` (at most `limit`) as text.
+fn read_text(file: &dyn Storage, offset: u64, limit: u64) -> Result<String> {
+    let len = file.size()?;
+    let n = len
+        .saturating_sub(offset)
+        .min(limit)
+        .min(descriptor::MAX_DESCRIPTOR);
+    let mut buf = vec![0u8; n as usize];
+    file.read_at(&mut buf, offset)?;
+    if let Some(nul) = buf.iter().position(|&b| b == 0) {
+        buf.truncate(nul);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Resolves an extent file name against the descriptor's directory, as qemu does.
+fn resolve(descriptor: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match descriptor.rfind('/') {
+        Some(slash) => format!("{}{name}", &descriptor[..=slash]),
+        None => name.to_string(),
+    }
+}
+
+/// Reads and validates the sparse header at the start of `file`.
+fn sparse_header(file: &dyn Storage, writable: bool) -> Result<(Header, u64)> {
+    let name = file.name().to_string();
+    let len = file.size()?;
+    if len < SECTOR {
+        return Err(Error::invalid(
+            &name,
+            format!("Could not read header from file '{name}': file is too short"),
+        ));
+    }
+    let mut b = [0u8; 512];
+    file.read_at(&mut b, 0)?;
+    let mut header = Header::parse(&b);
+    if header.gd_offset == sparse::GD_AT_END {
+        header = stream::read_footer(file)?;
+    }
+    let gd_entries = header
+        .validate(len, writable)
+        .map_err(|reason| Error::invalid(&name, reason))?;
+    Ok((header, gd_entries))
+}
+
+/// The extent files being gathered while an image is opened.
+struct Files {
+    storages: Vec<Arc<dyn Storage>>,
+    names: Vec<String>,
+    is_descriptor: Vec<bool>,
+}
+
+impl Files {
+    fn add(
+        &mut self,
+        storage: Arc<dyn Storage>,
+        name: String,
+        is_descriptor: bool,
+    ) -> Result<usize> {
+        if self.storages.len() >= MAX_EXTENTS {
+            return Err(Error::unsupported(
+                &name,
+                format!("more than {MAX_EXTENTS} extent files are not supported"),
+            ));
+        }
+        self.storages.push(storage);
+        self.names.push(name);
+        self.is_descriptor.push(is_descriptor);
+        Ok(self.storages.len() - 1)
+    }
+}
+
+/// The create types whose descriptor is a file of its own and that this driver reads.
+const DESCRIPTOR_TYPES: &[&str] = &[
+    "monolithicFlat",
+    "vmfs",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "monolithicSparse",
+    "streamOptimized",
+];
+
+impl Vmdk {
+    /// Opens the VMDK image whose descriptor (or monolithic sparse file) is `file`; extent
+    /// files are opened as `opts` says the image is (read-only when it is).
+    pub fn open(file: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        let name = file.name().to_string();
+        let len = file.size()?;
+        if len < 4 {
+            return Err(Error::invalid(
+                &name,
+                "File is too small, not a valid image",
+            ));
+        }
+        let writable = !opts.read_only;
+        let mut magic = [0u8; 4];
+        file.read_at(&mut magic, 0)?;
+        let mut files = Files {
+            storages: Vec::new(),
+            names: Vec::new(),
+            is_descriptor: Vec::new(),
+        };
+        let mut extents = Vec::new();
+        let create_type;
+        let desc;
+        let mut monolithic = None;
+        if u32::from_le_bytes(magic) == sparse::MAGIC {
+            if len < SECTOR {
+                return Err(Error::invalid(
+                    &name,
+                    format!("Could not read header from file '{name}': file is too short"),
+                ));
+            }
+            let mut b = [0u8; 512];
+            file.read_at(&mut b, 0)?;
+            let raw = Header::parse(&b);
+            if raw.capacity == 0 && raw.desc_offset != 0 {
+                // A sparse file that carries only a descriptor.
+                let text = read_text(file.as_ref(), raw.desc_offset * SECTOR, u64::MAX)?;
+                desc = descriptor::parse(&text).map_err(|r| Error::invalid(&name, r))?;
+                create_type = descriptor_type(&desc, &name)?;
+            } else {
+                let (header, gd_entries) = sparse_header(file.as_ref(), writable)?;
+                let text = if raw.desc_offset != 0 {
+                    read_text(
+                        file.as_ref(),
+                        raw.desc_offset * SECTOR,
+                        raw.desc_size.saturating_mul(SECTOR),
+                    )?
+                } else {
+                    String::new()
+                };
+                desc = descriptor::parse(&text).unwrap_or_default();
+                let sparse = SparseExtent::open(file.clone(), header, gd_entries)?;
+                create_type = if sparse.compressed() {
+                    "streamOptimized".to_string()
+                } else {
+                    "monolithicSparse".to_string()
+                };
+                let index = files.add(file.clone(), name.clone(), true)?;
+                monolithic = Some((index, sparse));
+            }
+        } else {
+            let text = read_text(file.as_ref(), 0, u64::MAX)?;
+            desc = descriptor::parse(&text).map_err(|r| Error::invalid(&name, r))?;
+            create_type = descriptor_type(&desc, &name)?;
+        }
+        let mut start = 0u64;
+        if let Some((index, sparse)) = monolithic {
+            let len = sparse.byte_len();
+            extents.push(VmdkExtent {
+                start,
+                len,
+                type_name: String::new(),
+                file_name: Some(name.clone()),
+                kind: Kind::Sparse {
+                    file: index,
+                    sparse: Box::new(sparse),
+                },
+            });
+            start += len;
+        } else {
+            for line in &desc.extents {
+                if let Some(e) = open_extent(line, start, &file, &name, &mut files, opts)? {
+                    start = e
+                        .start
+                        .checked_add(e.len)
+                        .filter(|&end| end <= crate::image::MAX_LENGTH)
+                        .ok_or_else(|| {
+                            Error::invalid(&name, "the extents add up to more than a disk can be")
+                        })?;
+                    extents.push(e);
+                }
+            }
+        }
+        if files.storages.is_empty() {
+            // Only zero extents (or none): reads never reach the data storage.
+            files.add(file.clone(), name.clone(), true)?;
+        }
+        let cluster_size = extents
+            .iter()
+            .find_map(|e| match &e.kind {
+                Kind::Sparse { sparse, .. } => Some(sparse.grain),
+                _ => None,
+            })
+            .unwrap_or(1 << 16);
+        let data: Arc<dyn Storage> = Arc::new(ExtentFiles {
+            name: name.clone(),
+            files: files.storages,
+        });
+        Ok(Vmdk {
+            file,
+            data,
+            file_names: files.names,
+            file_is_descriptor: files.is_descriptor,
+            extents,
+            size: start,
+            cid: desc.cid.unwrap_or(0),
+            parent_cid: desc.parent_cid.unwrap_or(u32::MAX),
+            create_type,
+            parent_hint: desc.parent_hint.clone(),
+            read_only: opts.read_only,
+            cluster_size,
+        })
+    }
+
+    /// The extent covering guest byte `offset` (which is inside the disk).
+    fn extent_at(&self, offset: u64) -> Option<&VmdkExtent> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        self.extents.get(i)
+    }
+
+    /// The create type (`monolithicSparse`, `streamOptimized`, ...).
+    pub fn create_type(&self) -> &str {
+        &self.create_type
+    }
+
+    /// The extent files other than the descriptor file, as `(child name, file name)` (what
+    /// `info` shows as `extents.N` child nodes).
+    pub fn extent_children(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, e) in self.extents.iter().enumerate() {
+            let file = match &e.kind {
+                Kind::Flat { file, .. } | Kind::Sparse { file, .. } => *file,
+                Kind::Zero => continue,
+            };
+            if !self.file_is_descriptor[file] {
+                out.push((format!("extents.{i}"), self.file_names[file].clone()));
+            }
+        }
+        out
+    }
+}
+
+/// The create type of a descriptor file, refused unless this driver reads it.
+fn descriptor_type(desc: &Descriptor, name: &str) -> Result<String> {
+    let Some(t) = desc.create_type.clone() else {
+        return Err(Error::invalid(name, "invalid VMDK image descriptor"));
+    };
+    if !DESCRIPTOR_TYPES.contains(&t.as_str()) {
+        return Err(Error::unsupported(
+            name,
+            format!("Unsupported image type '{t}'"),
+        ));
+    }
+    Ok(t)
+}
+
+/// Opens the extent an extent line describes, starting at guest byte `start`; `None` for
+/// lines qemu skips (not read-write, or no sectors).
+fn open_extent(
+    line: &descriptor::ExtentLine,
+    start: u64,
+    desc_file: &Arc<dyn Storage>,
+    desc_name: &str,
+    files: &mut Files,
+    opts: &OpenOptions,
+) -> Result<Option<VmdkExtent>> {
+    if line.access != "RW" || line.sectors == 0 {
+        return Ok(None);
+    }
+    let len = line
+        .sectors
+        .checked_mul(SECTOR)
+        .filter(|&l| l <= crate::image::MAX_LENGTH)
+        .ok_or_else(|| {
+            Error::invalid(
+                desc_name,
+                format!(
+                    "extent of {} sectors is larger than a disk can be",
+                    line.sectors
+                ),
+            )
+        })?;
+    if line.kind == "ZERO" {
+        return Ok(Some(VmdkExtent {
+            start,
+            len,
+            type_name: line.kind.clone(),
+            file_name: None,
+            kind: Kind::Zero,
+        }));
+    }
+    if !matches!(line.kind.as_str(), "FLAT" | "VMFS" | "SPARSE") {
+        return Err(Error::unsupported(
+            desc_name,
+            format!("Unsupported extent type '{}'", line.kind),
+        ));
+    }
+    let Some(fname) = line.file.as_deref() else {
+        return Err(Error::invalid(
+            desc_name,
+            format!(
+                "Invalid extent line: extent of type {} names no file",
+                line.kind
+            ),
+        ));
+    };
+    let path = resolve(desc_name, fname);
+    let storage = open_extent_file(&path, desc_file, desc_name, files, opts)?;
+    let index = files.add(storage.clone(), path.clone(), false)?;
+    let kind = if line.kind == "SPARSE" {
+        let mut magic = [0u8; 4];
+        if storage.size()? < 4 {
+            return Err(Error::invalid(
+                &path,
+                "File is too small, not a valid image",
+            ));
+        }
+        storage.read_at(&mut magic, 0)?;
+        if u32::from_le_bytes(magic) != sparse::MAGIC {
+            return Err(Error::invalid(&path, "Image not in VMDK format"));
+        }
+        let (header, gd_entries) = sparse_header(storage.as_ref(), !opts.read_only)?;
+        if header.capacity == 0 {
+            // A descriptor inside an extent: following it could loop.
+            return Err(Error::invalid(
+                &path,
+                "a sparse extent that holds only a descriptor is not supported",
+            ));
+        }
+        let sparse = SparseExtent::open(storage, header, gd_entries)?;
+        Kind::Sparse {
+            file: index,
+            sparse: Box::new(sparse),
+        }
+    } else {
+        let start_in_file = line
+            .offset
+            .unwrap_or(0)
+            .checked_mul(SECTOR)
+            .ok_or_else(|| {
+                Error::invalid(
+                    desc_name,
+                    format!("Invalid extent line: offset {:?}", line.offset),
+                )
+            })?;
+        if start_in_file.checked_add(len).is_none_or(|e| e > IN_FILE) {
+            return Err(Error::invalid(
+                desc_name,
+                format!("flat extent '{path}' reaches past what a file can hold"),
+            ));
+        }
+        Kind::Flat {
+            file: index,
+            start: start_in_file,
+        }
+    };
+    Ok(Some(VmdkExtent {
+        start,
+        len,
+        type_name: line.kind.clone(),
+        file_name: Some(path),
+        kind,
+    }))
+}
+
+/// Opens an extent file with the care given to backing files: read-only when the image is,
+/// never the descriptor itself, and each file once.
+fn open_extent_file(
+    path: &str,
+    desc_file: &Arc<dyn Storage>,
+    desc_name: &str,
+    files: &Files,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn Storage>> {
+    let canon = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
+    let target = canon(path);
+    if target == canon(desc_name) {
+        return Err(Error::invalid(
+            desc_name,
+            format!("the descriptor names itself as extent file '{path}'"),
+        ));
+    }
+    let _ = desc_file;
+    // Several extents may share a file (qemu opens it once per extent; sharing the open
+    // storage keeps the locks consistent).
+    for (i, n) in files.names.iter().enumerate() {
+        if canon(n) == target {
+            return Ok(files.storages[i].clone());
+        }
+    }
+    let mut fo = crate::locking::file_options(
+        Path::new(path),
+        &OpenOptions {
+            format: Some("raw".into()),
+            ..opts.clone()
+        },
+    )?;
+    fo.read_only = opts.read_only;
+    fo.cache = opts.cache;
+    fo.aio = opts.aio;
+    fo.create = false;
+    let storage = FileStorage::open(path, fo).map_err(|e| match e {
+        blockdev::Error::Open { source, .. } => Error::invalid(
+            desc_name,
+            format!("Could not open '{path}': {}", blockdev::os_message(&source)),
+        ),
+        other => Error::from(other),
+    })?;
+    Ok(Arc::new(storage))
+}
+
+impl Format for Vmdk {
+    fn driver(&self) -> &'static str {
+        "vmdk"
+    }
+
+    fn file_name(&self) -> &str {
+        self.file.name()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    fn data_file(&self) -> &Arc<dyn Storage> {
+        &self.data
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let Some(e) = self.extent_at(offset) else {
+            return Ok(Extent {
+                mapping: Mapping::Zero,
+                len,
+            });
+        };
+        let rel = offset - e.start;
+        let max = len.min(e.len - rel);
+        let writable = !self.read_only;
+        Ok(match &e.kind {
+            Kind::Zero => Extent {
+                mapping: Mapping::Zero,
+                len: max,
+            },
+            Kind::Flat { file, start } => Extent {
+                mapping: Mapping::Data {
+                    offset: encode(*file, start + rel),
+                    writable,
+                },
+                len: max,
+            },
+            Kind::Sparse { file, sparse } => {
+                let (grain, n) = sparse.map(rel, max)?;
+                let mapping = match grain {
+                    Grain::Unallocated => Mapping::Unallocated,
+                    Grain::Zero => Mapping::Zero,
+                    Grain::At(host) if sparse.compressed() => {
+                        let grain_start = host - rel % sparse.grain;
+                        let flen = sparse.file.size()?;
+                        if grain_start >= flen {
+                            return Err(Error::corrupt(
+                                sparse.file.name(),
+                                grain_start,
+                                format!("grain at {grain_start:#x} lies outside the extent file (size {flen})"),
+                            ));
+                        }
+                        // The marker says how long the compressed grain is; read enough for
+                        // the worst case, clamped to the file.
+                        let most = 2 * sparse.grain + SECTOR;
+                        Mapping::Compressed {
+                            offset: encode(*file, grain_start),
+                            len: most.min(flen - grain_start),
+                        }
+                    }
+                    Grain::At(host) => {
+                        let flen = sparse.file.size()?;
+                        if host + n > flen.div_ceil(SECTOR) * SECTOR + sparse.grain {
+                            return Err(Error::corrupt(
+                                sparse.file.name(),
+                                host,
+                                format!(
+                                    "grain at {host:#x} lies outside the extent file (size {flen})"
+                                ),
+                            ));
+                        }
+                        Mapping::Data {
+                            offset: encode(*file, host),
+                            writable,
+                        }
+                    }
+                };
+                Extent { mapping, len: n }
+            }
+        })
+    }
+
+    fn decompress(&self, compressed: &[u8], out: &mut [u8]) -> Result<()> {
+        let has_marker = self.extents.iter().any(|e| match &e.kind {
+            Kind::Sparse { sparse, .. } => sparse.has_marker(),
+            _ => false,
+        });
+        stream::decompress_grain(compressed, has_marker, out, self.file.name())
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: self.file_name().to_string(),
+            });
+        }
+        let Some(e) = self.extent_at(offset) else {
+            return Err(Error::invalid(
+                self.file_name(),
+                "write past the last extent",
+            ));
+        };
+        let rel = offset - e.start;
+        match &e.kind {
+            Kind::Flat { file, start } => Ok(Allocation {
+                guest_offset: offset,
+                host_offset: encode(*file, start + rel),
+                len: len.min(e.len - rel),
+            }),
+            Kind::Zero => Err(Error::unsupported(
+                self.file_name(),
+                "writes to a ZERO extent are not supported",
+            )),
+            Kind::Sparse { file, sparse } => {
+                if sparse.compressed() {
+                    return Err(Error::unsupported(
+                        self.file_name(),
+                        "streamOptimized images can only be written sequentially with compressed grains",
+                    ));
+                }
+                let grain_start = rel / sparse.grain * sparse.grain;
+                let host = sparse.reserve_grain();
+                Ok(Allocation {
+                    guest_offset: e.start + grain_start,
+                    host_offset: encode(*file, host),
+                    len: sparse.grain.min(e.len - grain_start),
+                })
+            }
+        }
+    }
+
+    fn commit(&self, allocation: Allocation) -> Result<()> {
+        let Some(e) = self.extent_at(allocation.guest_offset) else {
+            return Ok(());
+        };
+        if let Kind::Sparse { sparse, .. } = &e.kind {
+            let rel = allocation.guest_offset - e.start;
+            let (_, host) = decode(allocation.host_offset);
+            // A partial last grain still occupies a whole grain in the file: qemu's
+            // check wants grains whole.
+            let written = allocation.len;
+            if written < sparse.grain {
+                sparse
+                    .file
+                    .write_zeroes(host + written, sparse.grain - written, false)?;
+            }
+            let sector = u32::try_from(host / SECTOR).map_err(|_| {
+                Error::unsupported(self.file_name(), "the extent file is too large for VMDK")
+            })?;
+            sparse.set_entry(rel / sparse.grain, sector)?;
+        }
+        Ok(())
+    }
+
+    fn zero_clusters(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<u64> {
+        // Zeros are written as data, as qemu does without zeroed-grain support.
+        Ok(0)
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        // qemu's vmdk driver ignores discards.
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(self.data.flush()?)
+    }
+
+    fn info(&self) -> FormatInfo {
+        let extents: Vec<serde_json::Value> = self
+            .extents
+            .iter()
+            .map(|e| {
+                let mut m = serde_json::Map::new();
+                m.insert("virtual-size".into(), e.len.into());
+                m.insert(
+                    "filename".into(),
+                    e.file_name.clone().unwrap_or_default().into(),
+                );
+                if let Kind::Sparse { sparse, .. } = &e.kind {
+                    m.insert("cluster-size".into(), sparse.grain.into());
+                    if sparse.compressed() {
+                        m.insert("compressed".into(), true.into());
+                    }
+                }
+                m.insert("format".into(), e.type_name.clone().into());
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        let mut data = serde_json::Map::new();
+        data.insert("cid".into(), self.cid.into());
+        data.insert("parent-cid".into(), self.parent_cid.into());
+        data.insert("create-type".into(), self.create_type.clone().into());
+        data.insert("extents".into(), extents.into());
+        let cluster_size = self.extents.first().and_then(|e| match &e.kind {
+            Kind::Sparse { sparse, .. } => Some(sparse.grain),
+            _ => None,
+        });
+        FormatInfo {
+            cluster_size,
+            specific: Some(serde_json::Value::Object(data)),
+            dirty: false,
+            corrupt: false,
+            backing_file: self.parent_hint.clone(),
+            backing_format: None,
+        }
+    }
+
+    fn child_files(&self) -> Vec<(String, String)> {
+        self.extent_children()
+    }
+
+    fn data_location(&self, offset: u64) -> (String, u64) {
+        let (file, at) = decode(offset);
+        let name = self
+            .file_names
+            .get(file)
+            .cloned()
+            .unwrap_or_else(|| self.file_name().to_string());
+        (name, at)
+    }
+
+    fn file_holes_are_zeros(&self) -> bool {
+        // As qemu, which asks the file of a flat extent whether a range is a hole; grains
+        // of sparse extents are taken for data whatever the file underneath says.
+        self.extents
+            .iter()
+            .all(|e| !matches!(e.kind, Kind::Sparse { .. }))
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
