@@ -266,7 +266,8 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
     // count towards the disk size.
     let mut children = Vec::new();
     let mut actual_size = file.actual_size;
-    for (name, path) in fmt.child_files() {
+    // qemu lists the children newest first: the last extent first, the file last.
+    for (name, path) in fmt.child_files().into_iter().rev() {
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let node = file_node(&path, len);
         if let (Some(a), Some(b)) = (actual_size, node.actual_size) {
