@@ -21,7 +21,6 @@ pub(crate) const UNSUPPORTED_FORMATS: &[&str] = &[
     "qed",
     "vdi",
     "vhdx",
-    "vmdk",
     "vpc",
     "vvfat",
 ];

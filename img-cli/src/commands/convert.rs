@@ -250,7 +250,8 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     let opts = ConvertOptions {
         min_sparse: a.min_sparse,
-        compress: a.compress,
+        // A streamOptimized vmdk holds nothing but compressed grains.
+        compress: a.compress || writes_only_compressed(&target),
         // A target with a backing file reads what its backing file holds, not zeros.
         target_is_zero: (!a.no_create || a.target_is_zero) && a.backing.is_none(),
         parallel: a.parallel,
@@ -285,4 +286,16 @@ pub fn run(args: &[String]) -> CmdResult {
         println!();
     }
     Ok(0)
+}
+
+/// Whether the target stores every cluster compressed (a streamOptimized vmdk).
+fn writes_only_compressed(target: &Image) -> bool {
+    let info = target.format().info();
+    target.format().driver() == "vmdk"
+        && info
+            .specific
+            .as_ref()
+            .and_then(|s| s.get("create-type"))
+            .and_then(|t| t.as_str())
+            == Some("streamOptimized")
 }

@@ -206,6 +206,63 @@ const QCOW2_OPTS: &[Desc] = &[
 /// raw's own options.
 const RAW_OPTS: &[Desc] = &[SIZE];
 
+/// vmdk's options, in the order qemu keeps them.
+const VMDK_OPTS: &[Desc] = &[
+    SIZE,
+    d(
+        "adapter_type",
+        Kind::Str,
+        "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
+        None,
+    ),
+    d(
+        "backing_file",
+        Kind::Str,
+        "File name of a base image",
+        None,
+    ),
+    d(
+        "backing_fmt",
+        Kind::Str,
+        "Must be 'vmdk' if present",
+        None,
+    ),
+    d("compat6", Kind::Bool, "VMDK version 6 image", Some("off")),
+    d(
+        "hwversion",
+        Kind::Str,
+        "VMDK hardware version",
+        Some("undefined"),
+    ),
+    d(
+        "toolsversion",
+        Kind::Str,
+        "VMware guest tools version",
+        None,
+    ),
+    d(
+        "subformat",
+        Kind::Str,
+        "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} ",
+        None,
+    ),
+    d(
+        "zeroed_grain",
+        Kind::Bool,
+        "Enable efficient zero writes using the zeroed-grain GTE feature",
+        None,
+    ),
+];
+
+/// The format's own options.
+fn own_opts(fmt: &str) -> &'static [Desc] {
+    match fmt {
+        "qcow2" => QCOW2_OPTS,
+        "vmdk" => VMDK_OPTS,
+        _ => RAW_OPTS,
+    }
+}
+
 /// The options of the file underneath (qemu's `file` protocol), in its order.
 const FILE_OPTS: &[Desc] = &[
     SIZE,
@@ -283,8 +340,7 @@ pub(crate) const BLOCK_DRIVERS: &[&str] = &[
 /// The options of `fmt`, merged with those of the file underneath as qemu merges them (the
 /// format's first; a name already present is not repeated).
 fn merged_opts(fmt: &str) -> Vec<Desc> {
-    let own = if fmt == "qcow2" { QCOW2_OPTS } else { RAW_OPTS };
-    let mut all: Vec<Desc> = own.to_vec();
+    let mut all: Vec<Desc> = own_opts(fmt).to_vec();
     for f in FILE_OPTS {
         if !all.iter().any(|d| d.name == f.name) {
             all.push(*f);
@@ -297,10 +353,8 @@ fn merged_opts(fmt: &str) -> Vec<Desc> {
 fn option_help(fmt: &str, with_file: bool) -> String {
     let mut list = if with_file {
         merged_opts(fmt)
-    } else if fmt == "qcow2" {
-        QCOW2_OPTS.to_vec()
     } else {
-        RAW_OPTS.to_vec()
+        own_opts(fmt).to_vec()
     };
     list.sort_by(|a, b| a.name.cmp(b.name));
     let mut out = if with_file {
@@ -481,7 +535,7 @@ pub(crate) fn valid_option_list(s: &str) -> bool {
 }
 
 /// A failure of `img create` after the file name is known: qemu prefixes those with it.
-fn named(filename: &str, message: impl std::fmt::Display) -> CliError {
+pub(crate) fn named(filename: &str, message: impl std::fmt::Display) -> CliError {
     CliError::new(format!("{filename}: {message}"))
 }
 
@@ -586,7 +640,7 @@ impl CreatePlan {
         let (base, base_fmt) = (backing.file, backing.format);
         let filename = filename.to_string();
         let fmt = fmt.to_string();
-        if fmt != "raw" && fmt != "qcow2" {
+        if fmt != "raw" && fmt != "qcow2" && fmt != "vmdk" {
             if crate::open::UNSUPPORTED_FORMATS.contains(&fmt.as_str()) {
                 return Err(named(
                     &filename,
@@ -673,10 +727,12 @@ impl CreatePlan {
     /// Creates the image.
     pub fn execute(&self) -> CmdResult {
         let path = Path::new(&self.filename);
-        if self.fmt == "raw" {
-            create_raw(path, &self.filename, self.size, &self.opts)
-        } else {
-            create_qcow2(path, &self.filename, self.size, &self.opts)
+        match self.fmt.as_str() {
+            "raw" => create_raw(path, &self.filename, self.size, &self.opts),
+            "vmdk" => {
+                crate::commands::create_vmdk::create(path, &self.filename, self.size, &self.opts)
+            }
+            _ => create_qcow2(path, &self.filename, self.size, &self.opts),
         }
     }
 }
@@ -736,7 +792,7 @@ fn check_backing(
 }
 
 pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
-    if fmt != "raw" && fmt != "qcow2" {
+    if fmt != "raw" && fmt != "qcow2" && fmt != "vmdk" {
         return Err(CliError::new(format!("Unknown file format '{fmt}'")));
     }
     print!("{}", option_help(fmt, with_file));

@@ -7,6 +7,7 @@ mod commit;
 mod compare;
 mod convert;
 pub(crate) mod create;
+pub(crate) mod create_vmdk;
 mod info;
 mod map;
 mod measure;

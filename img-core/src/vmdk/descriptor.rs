@@ -155,10 +155,12 @@ impl Descriptor {
             "createType=\"{}\"\n",
             self.create_type.as_deref().unwrap_or("monolithicSparse")
         ));
-        if let Some(p) = &self.parent_hint {
-            s.push_str(&format!("parentFileNameHint=\"{p}\"\n"));
+        // qemu puts the hint where an empty line is otherwise.
+        match &self.parent_hint {
+            Some(p) => s.push_str(&format!("parentFileNameHint=\"{p}\"\n")),
+            None => s.push('\n'),
         }
-        s.push_str("\n# Extent description\n");
+        s.push_str("# Extent description\n");
         for e in &self.extents {
             s.push_str(&format!("{} {} {}", e.access, e.sectors, e.kind));
             if let Some(f) = &e.file {

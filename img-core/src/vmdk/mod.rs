@@ -7,9 +7,12 @@
 //! offsets carry the file's index in their top bits ([`encode`]); the generic I/O path
 //! reads and writes through it unchanged.
 
+pub mod create;
 pub mod descriptor;
 pub mod sparse;
 pub mod stream;
+
+pub use create::{create, Subformat, VmdkCreateOptions};
 
 use crate::format::{Allocation, Extent, Format, FormatInfo, Mapping, ZeroMode};
 use crate::open::OpenOptions;
@@ -159,6 +162,8 @@ pub struct Vmdk {
     parent_hint: Option<String>,
     read_only: bool,
     cluster_size: u64,
+    /// A stream got grains in this session: it needs an end-of-stream marker on close.
+    stream_written: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vmdk {
@@ -376,6 +381,7 @@ impl Vmdk {
             parent_hint: desc.parent_hint.clone(),
             read_only: opts.read_only,
             cluster_size,
+            stream_written: Default::default(),
         })
     }
 
@@ -383,6 +389,17 @@ impl Vmdk {
     fn extent_at(&self, offset: u64) -> Option<&VmdkExtent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
         self.extents.get(i)
+    }
+
+    /// The extent of a stream (a compressed sparse extent), when the image is one.
+    fn stream(&self) -> Option<(&VmdkExtent, &SparseExtent)> {
+        match self.extents.as_slice() {
+            [e] => match &e.kind {
+                Kind::Sparse { sparse, .. } if sparse.compressed() => Some((e, sparse)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// The create type (`monolithicSparse`, `streamOptimized`, ...).
@@ -674,6 +691,59 @@ impl Format for Vmdk {
             _ => false,
         });
         stream::decompress_grain(compressed, has_marker, out, self.file.name())
+    }
+
+    fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        // Only streams hold compressed grains; qemu stores them compressed even when that
+        // does not shrink them, and so does this.
+        self.stream().map(|_| stream::compress_grain(data))
+    }
+
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: self.file_name().to_string(),
+            });
+        }
+        let Some((e, sparse)) = self.stream() else {
+            return Err(Error::unsupported(
+                self.file_name(),
+                "compressed writes are only supported in streamOptimized images",
+            ));
+        };
+        let rel = offset - e.start;
+        let grain_index = rel / sparse.grain;
+        let size = u32::try_from(compressed.len()).map_err(|_| {
+            Error::InvalidArgument("a compressed grain is larger than 4 GiB".into())
+        })?;
+        let total = stream::GRAIN_MARKER as u64 + u64::from(size);
+        let mut buf = vec![0u8; (total.div_ceil(SECTOR) * SECTOR) as usize];
+        buf[0..8].copy_from_slice(&(grain_index * sparse.header.granularity).to_le_bytes());
+        buf[8..12].copy_from_slice(&size.to_le_bytes());
+        buf[stream::GRAIN_MARKER..total as usize].copy_from_slice(compressed);
+        let at = sparse.reserve_bytes(total);
+        sparse.file.write_at(&buf, at)?;
+        let sector = u32::try_from(at / SECTOR).map_err(|_| {
+            Error::unsupported(self.file_name(), "the extent file is too large for VMDK")
+        })?;
+        sparse.set_entry(grain_index, sector)?;
+        self.stream_written
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn close(&self) -> Result<()> {
+        if let Some((_, sparse)) = self.stream() {
+            if self
+                .stream_written
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+            {
+                // The end-of-stream marker: a zero sector after the last grain.
+                let at = sparse.reserve_bytes(SECTOR);
+                sparse.file.write_at(&[0u8; SECTOR as usize], at)?;
+            }
+        }
+        self.flush()
     }
 
     fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {

@@ -233,7 +233,13 @@ impl SparseExtent {
             rgd: Mutex::new(rgd),
             gd_entries,
             gts: Mutex::new(HashMap::new()),
-            next_free: Mutex::new(len.div_ceil(grain) * grain),
+            // Grains go after the end of the file: whole grains for plain extents (as qemu
+            // allocates them), sectors for compressed ones.
+            next_free: Mutex::new(if header.compress_algorithm == COMPRESSION_DEFLATE {
+                len.div_ceil(SECTOR) * SECTOR
+            } else {
+                len.div_ceil(grain) * grain
+            }),
         })
     }
 
@@ -340,6 +346,15 @@ impl SparseExtent {
             g => g,
         };
         Ok((first, n))
+    }
+
+    /// Reserves `bytes` (rounded up to whole sectors) at the end of the extent file, for a
+    /// compressed grain or a stream's end marker.
+    pub fn reserve_bytes(&self, bytes: u64) -> u64 {
+        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+        let at = *next;
+        *next += bytes.div_ceil(SECTOR) * SECTOR;
+        at
     }
 
     /// Reserves space for one grain at the end of the extent file.
