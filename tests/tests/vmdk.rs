@@ -242,3 +242,298 @@ fn probing_finds_vmdk_and_files_are_opened_read_only_for_reading() {
     assert!(info.contains("file format: vmdk"), "{info}");
     assert_reads_like_qemu(&image);
 }
+
+/// `qemu-img check -f vmdk` passes.
+fn assert_qemu_check_clean_vmdk(image: &Path) {
+    let out = run("qemu-img", &["check", "-f", "vmdk", &s(image)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {}: {text}",
+        image.display()
+    );
+}
+
+/// All files of an image (descriptor and extents) with the CID lines blanked, in name order.
+fn files_without_cid(dir: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    for n in names {
+        let path = dir.join(&n);
+        let len = std::fs::metadata(&path).unwrap().len();
+        // Flat extents are compared by length only (they are empty).
+        let mut bytes = if len > 16 << 20 {
+            Vec::new()
+        } else {
+            std::fs::read(&path).unwrap()
+        };
+        // The descriptor text, wherever it is: compared as text without its CID line,
+        // the bytes around it (with the text zeroed) exactly.
+        let mut text = String::new();
+        if let Some(at) = bytes
+            .windows(21)
+            .position(|w| w == b"# Disk DescriptorFile")
+        {
+            let end = at
+                + bytes[at..]
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(bytes.len() - at);
+            text = String::from_utf8_lossy(&bytes[at..end])
+                .lines()
+                .filter(|l| !l.starts_with("CID="))
+                .collect::<Vec<_>>()
+                .join("\n");
+            bytes[at..end].fill(0);
+        }
+        if text.is_empty() {
+            // The length of a large (flat) file is all that is compared of it.
+            bytes.extend_from_slice(&len.to_le_bytes());
+        } else if bytes.iter().all(|&b| b == 0) {
+            // A descriptor file: its text is all there is (its length follows the CID).
+            bytes.clear();
+            bytes.extend_from_slice(text.as_bytes());
+        } else {
+            bytes.extend_from_slice(text.as_bytes());
+        }
+        out.push((n[prefix.len()..].to_string(), bytes));
+    }
+    out
+}
+
+#[test]
+fn create_lays_out_images_as_qemu_img() {
+    let cases: &[&[&str]] = &[
+        &["-o", "subformat=monolithicSparse"],
+        &["-o", "subformat=monolithicFlat"],
+        &["-o", "subformat=twoGbMaxExtentSparse"],
+        &["-o", "subformat=twoGbMaxExtentFlat"],
+        &["-o", "subformat=streamOptimized"],
+        &[
+            "-o",
+            "zeroed_grain=on,compat6=on,adapter_type=lsilogic,toolsversion=123",
+        ],
+        &["-o", "hwversion=8,adapter_type=legacyESX"],
+    ];
+    for size in ["1000", "100M", "5G"] {
+        for opts in cases {
+            // Same names in two directories: extent names inside must match byte for byte.
+            let (qdir, idir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let q = qdir.path().join("a.vmdk");
+            let i = idir.path().join("a.vmdk");
+            let (qs, is) = (s(&q), s(&i));
+            let mut qa = vec!["create", "-q", "-f", "vmdk"];
+            qa.extend_from_slice(opts);
+            let mut ia = qa.clone();
+            qa.extend_from_slice(&[&qs, size]);
+            ia.extend_from_slice(&[&is, size]);
+            qemu_img(&qa);
+            img_ok(&ia);
+            let a = files_without_cid(qdir.path(), "a");
+            let b = files_without_cid(idir.path(), "a");
+            assert_eq!(a.len(), b.len(), "{opts:?} {size}: file count");
+            for ((na, ba), (nb, bb)) in a.iter().zip(&b) {
+                assert_eq!(na, nb, "{opts:?} {size}");
+                assert!(
+                    ba == bb,
+                    "{opts:?} {size}: {na} differs from qemu-img's:\n{}\n{}",
+                    String::from_utf8_lossy(ba).replace('\0', ""),
+                    String::from_utf8_lossy(bb).replace('\0', "")
+                );
+            }
+            assert_qemu_check_clean_vmdk(&i);
+        }
+    }
+}
+
+#[test]
+fn create_options_and_errors_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| s(&dir.path().join(n));
+    let base = d("base.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", &base, "1M"]);
+    let qcow = d("q.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &qcow, "1M"]);
+    let e = d("e.vmdk");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["create", "-f", "vmdk", "-o", "help"],
+        vec!["create", "-f", "vmdk", "-o", "help", &e],
+        vec!["convert", "-O", "vmdk", "-o", "help"],
+        vec!["create", "-f", "vmdk", "-o", "adapter_type=foo", &e, "1M"],
+        vec!["create", "-f", "vmdk", "-o", "subformat=foo", &e, "1M"],
+        vec![
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "compat6=on,hwversion=7",
+            &e,
+            "1M",
+        ],
+        vec!["create", "-f", "vmdk", "-b", &qcow, "-F", "qcow2", &e],
+        vec![
+            "create",
+            "-f",
+            "vmdk",
+            "-b",
+            &base,
+            "-F",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            &e,
+        ],
+        vec![
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on,compat6=on",
+            &e,
+            "1M",
+        ],
+    ];
+    for args in cases {
+        let q = run("qemu-img", &args);
+        let _ = std::fs::remove_file(&e);
+        let i = img(&args);
+        let _ = std::fs::remove_file(&e);
+        assert_eq!(
+            String::from_utf8_lossy(&i.stdout),
+            String::from_utf8_lossy(&q.stdout),
+            "{args:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&i.stderr),
+            String::from_utf8_lossy(&q.stderr).replace("qemu-img:", "img:"),
+            "{args:?}"
+        );
+        assert_eq!(i.status.code(), q.status.code(), "{args:?}");
+    }
+    // A backing file: the parent's CID and name are recorded as qemu records them.
+    let child = d("child.vmdk");
+    img_ok(&[
+        "create", "-q", "-f", "vmdk", "-b", &base, "-F", "vmdk", &child,
+    ]);
+    let info = img_ok(&["info", "--output=json", &child]);
+    let qinfo = qemu_img(&["info", "--output=json", &child]);
+    assert_eq!(info, qinfo);
+    assert!(qinfo.contains("\"backing-filename\""), "{qinfo}");
+    let parent: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", &base])).unwrap();
+    let child_v: serde_json::Value = serde_json::from_str(&qinfo).unwrap();
+    assert_eq!(
+        child_v["format-specific"]["data"]["parent-cid"],
+        parent["format-specific"]["data"]["cid"]
+    );
+}
+
+#[test]
+fn convert_to_every_subformat_passes_qemu_check_and_compare() {
+    for sub in SUBFORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", &s(&src), "7M"]);
+        common::qemu_io(
+            "qcow2",
+            &src,
+            &WRITES.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        );
+        common::qemu_io("qcow2", &src, &["write -P 0x77 7167k 1k".to_string()]);
+        let out = dir.path().join("out.vmdk");
+        img_ok(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            &s(&src),
+            &s(&out),
+        ]);
+        assert_qemu_check_clean_vmdk(&out);
+        common::assert_qemu_compare_identical(&src, "qcow2", &out, "vmdk");
+        // And back: img reads what it wrote as qemu does.
+        assert_reads_like_qemu(&out);
+        if *sub == "streamOptimized" {
+            let info = qemu_img(&["info", &s(&out)]);
+            assert!(info.contains("compressed: true"), "{info}");
+            // Only compressed grains: qemu's map says so for every data range.
+            let map = qemu_img(&["map", "--output=json", &s(&out)]);
+            assert!(
+                !map.contains("\"data\": true, \"compressed\": false"),
+                "{map}"
+            );
+        }
+    }
+}
+
+#[test]
+fn writes_through_the_library_keep_qemu_happy() {
+    // Unaligned writes over unallocated grains (copy-on-write of the rest of the grain from
+    // zeros), over allocated grains (in place), and into grain tables that do not exist yet
+    // (their directory entries are cleared by hand, in both directories).
+    for sub in ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat"] {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("w.vmdk");
+        let size: u64 = 100 << 20;
+        img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            &s(&image),
+            &size.to_string(),
+        ]);
+        if sub == "monolithicSparse" {
+            // Drop the tables of directory entries 1 and 2 from both directories.
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&image)
+                .unwrap();
+            let mut h = [0u8; 512];
+            f.read_exact_at(&mut h, 0).unwrap();
+            let rgd = u64::from_le_bytes(h[48..56].try_into().unwrap()) * 512;
+            let gd = u64::from_le_bytes(h[56..64].try_into().unwrap()) * 512;
+            for dir_at in [rgd, gd] {
+                f.write_all_at(&[0u8; 8], dir_at + 4).unwrap();
+            }
+        }
+        let mut model = vec![0u8; size as usize];
+        let writes: &[(u64, usize, u8)] = &[
+            (1000, 5000, 1),
+            (65536 * 3 + 17, 200_000, 2),
+            (40 << 20, 1 << 20, 3),
+            ((32 << 20) + 512, 4096, 4),
+            (1000, 100, 5),
+            (size - 700, 700, 6),
+        ];
+        {
+            let img = common::open(&image, "vmdk", false);
+            for &(off, len, seed) in writes {
+                let data = common::pattern(seed, off, len);
+                img.write_at(&data, off).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            img.close().unwrap();
+        }
+        assert_qemu_check_clean_vmdk(&image);
+        let reference = dir.path().join("model.raw");
+        std::fs::write(&reference, &model).unwrap();
+        common::assert_qemu_compare_identical(&image, "vmdk", &reference, "raw");
+        let img = common::open(&image, "vmdk", true);
+        common::assert_image_matches_raw(&img, &reference);
+    }
+}

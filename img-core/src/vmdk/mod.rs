@@ -860,7 +860,8 @@ impl Format for Vmdk {
             dirty: false,
             corrupt: false,
             backing_file: self.parent_hint.clone(),
-            backing_format: None,
+            // qemu takes a VMDK's parent for a VMDK image.
+            backing_format: self.parent_hint.as_ref().map(|_| "vmdk".to_string()),
         }
     }
 
