@@ -537,3 +537,247 @@ fn writes_through_the_library_keep_qemu_happy() {
         common::assert_image_matches_raw(&img, &reference);
     }
 }
+
+/// Patches `bytes` at `at` in the file `path`.
+fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// The header fields of a sparse extent: (rgd, gd) byte offsets.
+fn directories(path: &Path) -> (u64, u64) {
+    let b = std::fs::read(path).unwrap();
+    let at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) * 512;
+    (at(48), at(56))
+}
+
+/// The byte offset of grain table `index` (from the primary directory).
+fn grain_table(path: &Path, index: u64) -> u64 {
+    let b = std::fs::read(path).unwrap();
+    let (_, gd) = directories(path);
+    let o = (gd + 4 * index) as usize;
+    u64::from(u32::from_le_bytes(b[o..o + 4].try_into().unwrap())) * 512
+}
+
+/// Asserts `img ARGS` and `qemu-img ARGS` print the same (stdout and stderr, with the
+/// program name replaced) and exit alike.
+fn assert_same_outcome(args: &[&str]) {
+    let q = run("qemu-img", args);
+    let i = img(args);
+    assert_eq!(
+        String::from_utf8_lossy(&i.stdout),
+        String::from_utf8_lossy(&q.stdout),
+        "{args:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&i.stderr),
+        String::from_utf8_lossy(&q.stderr).replace("qemu-img:", "img:"),
+        "{args:?}"
+    );
+    assert_eq!(i.status.code(), q.status.code(), "{args:?}");
+}
+
+#[test]
+fn check_reports_as_qemu_img() {
+    for sub in SUBFORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let image = qemu_image(dir.path(), sub, "");
+        let p = s(&image);
+        for args in [
+            vec!["check", p.as_str()],
+            vec!["check", "--output=json", p.as_str()],
+            vec!["check", "-q", p.as_str()],
+            vec!["check", "-r", "all", p.as_str()],
+        ] {
+            assert_same_outcome(&args);
+        }
+    }
+    // A grain table entry pointing past the end of the file: qemu's error, and its exit.
+    let dir = tempfile::tempdir().unwrap();
+    let image = qemu_image(dir.path(), "monolithicSparse", "");
+    let gt = grain_table(&image, 0);
+    patch(&image, gt + 4 * 2, &999_999u32.to_le_bytes());
+    let p = s(&image);
+    assert_same_outcome(&["check", &p]);
+    assert_same_outcome(&["check", "--output=json", &p]);
+    let out = img(&["check", &p]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sector 256 points after EOF"));
+}
+
+/// Opening, reading all of, and writing to a hostile image must fail (or succeed) cleanly:
+/// an error naming a file, never a panic.
+fn assert_refused_cleanly(image: &Path, expect: &str) {
+    let out = img(&[
+        "convert",
+        "-O",
+        "raw",
+        &s(image),
+        &s(&image.with_extension("out")),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}: {stderr}", image.display());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(expect),
+        "{}: expected '{expect}' in: {stderr}",
+        image.display()
+    );
+    let info = img(&["info", &s(image)]);
+    assert!(!String::from_utf8_lossy(&info.stderr).contains("panicked"));
+}
+
+#[test]
+fn hostile_images_fail_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fresh = |name: &str| -> std::path::PathBuf {
+        let p = d.join(name);
+        qemu_img(&["create", "-q", "-f", "vmdk", &s(&p), "64M"]);
+        qemu_io(&p, &["write -P 1 0 1M"]);
+        p
+    };
+    // Header fields out of range, with qemu's messages.
+    let p = fresh("gtes.vmdk");
+    patch(&p, 44, &4096u32.to_le_bytes());
+    assert_refused_cleanly(&p, "L2 table size too big");
+    let p = fresh("gran0.vmdk");
+    patch(&p, 20, &0u64.to_le_bytes());
+    assert_refused_cleanly(&p, "L1 entry size is invalid");
+    let p = fresh("granbig.vmdk");
+    patch(&p, 20, &(1u64 << 40).to_le_bytes());
+    assert_refused_cleanly(&p, "Invalid granularity, image may be corrupt");
+    let p = fresh("capacity.vmdk");
+    patch(&p, 12, &(1u64 << 62).to_le_bytes());
+    assert_refused_cleanly(&p, "L1 size too big");
+    let p = fresh("version.vmdk");
+    patch(&p, 4, &7u32.to_le_bytes());
+    assert_refused_cleanly(&p, "Unsupported VMDK version 7");
+    let p = fresh("truncated.vmdk");
+    patch(&p, 64, &(1u64 << 40).to_le_bytes());
+    assert_refused_cleanly(&p, "File truncated, expecting at least");
+    // A huge capacity with a directory that fits the limit: the directory is read only as
+    // far as the file holds it (no allocation in proportion to the claim).
+    let p = fresh("bigdisk.vmdk");
+    patch(&p, 12, &(1u64 << 40).to_le_bytes());
+    let info = img_ok(&["info", "--output=json", &s(&p)]);
+    assert!(info.contains("\"virtual-size\": 562949953421312"), "{info}");
+    // Grain table and grain outside the file.
+    let p = fresh("gt-out.vmdk");
+    let (rgd, gd) = directories(&p);
+    for at in [rgd, gd] {
+        patch(&p, at, &0x7fff_ffffu32.to_le_bytes());
+    }
+    assert_refused_cleanly(&p, "grain table 0 lies outside the extent file");
+    let p = fresh("grain-out.vmdk");
+    let gt = grain_table(&p, 0);
+    patch(&p, gt, &0x7fff_ffffu32.to_le_bytes());
+    assert_refused_cleanly(&p, "lies outside the extent file");
+    // Too short to be a sparse extent.
+    let p = d.join("short.vmdk");
+    std::fs::write(&p, b"KDMV\x01\0\0\0").unwrap();
+    assert_refused_cleanly(&p, "Could not read header");
+    // A stream whose footer is garbage.
+    let p = d.join("stream.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        &s(&p),
+        "1M",
+    ]);
+    patch(&p, 56, &u64::MAX.to_le_bytes());
+    assert_refused_cleanly(&p, "Invalid footer");
+    // A compressed grain whose marker claims a huge size.
+    let raw = d.join("c.raw");
+    std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+    let p = d.join("cstream.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        &s(&raw),
+        &s(&p),
+    ]);
+    let gt = grain_table(&p, 0);
+    let b = std::fs::read(&p).unwrap();
+    let grain = u64::from(u32::from_le_bytes(
+        b[gt as usize..gt as usize + 4].try_into().unwrap(),
+    )) * 512;
+    patch(&p, grain + 8, &u32::MAX.to_le_bytes());
+    assert_refused_cleanly(&p, "compressed grain size");
+}
+
+#[test]
+fn hostile_descriptors_fail_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let desc = |name: &str, extents: &str| -> std::path::PathBuf {
+        let p = d.join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\n\n# Extent description\n{extents}"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    std::fs::write(d.join("data.bin"), vec![1u8; 1 << 20]).unwrap();
+    // Naming itself, as a flat or a sparse extent.
+    let p = desc("self.vmdk", "RW 2048 FLAT \"self.vmdk\" 0\n");
+    assert_refused_cleanly(&p, "names itself");
+    let p = desc("self2.vmdk", "RW 2048 SPARSE \"./self2.vmdk\"\n");
+    assert_refused_cleanly(&p, "names itself");
+    // A file that does not exist.
+    let p = desc("missing.vmdk", "RW 2048 FLAT \"nothere.bin\" 0\n");
+    assert_refused_cleanly(&p, "nothere.bin");
+    // Absurd sizes and offsets.
+    let p = desc("huge.vmdk", "RW 18446744073709551615 FLAT \"data.bin\" 0\n");
+    assert_refused_cleanly(&p, "larger than a disk can be");
+    let p = desc("sum.vmdk", &"RW 9007199254740991 ZERO\n".repeat(3));
+    assert_refused_cleanly(&p, "more than a disk can be");
+    let p = desc(
+        "offset.vmdk",
+        "RW 2048 FLAT \"data.bin\" 18446744073709551615\n",
+    );
+    assert_refused_cleanly(&p, "Invalid extent line");
+    // A flat extent longer than its file: past the end it reads as zeros, as in qemu.
+    let p = desc("short.vmdk", "RW 8192 FLAT \"data.bin\" 0\n");
+    assert_reads_like_qemu(&p);
+    // A sparse extent that is not one.
+    let p = desc("notsparse.vmdk", "RW 2048 SPARSE \"data.bin\"\n");
+    assert_refused_cleanly(&p, "Image not in VMDK format");
+    // Bad extent lines, an unknown create type, too many extents.
+    let p = desc("badline.vmdk", "RW 2048 FLAT \"data.bin\"\n");
+    assert_refused_cleanly(&p, "Invalid extent line");
+    let p = d.join("type.vmdk");
+    std::fs::write(&p, "# Disk DescriptorFile\ncreateType=\"weird\"\n").unwrap();
+    assert_refused_cleanly(&p, "Unsupported image type 'weird'");
+    let many: String = (0..300)
+        .map(|i| {
+            let name = format!("x{i}.bin");
+            std::fs::write(d.join(&name), [0u8; 512]).unwrap();
+            format!("RW 1 FLAT \"{name}\" 0\n")
+        })
+        .collect();
+    let p = desc("many.vmdk", &many);
+    assert_refused_cleanly(&p, "extent files are not supported");
+    // A descriptor of many megabytes is read only up to its bound.
+    let p = d.join("big.vmdk");
+    let mut text = String::from(
+        "# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"data.bin\" 0\n",
+    );
+    text.push_str(&"# padding\n".repeat(1 << 20));
+    text.push_str("RW 2048 FLAT \"data.bin\" 0\n");
+    std::fs::write(&p, text).unwrap();
+    let info = img_ok(&["info", "--output=json", &s(&p)]);
+    assert!(info.contains("\"virtual-size\": 1048576"), "{info}");
+}

@@ -223,6 +223,10 @@ pub fn run(args: &[String]) -> CmdResult {
         .set_permissions(file_permissions(&driver, &access))
         .map_err(|e| could_not_open(e.to_string()))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
+    if driver == "vmdk" {
+        return crate::commands::check_vmdk::run(storage, repair, json, quiet, &target.display)
+            .map_err(|m| m.unwrap_or_else(&could_not_open));
+    }
     if driver != "qcow2" {
         return Err(CliError::with_code(
             "This image format does not support checks",
@@ -333,7 +337,7 @@ pub fn human_report(r: &CheckReport) -> String {
 }
 
 /// A JSON string as qemu writes it.
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::new();
     crate::qjson::quote(s, &mut out);
     out

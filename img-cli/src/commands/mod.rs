@@ -3,6 +3,7 @@
 mod amend;
 mod bench;
 mod check;
+pub(crate) mod check_vmdk;
 mod commit;
 mod compare;
 mod convert;

@@ -152,6 +152,8 @@ pub struct Vmdk {
     data: Arc<dyn Storage>,
     /// Names of the extent files by index (for `info`'s child nodes).
     file_names: Vec<String>,
+    /// The extent files by index.
+    storages: Vec<Arc<dyn Storage>>,
     /// Whether extent file `i` is the descriptor file itself.
     file_is_descriptor: Vec<bool>,
     extents: Vec<VmdkExtent>,
@@ -364,6 +366,7 @@ impl Vmdk {
                 _ => None,
             })
             .unwrap_or(1 << 16);
+        let storages = files.storages.clone();
         let data: Arc<dyn Storage> = Arc::new(ExtentFiles {
             name: name.clone(),
             files: files.storages,
@@ -372,6 +375,7 @@ impl Vmdk {
             file,
             data,
             file_names: files.names,
+            storages,
             file_is_descriptor: files.is_descriptor,
             extents,
             size: start,
@@ -421,6 +425,71 @@ impl Vmdk {
             }
         }
         out
+    }
+}
+
+/// What `check` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckResult {
+    /// Every allocated grain lies inside its extent file.
+    Clean,
+    /// The grain (or flat extent) holding this guest sector starts past the end of its file.
+    PastEof {
+        /// The first guest sector of the grain.
+        sector: u64,
+    },
+    /// The grain table of this guest sector could not be read.
+    Unreadable {
+        /// The first guest sector of the grain.
+        sector: u64,
+    },
+}
+
+impl Vmdk {
+    /// qemu's consistency check of a VMDK image: walking the disk grain by grain (extent by
+    /// extent for flat ones), every grain that has a place in a file must start inside it.
+    /// Stops at the first that does not, as qemu does.
+    pub fn check(&self) -> Result<CheckResult> {
+        for e in &self.extents {
+            let first_sector = e.start / SECTOR;
+            match &e.kind {
+                Kind::Zero => {}
+                Kind::Flat { file, start } => {
+                    if *start >= self.data_file_size(*file)? {
+                        return Ok(CheckResult::PastEof {
+                            sector: first_sector,
+                        });
+                    }
+                }
+                Kind::Sparse { sparse, .. } => {
+                    let len = sparse.file.size()?;
+                    let grains = e.len.div_ceil(sparse.grain);
+                    let mut g = 0;
+                    while g < grains {
+                        let sector = first_sector + g * sparse.header.granularity;
+                        let (grain, n) =
+                            match sparse.map(g * sparse.grain, e.len - g * sparse.grain) {
+                                Ok(m) => m,
+                                Err(_) => return Ok(CheckResult::Unreadable { sector }),
+                            };
+                        if let Grain::At(host) = grain {
+                            if host >= len {
+                                return Ok(CheckResult::PastEof { sector });
+                            }
+                            // Only the first grain of a run was looked at.
+                            g += 1;
+                        } else {
+                            g += n.div_ceil(sparse.grain).max(1);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(CheckResult::Clean)
+    }
+
+    fn data_file_size(&self, file: usize) -> Result<u64> {
+        Ok(self.storages[file].size()?)
     }
 }
 
