@@ -781,3 +781,101 @@ fn hostile_descriptors_fail_with_clear_errors() {
     let info = img_ok(&["info", "--output=json", &s(&p)]);
     assert!(info.contains("\"virtual-size\": 1048576"), "{info}");
 }
+
+#[test]
+fn backing_chains_read_and_copy_on_write_as_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vmdk");
+    let child = dir.path().join("child.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", &s(&base), "4M"]);
+    qemu_io(&base, &["write -P 0x31 0 1M", "write -P 0x32 3M 1M"]);
+    img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        &s(&child),
+    ]);
+    // Partial-grain writes in the child copy the rest of the grain from the base.
+    {
+        let img = common::open(&child, "vmdk", false);
+        img.write_at(&[0x41; 1000], 70_000).unwrap();
+        img.write_at(&[0x42; 512], (3 << 20) + 512).unwrap();
+        img.close().unwrap();
+    }
+    assert_qemu_check_clean_vmdk(&child);
+    assert_reads_like_qemu(&child);
+    for args in [
+        vec!["info", "--backing-chain", &s(&child)],
+        vec!["map", "--output=json", &s(&child)],
+        vec!["map", &s(&child)],
+    ] {
+        let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+        assert_same_output(&args);
+    }
+    // The same writes made by qemu-io give the same content.
+    let qchild = dir.path().join("qchild.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        &s(&qchild),
+    ]);
+    qemu_io(
+        &qchild,
+        &[
+            "write -P 0x41 70000 1000",
+            &format!("write -P 0x42 {} 512", (3 << 20) + 512),
+        ],
+    );
+    common::assert_qemu_compare_identical(&child, "vmdk", &qchild, "vmdk");
+}
+
+#[test]
+fn zeroed_grains_written_by_img_as_qemu_writes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("ours.vmdk");
+    let theirs = dir.path().join("theirs.vmdk");
+    for p in [&ours, &theirs] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            &s(p),
+            "3M",
+        ]);
+        qemu_io(p, &["write -P 9 0 3M"]);
+    }
+    {
+        let img = common::open(&ours, "vmdk", false);
+        img.write_zeroes(65536, 3 * 65536 + 100, false).unwrap();
+        img.write_zeroes((3 << 20) - 65536, 65536, false).unwrap();
+        img.close().unwrap();
+    }
+    qemu_io(
+        &theirs,
+        &[
+            &format!("write -z 65536 {}", 3 * 65536 + 100),
+            &format!("write -z {} 65536", (3 << 20) - 65536),
+        ],
+    );
+    assert_qemu_check_clean_vmdk(&ours);
+    common::assert_qemu_compare_identical(&ours, "vmdk", &theirs, "vmdk");
+    // Whole grains became zeroed grains (no data), as qemu's map shows for both.
+    let a = qemu_img(&["map", "--output=json", &s(&ours)]);
+    let b = qemu_img(&["map", "--output=json", &s(&theirs)]);
+    assert_eq!(a, b);
+    assert!(a.contains("\"start\": 65536, \"length\": 196608, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "{a}");
+}

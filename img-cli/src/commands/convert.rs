@@ -170,7 +170,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
             "Backing file not supported for file format 'raw'",
         ));
     }
-    if a.compress && a.out_fmt != "qcow2" {
+    if a.compress && !matches!(a.out_fmt.as_str(), "qcow2" | "vmdk") {
         return Err(CliError::new(format!(
             "Operation or feature not supported for output format '{}' with compression",
             a.out_fmt

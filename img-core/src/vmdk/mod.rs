@@ -520,7 +520,7 @@ fn open_extent(
     if line.access != "RW" || line.sectors == 0 {
         return Ok(None);
     }
-    let len = line
+    let mut len = line
         .sectors
         .checked_mul(SECTOR)
         .filter(|&l| l <= crate::image::MAX_LENGTH)
@@ -581,6 +581,8 @@ fn open_extent(
             ));
         }
         let sparse = SparseExtent::open(storage, header, gd_entries)?;
+        // As qemu, the extent is as long as its header says, whatever the line claims.
+        len = sparse.byte_len();
         Kind::Sparse {
             file: index,
             sparse: Box::new(sparse),
@@ -879,9 +881,43 @@ impl Format for Vmdk {
         Ok(())
     }
 
-    fn zero_clusters(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<u64> {
-        // Zeros are written as data, as qemu does without zeroed-grain support.
-        Ok(0)
+    fn zero_clusters(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<u64> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: self.file_name().to_string(),
+            });
+        }
+        let Some(e) = self.extent_at(offset) else {
+            return Ok(0);
+        };
+        let rel = offset - e.start;
+        let here = len.min(e.len - rel);
+        match &e.kind {
+            Kind::Zero => Ok(here),
+            // With zeroed-grain entries, whole grains become zeroed through their entry (as
+            // qemu does); the grain they held, if any, is left behind unused, as in qemu.
+            Kind::Sparse { sparse, .. }
+                if !sparse.compressed()
+                    && sparse.header.flags & sparse::FLAG_ZERO_GRAIN != 0
+                    && rel.is_multiple_of(sparse.grain) =>
+            {
+                // The extent's last grain may be partial: reaching the end covers it.
+                let whole = if rel + here == e.len {
+                    here
+                } else {
+                    here / sparse.grain * sparse.grain
+                };
+                let mut g = rel / sparse.grain;
+                let end = (rel + whole).div_ceil(sparse.grain);
+                while g < end {
+                    sparse.set_entry(g, sparse::GTE_ZEROED)?;
+                    g += 1;
+                }
+                Ok(whole)
+            }
+            // Zeros are written as data otherwise, as qemu writes them.
+            _ => Ok(0),
+        }
     }
 
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
