@@ -80,7 +80,8 @@ pub fn file_of(
     metadata_only: bool,
 ) -> Permissions {
     match driver {
-        "qcow2" => {
+        // Files holding metadata (a vmdk descriptor or sparse extent, as a qcow2 file).
+        "qcow2" | "vmdk" => {
             let mut perm = users.perm;
             if writable {
                 perm = perm | Perm::WRITE | Perm::RESIZE;

@@ -879,3 +879,90 @@ fn zeroed_grains_written_by_img_as_qemu_writes_them() {
     assert_eq!(a, b);
     assert!(a.contains("\"start\": 65536, \"length\": 196608, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "{a}");
 }
+
+#[test]
+fn locks_are_taken_as_qemu_takes_them() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"] {
+        let dir = tempfile::tempdir().unwrap();
+        let image = qemu_image(dir.path(), sub, "");
+        // qemu-io holds the image open for writing; it is ready once it answered a read.
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "vmdk"])
+            .arg(&image)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "read 0 512").unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("read 512/512 bytes") {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "qemu-io did not open"
+            );
+        }
+        let p = s(&image);
+        let raw = s(&dir.path().join("out.raw"));
+        for args in [
+            vec!["info", p.as_str()],
+            vec!["info", "-U", p.as_str()],
+            vec!["check", p.as_str()],
+            vec!["map", p.as_str()],
+            vec!["convert", "-U", "-O", "raw", p.as_str(), raw.as_str()],
+        ] {
+            assert_same_outcome(&args);
+        }
+        writeln!(stdin, "quit").unwrap();
+        drop(stdin);
+        child.wait().unwrap();
+    }
+}
+
+#[test]
+fn concurrent_writers_and_readers_agree_with_qemu() {
+    // Threads allocate grains in the same grain tables while others read them: every write
+    // must survive (no reader may cache a table older than an entry written meanwhile).
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("c.vmdk");
+    let size: u64 = 64 << 20;
+    img_ok(&["create", "-q", "-f", "vmdk", &s(&image), &size.to_string()]);
+    let img = std::sync::Arc::new(common::open(&image, "vmdk", false));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 70_000];
+                for k in 0..200u64 {
+                    // Interleaved grains of all threads, unaligned.
+                    let off = ((k * 4 + t) * 65536 + 1000) % (size - 70_000);
+                    let data = common::pattern(t as u8 + 1, off, 3000);
+                    img.write_at(&data, off).unwrap();
+                    img.read_at(&mut buf, off.saturating_sub(20_000)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let img = std::sync::Arc::try_unwrap(img).ok().unwrap();
+    img.close().unwrap();
+    let mut model = vec![0u8; size as usize];
+    for k in 0..200u64 {
+        for t in 0..4u64 {
+            let off = ((k * 4 + t) * 65536 + 1000) % (size - 70_000);
+            let data = common::pattern(t as u8 + 1, off, 3000);
+            model[off as usize..off as usize + 3000].copy_from_slice(&data);
+        }
+    }
+    let reference = dir.path().join("model.raw");
+    std::fs::write(&reference, &model).unwrap();
+    assert_qemu_check_clean_vmdk(&image);
+    common::assert_qemu_compare_identical(&image, "vmdk", &reference, "raw");
+}

@@ -558,7 +558,10 @@ fn open_extent(
         ));
     };
     let path = resolve(desc_name, fname);
-    let storage = open_extent_file(&path, desc_file, desc_name, files, opts)?;
+    // Sparse extents hold metadata and are locked as the image file is; flat ones only
+    // data, locked as raw files.
+    let lock_as = if line.kind == "SPARSE" { "vmdk" } else { "raw" };
+    let storage = open_extent_file(&path, desc_file, desc_name, files, opts, lock_as)?;
     let index = files.add(storage.clone(), path.clone(), false)?;
     let kind = if line.kind == "SPARSE" {
         let mut magic = [0u8; 4];
@@ -626,6 +629,7 @@ fn open_extent_file(
     desc_name: &str,
     files: &Files,
     opts: &OpenOptions,
+    lock_as: &str,
 ) -> Result<Arc<dyn Storage>> {
     let canon = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
     let target = canon(path);
@@ -646,7 +650,7 @@ fn open_extent_file(
     let mut fo = crate::locking::file_options(
         Path::new(path),
         &OpenOptions {
-            format: Some("raw".into()),
+            format: Some(lock_as.into()),
             ..opts.clone()
         },
     )?;

@@ -271,12 +271,10 @@ impl SparseExtent {
         if sector == 0 {
             return Ok(None);
         }
-        if let Some(t) = self
-            .gts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&sector)
-        {
+        // The table is read from disk under the cache lock: a writer updates disk and cache
+        // under it too, so no reader can cache a table older than an entry written meanwhile.
+        let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = gts.get(&sector) {
             return Ok(Some(t.clone()));
         }
         let offset = u64::from(sector) * SECTOR;
@@ -291,7 +289,6 @@ impl SparseExtent {
         }
         let entries = read_u32s(self.file.as_ref(), offset, self.gtes(), len)?;
         let t = Arc::new(Table { entries });
-        let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
         if gts.len() >= GT_CACHE_ENTRIES {
             gts.clear();
         }
@@ -381,6 +378,8 @@ impl SparseExtent {
         }
         let (sector, rsector) = self.tables_for(gd_index)?;
         let bytes = value.to_le_bytes();
+        // Disk and cache change together under the cache lock (see `table`).
+        let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
         // The redundant table first: a crash between the two writes leaves the primary
         // table (the one readers use) as it was.
         if let Some(r) = rsector {
@@ -389,7 +388,6 @@ impl SparseExtent {
         }
         self.file
             .write_at(&bytes, u64::from(sector) * SECTOR + gt_index * 4)?;
-        let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = gts.get_mut(&sector) {
             let mut entries = t.entries.clone();
             entries[gt_index as usize] = value;
