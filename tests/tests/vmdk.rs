@@ -966,3 +966,41 @@ fn concurrent_writers_and_readers_agree_with_qemu() {
     assert_qemu_check_clean_vmdk(&image);
     common::assert_qemu_compare_identical(&image, "vmdk", &reference, "raw");
 }
+
+#[test]
+fn streams_with_the_header_in_a_footer_read_as_qemu_reads_them() {
+    // VMware writes streams whose header says "directory at the end" and whose real header
+    // is a footer before the end-of-stream marker. qemu-img does not write those: make one
+    // from a stream qemu wrote, and read it with both.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_source(dir.path(), 5 << 20);
+    let stream = dir.path().join("s.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        &s(&raw),
+        &s(&stream),
+    ]);
+    let mut b = std::fs::read(&stream).unwrap();
+    b.resize(b.len().div_ceil(512) * 512, 0);
+    let header: Vec<u8> = b[..512].to_vec();
+    b[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut marker = vec![0u8; 512];
+    marker[0..8].copy_from_slice(&1u64.to_le_bytes());
+    marker[12..16].copy_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&marker);
+    b.extend_from_slice(&header);
+    b.extend_from_slice(&[0u8; 512]);
+    let footer = dir.path().join("footer.vmdk");
+    std::fs::write(&footer, &b).unwrap();
+    assert_reads_like_qemu(&footer);
+    assert_same_outcome(&["info", "--output=json", &s(&footer)]);
+    // And a footer that is not one is refused by both.
+    let n = b.len();
+    b[n - 512 + 12] = 9;
+    std::fs::write(&footer, &b).unwrap();
+    assert_same_outcome(&["info", &s(&footer)]);
+}
