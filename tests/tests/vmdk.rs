@@ -1004,3 +1004,35 @@ fn streams_with_the_header_in_a_footer_read_as_qemu_reads_them() {
     std::fs::write(&footer, &b).unwrap();
     assert_same_outcome(&["info", &s(&footer)]);
 }
+
+#[test]
+fn convert_across_extent_files() {
+    // Data across the 2 GiB boundaries of split images, written by img, checked by qemu.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &s(&src), "5G"]);
+    common::qemu_io(
+        "qcow2",
+        &src,
+        &[
+            format!("write -P 7 {} 300k", (2u64 << 30) - 100_000),
+            format!("write -P 8 {}k 1k", (4u64 << 20) + 5),
+            "write -P 9 0 64k".to_string(),
+        ],
+    );
+    for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+        let out = dir.path().join(format!("{sub}.vmdk"));
+        img_ok(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            &s(&src),
+            &s(&out),
+        ]);
+        assert_qemu_check_clean_vmdk(&out);
+        common::assert_qemu_compare_identical(&src, "qcow2", &out, "vmdk");
+        assert_info_and_map_like_qemu(&out);
+    }
+}
