@@ -1036,3 +1036,79 @@ fn convert_across_extent_files() {
         assert_info_and_map_like_qemu(&out);
     }
 }
+
+#[test]
+fn a_crash_leaves_every_grain_whole_or_absent() {
+    use common::recording::{crash_image, epochs, RecordingStorage};
+    use std::sync::Arc;
+    const GRAIN: u64 = 65536;
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made.vmdk");
+    let size: u64 = 8 << 20;
+    img_core::vmdk::create(
+        &made,
+        &img_core::vmdk::VmdkCreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let storage = Arc::new(RecordingStorage::default());
+    blockdev::Storage::write_at(storage.as_ref(), &std::fs::read(&made).unwrap(), 0).unwrap();
+    blockdev::Storage::flush(storage.as_ref()).unwrap();
+    let opts = img_core::OpenOptions {
+        format: Some("vmdk".into()),
+        ..Default::default()
+    };
+    let img = img_core::open::open_storage(storage.clone(), &opts).unwrap();
+    // Each write lands in a grain of its own, somewhere inside it, so a grain must read as
+    // zeros (not allocated) or as zeros around exactly that data.
+    let mut writes = Vec::new();
+    for k in 0..(size / GRAIN) {
+        let grain = (k * 37) % (size / GRAIN);
+        let start = grain * GRAIN + (k * 4099) % 30_000;
+        let len = 1 + ((k * 7919) % 30_000) as usize;
+        let data = common::pattern(k as u8 + 1, start, len);
+        img.write_at(&data, start).unwrap();
+        writes.push((grain, start, data, u64::MAX));
+        if k % 9 == 8 {
+            img.flush().unwrap();
+            let durable = storage.flushes() as u64;
+            for w in writes.iter_mut().filter(|w| w.3 == u64::MAX) {
+                w.3 = durable;
+            }
+        }
+    }
+    img.close().unwrap();
+    let log = storage.log();
+    let mut coin = 0u32;
+    for e in 1..=epochs(&log) {
+        for mode in 0..3 {
+            let bytes = crash_image(&log, e, &mut || match mode {
+                0 => false,
+                1 => true,
+                _ => {
+                    coin = coin.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    coin & 0x100 != 0
+                }
+            });
+            let what = format!("crash in epoch {e}, mode {mode}");
+            let p = dir.path().join("crash.vmdk");
+            std::fs::write(&p, &bytes).unwrap();
+            assert_qemu_check_clean_vmdk(&p);
+            let img = common::open(&p, "vmdk", true);
+            for (grain, start, data, durable) in &writes {
+                let mut got = vec![0u8; GRAIN as usize];
+                img.read_at(&mut got, grain * GRAIN).unwrap();
+                let at = (start - grain * GRAIN) as usize;
+                let mut expect = vec![0u8; GRAIN as usize];
+                expect[at..at + data.len()].copy_from_slice(data);
+                let absent = got.iter().all(|&b| b == 0);
+                assert!(
+                    got == expect || (absent && (*durable as usize) > e),
+                    "{what}: grain {grain} is neither absent nor whole (durable from epoch {durable})"
+                );
+            }
+        }
+    }
+}

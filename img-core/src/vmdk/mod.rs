@@ -808,6 +808,7 @@ impl Format for Vmdk {
     }
 
     fn close(&self) -> Result<()> {
+        self.flush()?;
         if let Some((_, sparse)) = self.stream() {
             if self
                 .stream_written
@@ -930,6 +931,11 @@ impl Format for Vmdk {
     }
 
     fn flush(&self) -> Result<()> {
+        for e in &self.extents {
+            if let Kind::Sparse { sparse, .. } = &e.kind {
+                sparse.flush_tables()?;
+            }
+        }
         Ok(self.data.flush()?)
     }
 

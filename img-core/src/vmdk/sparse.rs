@@ -158,6 +158,21 @@ struct Table {
     entries: Vec<u32>,
 }
 
+/// Grain tables in memory. Entries written by [`SparseExtent::set_entry`] stay here (dirty)
+/// until [`SparseExtent::flush_tables`] has made the grains they point to durable and then
+/// written the tables: a crash can never leave an entry pointing at data that did not reach
+/// the disk.
+#[derive(Debug, Default)]
+struct GtCache {
+    tables: HashMap<u32, Arc<Table>>,
+    /// Dirty tables: sector of the table and of its redundant copy.
+    dirty: std::collections::BTreeMap<u32, Option<u32>>,
+}
+
+/// Dirty grain tables that make a writer flush them at once (each maps 32 MiB with the
+/// default geometry, so this is a flush per some 32 GiB of new data).
+const MAX_DIRTY_TABLES: usize = 1024;
+
 /// A hosted sparse extent.
 #[derive(Debug)]
 pub struct SparseExtent {
@@ -173,8 +188,11 @@ pub struct SparseExtent {
     rgd: Mutex<Option<Vec<u32>>>,
     /// Number of GD entries the header implies.
     gd_entries: u64,
-    /// Grain tables by their sector offset.
-    gts: Mutex<HashMap<u32, Arc<Table>>>,
+    /// Grain tables by their sector offset, and the ones with entries not yet on disk.
+    gts: Mutex<GtCache>,
+    /// Held while dirty tables are written, so that two flushes never write older copies
+    /// of a table over newer ones.
+    flushing: Mutex<()>,
     /// Next free byte of the extent file, for allocation.
     next_free: Mutex<u64>,
 }
@@ -232,7 +250,8 @@ impl SparseExtent {
             gd: Mutex::new(gd),
             rgd: Mutex::new(rgd),
             gd_entries,
-            gts: Mutex::new(HashMap::new()),
+            gts: Mutex::new(GtCache::default()),
+            flushing: Mutex::new(()),
             // Grains go after the end of the file: whole grains for plain extents (as qemu
             // allocates them), sectors for compressed ones.
             next_free: Mutex::new(if header.compress_algorithm == COMPRESSION_DEFLATE {
@@ -274,7 +293,7 @@ impl SparseExtent {
         // The table is read from disk under the cache lock: a writer updates disk and cache
         // under it too, so no reader can cache a table older than an entry written meanwhile.
         let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = gts.get(&sector) {
+        if let Some(t) = gts.tables.get(&sector) {
             return Ok(Some(t.clone()));
         }
         let offset = u64::from(sector) * SECTOR;
@@ -289,10 +308,12 @@ impl SparseExtent {
         }
         let entries = read_u32s(self.file.as_ref(), offset, self.gtes(), len)?;
         let t = Arc::new(Table { entries });
-        if gts.len() >= GT_CACHE_ENTRIES {
-            gts.clear();
+        if gts.tables.len() >= GT_CACHE_ENTRIES {
+            // Dirty tables stay: they are the only up-to-date copy.
+            let GtCache { tables, dirty } = &mut *gts;
+            tables.retain(|s, _| dirty.contains_key(s));
         }
-        gts.insert(sector, t.clone());
+        gts.tables.insert(sector, t.clone());
         Ok(Some(t))
     }
 
@@ -363,9 +384,9 @@ impl SparseExtent {
     }
 
     /// Points the grain `grain_index` (of the extent) at byte `host` (or marks it zeroed with
-    /// `GTE_ZEROED`, or unallocated with 0): writes the entry in the grain table and in the
-    /// redundant one, allocating both tables first if the directory has none. The grain's
-    /// data must already be written.
+    /// `GTE_ZEROED`, or unallocated with 0) in the cached grain table, allocating the table
+    /// and its redundant copy first if the directory has none. The grain's data must already
+    /// be written; the entry reaches the disk (in both tables) with [`Self::flush_tables`].
     pub fn set_entry(&self, grain_index: u64, value: u32) -> Result<()> {
         let gd_index = grain_index / self.gtes();
         let gt_index = grain_index % self.gtes();
@@ -377,23 +398,73 @@ impl SparseExtent {
             ));
         }
         let (sector, rsector) = self.tables_for(gd_index)?;
-        let bytes = value.to_le_bytes();
-        // Disk and cache change together under the cache lock (see `table`).
-        let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
-        // The redundant table first: a crash between the two writes leaves the primary
-        // table (the one readers use) as it was.
-        if let Some(r) = rsector {
-            self.file
-                .write_at(&bytes, u64::from(r) * SECTOR + gt_index * 4)?;
-        }
-        self.file
-            .write_at(&bytes, u64::from(sector) * SECTOR + gt_index * 4)?;
-        if let Some(t) = gts.get_mut(&sector) {
+        // Load the table, then change it in memory only; it reaches the disk with the
+        // next flush, after the data it points to.
+        let mut tries = 0;
+        let dirty = loop {
+            self.table(gd_index)?;
+            let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(t) = gts.tables.get_mut(&sector) else {
+                // Evicted by another reader in between (it was clean): load it again.
+                tries += 1;
+                if tries > 8 {
+                    return Err(Error::corrupt(
+                        self.file.name(),
+                        u64::from(sector) * SECTOR,
+                        "grain table cannot be kept in the cache",
+                    ));
+                }
+                continue;
+            };
             let mut entries = t.entries.clone();
             entries[gt_index as usize] = value;
             *t = Arc::new(Table { entries });
+            gts.dirty.insert(sector, rsector);
+            break gts.dirty.len();
+        };
+        if dirty >= MAX_DIRTY_TABLES {
+            self.flush_tables()?;
         }
         Ok(())
+    }
+
+    /// Makes the grains written so far durable, then writes the grain tables whose entries
+    /// point to them (the redundant copy first), and makes those durable too.
+    pub fn flush_tables(&self) -> Result<()> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let dirty: Vec<(u32, Option<u32>, Arc<Table>)> = {
+            let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
+            let dirty = std::mem::take(&mut gts.dirty);
+            dirty
+                .into_iter()
+                .filter_map(|(s, r)| gts.tables.get(&s).map(|t| (s, r, t.clone())))
+                .collect()
+        };
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        // Every entry in these copies was set after its grain was written: one flush makes
+        // all of those grains durable before any entry can be.
+        self.file.flush()?;
+        let result = (|| -> Result<()> {
+            for (sector, rsector, table) in &dirty {
+                let bytes: Vec<u8> = table.entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+                if let Some(r) = rsector {
+                    self.file.write_at(&bytes, u64::from(*r) * SECTOR)?;
+                }
+                self.file.write_at(&bytes, u64::from(*sector) * SECTOR)?;
+            }
+            self.file.flush()?;
+            Ok(())
+        })();
+        if result.is_err() {
+            // Keep them dirty for another try.
+            let mut gts = self.gts.lock().unwrap_or_else(|e| e.into_inner());
+            for (s, r, _) in dirty {
+                gts.dirty.insert(s, r);
+            }
+        }
+        result
     }
 
     /// The sector offsets of the grain table (and redundant table) of GD entry `gd_index`,
