@@ -1112,3 +1112,43 @@ fn a_crash_leaves_every_grain_whole_or_absent() {
         }
     }
 }
+
+#[test]
+fn commit_into_a_vmdk_base_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    for who in ["q", "i"] {
+        let base = d(&format!("b{who}.vmdk"));
+        let child = d(&format!("c{who}.vmdk"));
+        qemu_img(&["create", "-q", "-f", "vmdk", &s(&base), "4M"]);
+        qemu_io(&base, &["write -P 1 0 1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            &s(&base),
+            "-F",
+            "vmdk",
+            &s(&child),
+        ]);
+        qemu_io(&child, &["write -P 2 512k 1M", "write -P 3 3M 4k"]);
+    }
+    let q = run("qemu-img", &["commit", &s(&d("cq.vmdk"))]);
+    let i = img(&["commit", &s(&d("ci.vmdk"))]);
+    assert_eq!(i.stdout, q.stdout);
+    assert_eq!(i.status.code(), q.status.code());
+    assert_qemu_check_clean_vmdk(&d("bi.vmdk"));
+    common::assert_qemu_compare_identical(&d("bq.vmdk"), "vmdk", &d("bi.vmdk"), "vmdk");
+    // The committed image keeps its grains, as qemu's does.
+    assert_same_output(&["map", "--output=json", &s(&d("bi.vmdk"))]);
+    assert_eq!(
+        qemu_img(&["map", "--output=json", "-f", "vmdk", &s(&d("ci.vmdk"))])
+            .replace("ci.vmdk", "C")
+            .replace("bi.vmdk", "B"),
+        qemu_img(&["map", "--output=json", "-f", "vmdk", &s(&d("cq.vmdk"))])
+            .replace("cq.vmdk", "C")
+            .replace("bq.vmdk", "B"),
+    );
+}
