@@ -223,6 +223,13 @@ pub trait Format: Send + Sync {
         Vec::new()
     }
 
+    /// Called before every write, zero write and compressed write of the generic path (also
+    /// those that overwrite allocated data in place, which never reach the format otherwise):
+    /// VMDK gives its image a new content ID on the first write after it is opened, as qemu.
+    fn before_write(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
 

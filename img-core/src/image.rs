@@ -343,6 +343,7 @@ impl Image {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.format.before_write()?;
         let _io = self.io_shared();
         if self.detect_zeroes != DetectZeroes::Off && crate::convert::is_zero(buf) {
             let unmap =
@@ -467,6 +468,7 @@ impl Image {
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.format.before_write()?;
         let _io = self.io_shared();
         self.write_zeroes_inner(offset, len, may_unmap)
     }
@@ -557,6 +559,7 @@ impl Image {
     ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
+        self.format.before_write()?;
         let _io = self.io_shared();
         match compressed {
             Some(c) => {

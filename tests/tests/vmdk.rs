@@ -1152,3 +1152,63 @@ fn commit_into_a_vmdk_base_as_qemu_img() {
             .replace("bq.vmdk", "B"),
     );
 }
+
+/// The CID an image's info reports.
+fn cid_of(image: &Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", &s(image)])).unwrap();
+    v["format-specific"]["data"]["cid"].as_u64().unwrap()
+}
+
+#[test]
+fn the_first_write_renews_the_cid_as_qemu_does() {
+    for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"] {
+        let (qdir, idir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let q = qdir.path().join("a.vmdk");
+        let i = idir.path().join("a.vmdk");
+        for p in [&q, &i] {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                &s(p),
+                "1M",
+            ]);
+        }
+        let before = cid_of(&i);
+        qemu_io(&q, &["write -P 1 0 512", "write -P 2 4096 512"]);
+        {
+            let img = common::open(&i, "vmdk", false);
+            img.write_at(&[1; 512], 0).unwrap();
+            img.write_at(&[2; 512], 4096).unwrap();
+            // info in the same session shows the new CID already.
+            let cid = img.format().info().specific.unwrap()["cid"]
+                .as_u64()
+                .unwrap();
+            assert_ne!(cid, before, "{sub}");
+            img.close().unwrap();
+        }
+        assert_ne!(cid_of(&i), before, "{sub}");
+        let a = files_without_cid(qdir.path(), "a");
+        let b = files_without_cid(idir.path(), "a");
+        assert_eq!(a.len(), b.len());
+        for ((na, ba), (nb, bb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert!(ba == bb, "{sub}: {na} differs from what qemu-io leaves");
+        }
+        assert_qemu_check_clean_vmdk(&i);
+        // Reads alone leave it.
+        let after = cid_of(&i);
+        img_ok(&[
+            "convert",
+            "-O",
+            "raw",
+            &s(&i),
+            &s(&idir.path().join("x.raw")),
+        ]);
+        assert_eq!(cid_of(&i), after);
+    }
+}

@@ -221,7 +221,7 @@ fn descriptor(o: &VmdkCreateOptions, cid: u32, extents: Vec<ExtentLine>) -> Stri
 }
 
 /// A random content ID.
-fn random_cid() -> u32 {
+pub(crate) fn random_cid() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -166,6 +166,12 @@ pub struct Vmdk {
     cluster_size: u64,
     /// A stream got grains in this session: it needs an end-of-stream marker on close.
     stream_written: std::sync::atomic::AtomicBool,
+    /// Where the descriptor text lives: file, byte offset and the most bytes it may take.
+    descriptor_at: (Arc<dyn Storage>, u64, u64),
+    /// The content ID was renewed in this session (qemu does it on the first write).
+    cid_updated: std::sync::Mutex<bool>,
+    /// The content ID as renewed, for `info`.
+    new_cid: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Vmdk {
@@ -285,6 +291,7 @@ impl Vmdk {
         let create_type;
         let desc;
         let mut monolithic = None;
+        let mut descriptor_at = (file.clone(), 0, descriptor::MAX_DESCRIPTOR);
         if u32::from_le_bytes(magic) == sparse::MAGIC {
             if len < SECTOR {
                 return Err(Error::invalid(
@@ -295,6 +302,18 @@ impl Vmdk {
             let mut b = [0u8; 512];
             file.read_at(&mut b, 0)?;
             let raw = Header::parse(&b);
+            descriptor_at = (
+                file.clone(),
+                raw.desc_offset.saturating_mul(SECTOR),
+                // No embedded descriptor: nothing may be written at offset 0 (the header).
+                if raw.desc_offset == 0 {
+                    0
+                } else {
+                    raw.desc_size
+                        .saturating_mul(SECTOR)
+                        .min(descriptor::MAX_DESCRIPTOR)
+                },
+            );
             if raw.capacity == 0 && raw.desc_offset != 0 {
                 // A sparse file that carries only a descriptor.
                 let text = read_text(file.as_ref(), raw.desc_offset * SECTOR, u64::MAX)?;
@@ -385,6 +404,9 @@ impl Vmdk {
             read_only: opts.read_only,
             cluster_size,
             stream_written: Default::default(),
+            descriptor_at,
+            cid_updated: std::sync::Mutex::new(false),
+            new_cid: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -425,6 +447,32 @@ impl Vmdk {
         }
         out
     }
+}
+
+/// Gives the descriptor at byte `at` of `file` (at most `max` bytes) the content ID `cid`,
+/// as qemu does on the first write: the `CID=` line changes, the rest stays; what the text
+/// no longer covers is zeroed, and a descriptor file keeps whole sectors.
+fn write_cid(file: &dyn Storage, at: u64, max: u64, cid: u32) -> Result<()> {
+    let text = read_text(file, at, max)?;
+    let Some(pos) = text
+        .find("\nCID=")
+        .map(|p| p + 1)
+        .or(text.starts_with("CID=").then_some(0))
+    else {
+        // No CID line: nothing to renew.
+        return Ok(());
+    };
+    let end = text[pos..].find('\n').map_or(text.len(), |e| pos + e);
+    let new = format!("{}CID={cid:x}{}", &text[..pos], &text[end..]);
+    let mut bytes = new.into_bytes();
+    let old_len = text.len().div_ceil(SECTOR as usize) * SECTOR as usize;
+    let len = old_len.max(bytes.len()).min(max as usize);
+    bytes.resize(len.max(bytes.len()), 0);
+    if bytes.len() as u64 > max {
+        return Ok(());
+    }
+    file.write_at(&bytes, at)?;
+    Ok(())
 }
 
 /// What `check` found.
@@ -960,7 +1008,13 @@ impl Format for Vmdk {
             })
             .collect();
         let mut data = serde_json::Map::new();
-        data.insert("cid".into(), self.cid.into());
+        let renewed = self.new_cid.load(std::sync::atomic::Ordering::Acquire);
+        let cid = if renewed == u64::MAX {
+            self.cid
+        } else {
+            renewed as u32
+        };
+        data.insert("cid".into(), cid.into());
         data.insert("parent-cid".into(), self.parent_cid.into());
         data.insert("create-type".into(), self.create_type.clone().into());
         data.insert("extents".into(), extents.into());
@@ -977,6 +1031,22 @@ impl Format for Vmdk {
             // qemu takes a VMDK's parent for a VMDK image.
             backing_format: self.parent_hint.as_ref().map(|_| "vmdk".to_string()),
         }
+    }
+
+    fn before_write(&self) -> Result<()> {
+        let mut updated = self.cid_updated.lock().unwrap_or_else(|e| e.into_inner());
+        if *updated {
+            return Ok(());
+        }
+        let (file, at, max) = &self.descriptor_at;
+        if *max > 0 {
+            let cid = create::random_cid();
+            write_cid(file.as_ref(), *at, *max, cid)?;
+            self.new_cid
+                .store(u64::from(cid), std::sync::atomic::Ordering::Release);
+        }
+        *updated = true;
+        Ok(())
     }
 
     fn make_empty(&self) -> Result<()> {
