@@ -674,6 +674,24 @@ fn hostile_images_fail_with_clear_errors() {
     let gt = grain_table(&p, 0);
     patch(&p, gt, &0x7fff_ffffu32.to_le_bytes());
     assert_refused_cleanly(&p, "lies outside the extent file");
+    // Offsets near 2^64 (sectors times 512 would overflow): no panic, reads see zeros
+    // (the directory is past the end of the file) and writes are refused with the file named.
+    let p = fresh("gdfar.vmdk");
+    for at in [28u64, 48, 56] {
+        patch(&p, at, &(u64::MAX - 5).to_le_bytes());
+    }
+    let out = img(&["convert", "-O", "raw", &s(&p), &s(&d.join("gdfar.raw"))]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    {
+        let opts = img_core::OpenOptions {
+            format: Some("vmdk".into()),
+            ..Default::default()
+        };
+        let image = img_core::open_image(&p, &opts).unwrap();
+        let err = image.write_at(&[1u8; 512], 0).unwrap_err().to_string();
+        assert!(err.contains("grain directory lies outside"), "{err}");
+    }
     // Too short to be a sparse extent.
     let p = d.join("short.vmdk");
     std::fs::write(&p, b"KDMV\x01\0\0\0").unwrap();

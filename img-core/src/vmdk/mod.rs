@@ -316,7 +316,11 @@ impl Vmdk {
             );
             if raw.capacity == 0 && raw.desc_offset != 0 {
                 // A sparse file that carries only a descriptor.
-                let text = read_text(file.as_ref(), raw.desc_offset * SECTOR, u64::MAX)?;
+                let text = read_text(
+                    file.as_ref(),
+                    raw.desc_offset.saturating_mul(SECTOR),
+                    u64::MAX,
+                )?;
                 desc = descriptor::parse(&text).map_err(|r| Error::invalid(&name, r))?;
                 create_type = descriptor_type(&desc, &name)?;
             } else {
@@ -324,7 +328,7 @@ impl Vmdk {
                 let text = if raw.desc_offset != 0 {
                     read_text(
                         file.as_ref(),
-                        raw.desc_offset * SECTOR,
+                        raw.desc_offset.saturating_mul(SECTOR),
                         raw.desc_size.saturating_mul(SECTOR),
                     )?
                 } else {

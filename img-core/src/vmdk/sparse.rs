@@ -203,7 +203,9 @@ pub struct SparseExtent {
 fn read_u32s(file: &dyn Storage, offset: u64, count: u64, file_len: u64) -> Result<Vec<u32>> {
     let avail = file_len.saturating_sub(offset).min(count * 4);
     let mut buf = vec![0u8; avail as usize];
-    file.read_at(&mut buf, offset)?;
+    if avail > 0 {
+        file.read_at(&mut buf, offset)?;
+    }
     let mut v: Vec<u32> = buf
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
@@ -221,23 +223,32 @@ impl SparseExtent {
     pub fn open(file: Arc<dyn Storage>, header: Header, gd_entries: u64) -> Result<Self> {
         let len = file.size()?;
         let name = file.name().to_string();
-        let gd =
-            read_u32s(file.as_ref(), header.gd_offset * SECTOR, gd_entries, len).map_err(|e| {
-                Error::invalid(
-                    &name,
-                    format!("Could not read l1 table from extent '{name}': {e}"),
-                )
-            })?;
+        let gd = read_u32s(
+            file.as_ref(),
+            header.gd_offset.saturating_mul(SECTOR),
+            gd_entries,
+            len,
+        )
+        .map_err(|e| {
+            Error::invalid(
+                &name,
+                format!("Could not read l1 table from extent '{name}': {e}"),
+            )
+        })?;
         let rgd = if header.flags & FLAG_RGD != 0 && header.rgd_offset != 0 {
             Some(
-                read_u32s(file.as_ref(), header.rgd_offset * SECTOR, gd_entries, len).map_err(
-                    |e| {
-                        Error::invalid(
-                            &name,
-                            format!("Could not read l1 backup table from extent '{name}': {e}"),
-                        )
-                    },
-                )?,
+                read_u32s(
+                    file.as_ref(),
+                    header.rgd_offset.saturating_mul(SECTOR),
+                    gd_entries,
+                    len,
+                )
+                .map_err(|e| {
+                    Error::invalid(
+                        &name,
+                        format!("Could not read l1 backup table from extent '{name}': {e}"),
+                    )
+                })?,
             )
         } else {
             None
@@ -481,6 +492,24 @@ impl SparseExtent {
             .map(|r| r.get(gd_index as usize).copied().unwrap_or(0));
         if existing != 0 && rexisting.is_none_or(|r| r != 0) {
             return Ok((existing, rexisting));
+        }
+        // Directories must lie inside the file before anything is written to them.
+        let flen = self.file.size()?;
+        let mut dirs = vec![self.header.gd_offset];
+        if rgd.is_some() {
+            dirs.push(self.header.rgd_offset);
+        }
+        for dir in dirs {
+            let end = dir
+                .saturating_mul(SECTOR)
+                .saturating_add(self.gd_entries * 4);
+            if end > flen {
+                return Err(Error::corrupt(
+                    self.file.name(),
+                    dir.saturating_mul(SECTOR),
+                    format!("the grain directory lies outside the extent file (size {flen})"),
+                ));
+            }
         }
         let table_bytes = (self.gtes() * 4).div_ceil(SECTOR) * SECTOR;
         let alloc = |next: &mut u64| -> Result<u32> {
