@@ -682,7 +682,12 @@ fn hostile_images_fail_with_clear_errors() {
     }
     let out = img(&["convert", "-O", "raw", &s(&p), &s(&d.join("gdfar.raw"))]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     {
         let opts = img_core::OpenOptions {
             format: Some("vmdk".into()),
@@ -1228,5 +1233,64 @@ fn the_first_write_renews_the_cid_as_qemu_does() {
             &s(&idir.path().join("x.raw")),
         ]);
         assert_eq!(cid_of(&i), after);
+    }
+}
+
+#[test]
+fn open_errors_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        &s(&d("a.vmdk")),
+        "1M",
+    ]);
+    std::fs::remove_file(d("a-flat.vmdk")).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        &s(&d("c.vmdk")),
+        "1M",
+    ]);
+    std::fs::remove_file(d("c-s001.vmdk")).unwrap();
+    std::fs::write(d("j.vmdk"), "junk\n").unwrap();
+    std::fs::write(d("z.vmdk"), [0u8; 100]).unwrap();
+    std::fs::write(d("t.vmdk"), "ab").unwrap();
+    for (f, args) in [
+        ("a.vmdk", vec![]),
+        ("c.vmdk", vec![]),
+        ("j.vmdk", vec!["-f", "vmdk"]),
+        ("z.vmdk", vec!["-f", "vmdk"]),
+        ("t.vmdk", vec!["-f", "vmdk"]),
+    ] {
+        // Relative names, as the messages show them.
+        let mut a = vec!["info"];
+        a.extend(args);
+        a.push(f);
+        let q = std::process::Command::new("qemu-img")
+            .args(&a)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let i = std::process::Command::new(common::img_bin())
+            .args(&a)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&i.stderr),
+            String::from_utf8_lossy(&q.stderr).replace("qemu-img:", "img:"),
+            "{a:?}"
+        );
+        assert_eq!(i.status.code(), q.status.code(), "{a:?}");
     }
 }

@@ -273,7 +273,8 @@ impl Vmdk {
     pub fn open(file: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
         let name = file.name().to_string();
         let len = file.size()?;
-        if len < 4 {
+        // qemu sees files in whole sectors: only an empty one is too small.
+        if len == 0 {
             return Err(Error::invalid(
                 &name,
                 "File is too small, not a valid image",
@@ -281,7 +282,7 @@ impl Vmdk {
         }
         let writable = !opts.read_only;
         let mut magic = [0u8; 4];
-        file.read_at(&mut magic, 0)?;
+        file.read_at(&mut magic[..len.min(4) as usize], 0)?;
         let mut files = Files {
             storages: Vec::new(),
             names: Vec::new(),
@@ -616,13 +617,14 @@ fn open_extent(
     let index = files.add(storage.clone(), path.clone(), false)?;
     let kind = if line.kind == "SPARSE" {
         let mut magic = [0u8; 4];
-        if storage.size()? < 4 {
+        let size = storage.size()?;
+        if size == 0 {
             return Err(Error::invalid(
                 &path,
                 "File is too small, not a valid image",
             ));
         }
-        storage.read_at(&mut magic, 0)?;
+        storage.read_at(&mut magic[..size.min(4) as usize], 0)?;
         if u32::from_le_bytes(magic) != sparse::MAGIC {
             return Err(Error::invalid(&path, "Image not in VMDK format"));
         }
