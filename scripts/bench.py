@@ -210,6 +210,24 @@ def main():
              ["qemu-img", "check", big])
         case(f"info of a fully allocated {check_gib} GiB image", [img, "info", big],
              ["qemu-img", "info", big])
+
+        # Internal snapshots of the fully allocated image: every cluster gains (and loses) a
+        # reference. The snapshot is removed (untimed) before each create, and made before
+        # each delete.
+        def no_snapshot():
+            subprocess.run(["qemu-img", "snapshot", "-d", "bench", big],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def one_snapshot():
+            no_snapshot()
+            subprocess.run(["qemu-img", "snapshot", "-c", "bench", big], check=True)
+
+        case(f"snapshot -c on a fully allocated {check_gib} GiB image",
+             [img, "snapshot", "-c", "bench", big], ["qemu-img", "snapshot", "-c", "bench", big],
+             (), no_snapshot)
+        case(f"snapshot -d on a fully allocated {check_gib} GiB image",
+             [img, "snapshot", "-d", "bench", big], ["qemu-img", "snapshot", "-d", "bench", big],
+             (), one_snapshot)
     finally:
         shutil.rmtree(work)
 
