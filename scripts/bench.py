@@ -192,6 +192,21 @@ def main():
             ("convert compressed qcow2 -> raw", ["-O", "raw", comp, out]),
         ]:
             case(label, [img, "convert"] + args, ["qemu-img", "convert"] + args, [out])
+        # VMDK both ways: the default monolithicSparse, a flat one, and streamOptimized
+        # (compressed grains, written by convert).
+        vmdk = os.path.join(work, "base.vmdk")
+        subprocess.run(["qemu-img", "convert", "-O", "vmdk", src, vmdk], check=True)
+        for label, args in [
+            ("convert raw -> vmdk (monolithicSparse)", ["-O", "vmdk", src, out]),
+            ("convert raw -> vmdk (monolithicFlat)",
+             ["-O", "vmdk", "-o", "subformat=monolithicFlat", src, out]),
+            ("convert raw -> vmdk (streamOptimized)",
+             ["-O", "vmdk", "-o", "subformat=streamOptimized", src, out]),
+            ("convert vmdk (monolithicSparse) -> raw", ["-O", "raw", vmdk, out]),
+        ]:
+            case(label, [img, "convert"] + args, ["qemu-img", "convert"] + args,
+                 [out, out + "-flat.vmdk"])
+        os.unlink(vmdk)
         for label, args in [
             ("compare raw vs qcow2", ["compare", src, base]),
             ("compare raw vs compressed qcow2", ["compare", src, comp]),
