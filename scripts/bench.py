@@ -74,6 +74,12 @@ def case(name, img_cmd, qemu_cmd, cleanup=(), prepare=None):
     )
 
 
+def img_can(img, args):
+    """Whether img runs `args` successfully (features still being written are skipped)."""
+    return subprocess.run([img] + args, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
 def qemu_io(image, *cmds):
     args = ["qemu-io", "-f", "qcow2"]
     for c in cmds:
@@ -196,6 +202,10 @@ def main():
         # (compressed grains, written by convert).
         vmdk = os.path.join(work, "base.vmdk")
         subprocess.run(["qemu-img", "convert", "-O", "vmdk", src, vmdk], check=True)
+        tiny = os.path.join(work, "tiny.raw")
+        probe_out = os.path.join(work, "probe")
+        with open(tiny, "wb") as f:
+            f.truncate(1 << 20)
         for label, args in [
             ("convert raw -> vmdk (monolithicSparse)", ["-O", "vmdk", src, out]),
             ("convert raw -> vmdk (monolithicFlat)",
@@ -204,6 +214,9 @@ def main():
              ["-O", "vmdk", "-o", "subformat=streamOptimized", src, out]),
             ("convert vmdk (monolithicSparse) -> raw", ["-O", "raw", vmdk, out]),
         ]:
+            if not img_can(img, ["convert"] + args[:-2] + [tiny, probe_out]):
+                print(f"| {label:58s} | (img cannot do this yet: skipped) |", flush=True)
+                continue
             case(label, [img, "convert"] + args, ["qemu-img", "convert"] + args,
                  [out, out + "-flat.vmdk"])
         os.unlink(vmdk)
