@@ -74,6 +74,12 @@ def case(name, img_cmd, qemu_cmd, cleanup=(), prepare=None):
     )
 
 
+def img_can(img, args):
+    """Whether img runs `args` successfully (features still being written are skipped)."""
+    return subprocess.run([img] + args, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
 def qemu_io(image, *cmds):
     args = ["qemu-io", "-f", "qcow2"]
     for c in cmds:
@@ -192,6 +198,28 @@ def main():
             ("convert compressed qcow2 -> raw", ["-O", "raw", comp, out]),
         ]:
             case(label, [img, "convert"] + args, ["qemu-img", "convert"] + args, [out])
+        # VMDK both ways: the default monolithicSparse, a flat one, and streamOptimized
+        # (compressed grains, written by convert).
+        vmdk = os.path.join(work, "base.vmdk")
+        subprocess.run(["qemu-img", "convert", "-O", "vmdk", src, vmdk], check=True)
+        tiny = os.path.join(work, "tiny.raw")
+        probe_out = os.path.join(work, "probe")
+        with open(tiny, "wb") as f:
+            f.truncate(1 << 20)
+        for label, args in [
+            ("convert raw -> vmdk (monolithicSparse)", ["-O", "vmdk", src, out]),
+            ("convert raw -> vmdk (monolithicFlat)",
+             ["-O", "vmdk", "-o", "subformat=monolithicFlat", src, out]),
+            ("convert raw -> vmdk (streamOptimized)",
+             ["-O", "vmdk", "-o", "subformat=streamOptimized", src, out]),
+            ("convert vmdk (monolithicSparse) -> raw", ["-O", "raw", vmdk, out]),
+        ]:
+            if not img_can(img, ["convert"] + args[:-2] + [tiny, probe_out]):
+                print(f"| {label:58s} | (img cannot do this yet: skipped) |", flush=True)
+                continue
+            case(label, [img, "convert"] + args, ["qemu-img", "convert"] + args,
+                 [out, out + "-flat.vmdk"])
+        os.unlink(vmdk)
         for label, args in [
             ("compare raw vs qcow2", ["compare", src, base]),
             ("compare raw vs compressed qcow2", ["compare", src, comp]),
@@ -210,6 +238,24 @@ def main():
              ["qemu-img", "check", big])
         case(f"info of a fully allocated {check_gib} GiB image", [img, "info", big],
              ["qemu-img", "info", big])
+
+        # Internal snapshots of the fully allocated image: every cluster gains (and loses) a
+        # reference. The snapshot is removed (untimed) before each create, and made before
+        # each delete.
+        def no_snapshot():
+            subprocess.run(["qemu-img", "snapshot", "-d", "bench", big],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def one_snapshot():
+            no_snapshot()
+            subprocess.run(["qemu-img", "snapshot", "-c", "bench", big], check=True)
+
+        case(f"snapshot -c on a fully allocated {check_gib} GiB image",
+             [img, "snapshot", "-c", "bench", big], ["qemu-img", "snapshot", "-c", "bench", big],
+             (), no_snapshot)
+        case(f"snapshot -d on a fully allocated {check_gib} GiB image",
+             [img, "snapshot", "-d", "bench", big], ["qemu-img", "snapshot", "-d", "bench", big],
+             (), one_snapshot)
     finally:
         shutil.rmtree(work)
 

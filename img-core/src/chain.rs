@@ -18,6 +18,7 @@ use crate::locking::{self, Permissions};
 use crate::open::{open_format, probe_format, OpenOptions};
 use crate::{Error, Format, Image, Result};
 use blockdev::{FileOptions, FileStorage, Storage};
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -77,80 +78,91 @@ pub fn resolve_backing_name(image: &str, backing: &str) -> String {
 
 /// A file's identity (device and inode), so that a loop is found whatever names its members
 /// go by.
-fn file_id(storage: &dyn Storage) -> Option<(u64, u64)> {
+type FileId = (u64, u64);
+
+fn file_id(storage: &dyn Storage) -> Option<FileId> {
     let meta = storage.as_file()?.metadata().ok()?;
     Some((meta.dev(), meta.ino()))
-}
-
-/// One opened image of a chain, before the chain is assembled.
-struct Layer {
-    format: Box<dyn Format>,
 }
 
 /// Opens the backing chain beneath `top` (already opened from `opts`) and returns the whole
 /// chain as one image.
 pub(crate) fn open_chain(top: Box<dyn Format>, opts: &OpenOptions) -> Result<Image> {
-    let policy = &opts.backing;
-    let top_name = top.file_name().to_string();
-    let mut seen: Vec<(u64, u64)> = file_id(top.file().as_ref()).into_iter().collect();
+    let mut seen: HashSet<FileId> = file_id(top.file().as_ref()).into_iter().collect();
     // The permissions each level's user holds; a backing image's user is the image above.
     let mut users = locking::user(opts.read_only, opts.usage);
-    let mut layers = vec![Layer { format: top }];
-    loop {
-        if !policy.open_backing {
-            break;
+    let mut layers = vec![top];
+    if opts.backing.open_backing {
+        while let Some(below) = open_below(&layers, &mut seen, &mut users, opts)? {
+            layers.push(below);
         }
-        let above = &layers[layers.len() - 1].format;
-        let info = above.info();
-        // An empty name is no backing file, as in qemu.
-        let Some(recorded) = info.backing_file.filter(|n| !n.is_empty()) else {
-            break;
-        };
-        let depth = layers.len();
-        if depth > policy.max_depth {
-            return Err(Error::invalid(
-                &top_name,
-                format!(
-                    "the backing chain is deeper than {} images; refusing to follow it further",
-                    policy.max_depth
-                ),
-            ));
-        }
-        let name = resolve_backing_name(above.file_name(), &recorded);
-        let writable = policy.writable_depth == Some(depth);
-        users = locking::backing_of(users);
-        if writable {
-            users.perm = users.perm | locking::Perm::WRITE;
-        }
-        // A loop is found before the file is opened again: a second open of a file this
-        // process holds would first trip over its own image locks.
-        if let Ok(meta) = std::fs::metadata(&name) {
-            let id = (meta.dev(), meta.ino());
-            if seen.contains(&id) {
-                return Err(Error::invalid(
-                    &top_name,
-                    format!("Backing file '{recorded}' creates an infinite loop."),
-                ));
-            }
-            seen.push(id);
-        }
-        let opened = open_backing(&name, info.backing_format.as_deref(), writable, users, opts)
-            .map_err(|e| Error::BackingOpen {
-                file: top_name.clone(),
-                source: Box::new(e),
-            })?;
-        layers.push(Layer { format: opened });
     }
     // Assemble bottom up: each image owns the one beneath it.
     let mut below: Option<Image> = None;
-    while let Some(layer) = layers.pop() {
-        let mut image = Image::new(layer.format, below.take());
+    while let Some(format) = layers.pop() {
+        let mut image = Image::new(format, below.take());
         if layers.is_empty() {
             image.set_request_options(opts.discard, opts.detect_zeroes);
         }
         below = Some(image);
     }
     Ok(below.expect("the chain has its top image"))
+}
+
+/// Opens the backing image of the last of `layers`, or returns `None` when it has none.
+/// Loops and chains deeper than the policy allows are errors naming the top image.
+fn open_below(
+    layers: &[Box<dyn Format>],
+    seen: &mut HashSet<FileId>,
+    users: &mut Permissions,
+    opts: &OpenOptions,
+) -> Result<Option<Box<dyn Format>>> {
+    let policy = &opts.backing;
+    let top_name = layers[0].file_name();
+    let above = &layers[layers.len() - 1];
+    let info = above.info();
+    // An empty name is no backing file, as in qemu.
+    let Some(recorded) = info.backing_file.filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    let depth = layers.len();
+    if depth > policy.max_depth {
+        return Err(Error::invalid(
+            top_name,
+            format!(
+                "the backing chain is deeper than {} images; refusing to follow it further",
+                policy.max_depth
+            ),
+        ));
+    }
+    let name = resolve_backing_name(above.file_name(), &recorded);
+    // A loop is found before the file is opened again: a second open of a file this process
+    // holds would first trip over its own image locks.
+    if let Ok(meta) = std::fs::metadata(&name) {
+        if !seen.insert((meta.dev(), meta.ino())) {
+            return Err(Error::invalid(
+                top_name,
+                format!("Backing file '{recorded}' creates an infinite loop."),
+            ));
+        }
+    }
+    let writable = policy.writable_depth == Some(depth);
+    *users = locking::backing_of(*users);
+    if writable {
+        users.perm = users.perm | locking::Perm::WRITE;
+    }
+    open_backing(
+        &name,
+        info.backing_format.as_deref(),
+        writable,
+        *users,
+        opts,
+    )
+    .map(Some)
+    .map_err(|e| Error::BackingOpen {
+        file: top_name.to_string(),
+        source: Box::new(e),
+    })
 }
 
 /// Opens one backing image, read-only unless it is the image a commit writes into.

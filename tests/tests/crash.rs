@@ -286,10 +286,7 @@ fn emptying_an_image_crashes_safely() {
 }
 
 fn qcow2(img: &mut img_core::Image) -> &mut img_core::qcow2::Qcow2 {
-    img.format_mut()
-        .as_any_mut()
-        .and_then(|a| a.downcast_mut::<img_core::qcow2::Qcow2>())
-        .expect("a qcow2 image")
+    img_core::qcow2::driver_of(img).expect("a qcow2 image")
 }
 
 /// Snapshot create, apply and delete: a crash at any point leaves an image without

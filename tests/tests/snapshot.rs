@@ -12,10 +12,10 @@
 
 mod common;
 
+use common::holder::Holder;
 use common::{img_bin, qemu_img, qemu_io, run};
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 /// Time zones the listings are compared in: the date column is local time.
 fn time_zones() -> Vec<&'static str> {
@@ -707,53 +707,6 @@ fn a_missing_backing_file_stops_every_operation() {
     assert!(same(&["info", &t], "UTC").status.success());
 }
 
-/// qemu-io holding an image open until dropped.
-struct Holder {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Holder {
-    /// Opens `path` with qemu-io (`extra` e.g. `-r`); ready once it answered a read.
-    fn new(path: &Path, extra: &[&str]) -> Holder {
-        let mut child = Command::new("qemu-io")
-            .args(extra)
-            .args(["-f", "qcow2"])
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run qemu-io");
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "read 0 512").unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = out.read_line(&mut line).unwrap();
-            assert!(n > 0, "qemu-io did not open {}", path.display());
-            if line.contains("read 512/512 bytes at offset 0") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        Holder {
-            child,
-            stdin: Some(stdin),
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = writeln!(stdin, "quit");
-        }
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn an_image_another_process_writes_is_refused_as_qemu_refuses_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -764,7 +717,7 @@ fn an_image_another_process_writes_is_refused_as_qemu_refuses_it() {
     let shared_write = "Failed to get shared \"write\" lock";
     let write = "Failed to get \"write\" lock";
     {
-        let _writer = Holder::new(&a, &[]);
+        let _writer = Holder::qemu_io("qcow2", &a, &[]);
         same_failure(&["snapshot", "-l", &p], shared_write);
         same_failure(&["snapshot", &p], shared_write);
         assert!(same(&["snapshot", "-l", "-U", &p], "UTC").status.success());
@@ -779,7 +732,7 @@ fn an_image_another_process_writes_is_refused_as_qemu_refuses_it() {
     }
     {
         // A reader lets others read, and not write.
-        let _reader = Holder::new(&a, &["-r"]);
+        let _reader = Holder::qemu_io("qcow2", &a, &["-r"]);
         assert!(same(&["snapshot", "-l", &p], "UTC").status.success());
         same_failure(&["snapshot", "-c", "x", &p], write);
         same_failure(&["snapshot", "-d", "s", &p], write);

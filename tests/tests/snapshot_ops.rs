@@ -17,11 +17,7 @@ fn open_rw(path: &Path) -> Image {
 }
 
 fn qcow2(image: &mut Image) -> &mut Qcow2 {
-    image
-        .format_mut()
-        .as_any_mut()
-        .and_then(|a| a.downcast_mut::<Qcow2>())
-        .expect("a qcow2 image")
+    img_core::qcow2::driver_of(image).expect("a qcow2 image")
 }
 
 fn create(path: &Path, name: &str) {

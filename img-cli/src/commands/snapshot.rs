@@ -226,10 +226,7 @@ fn act(image: &mut Image, action: &Action, spec: &ImageSpec) -> Result<(), CliEr
 
 /// The qcow2 driver of `image`, if it is one.
 fn qcow2_mut(image: &mut Image) -> Option<&mut Qcow2> {
-    image
-        .format_mut()
-        .as_any_mut()
-        .and_then(|a| a.downcast_mut::<Qcow2>())
+    img_core::qcow2::driver_of(image)
 }
 
 /// The internal snapshots of `image` (none for formats without them). A table qemu cannot read

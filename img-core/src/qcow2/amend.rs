@@ -67,16 +67,12 @@ pub fn amend_image(
 ) -> Result<()> {
     let driver = image.format().driver();
     let name = image.file_name().to_string();
-    let qcow2 = image
-        .format_mut()
-        .as_any_mut()
-        .and_then(|a| a.downcast_mut::<Qcow2>())
-        .ok_or_else(|| {
-            Error::unsupported(
-                &name,
-                format!("Format driver '{driver}' does not support option amendment"),
-            )
-        })?;
+    let qcow2 = super::driver_of(image).ok_or_else(|| {
+        Error::unsupported(
+            &name,
+            format!("Format driver '{driver}' does not support option amendment"),
+        )
+    })?;
     qcow2.amend(opts, progress)
 }
 
@@ -912,11 +908,7 @@ mod tests {
     use blockdev::{FileStorage, Storage};
 
     fn driver(image: &mut Image) -> &mut Qcow2 {
-        image
-            .format_mut()
-            .as_any_mut()
-            .and_then(|a| a.downcast_mut::<Qcow2>())
-            .unwrap()
+        crate::qcow2::driver_of(image).unwrap()
     }
 
     fn entry(file: &dyn Storage, at: u64) -> u64 {

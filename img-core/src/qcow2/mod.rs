@@ -239,6 +239,15 @@ impl CacheProbe {
     }
 }
 
+/// The qcow2 driver of `image`, for qcow2-specific operations (snapshots, amend), or `None`
+/// when the image is of another format.
+pub fn driver_of(image: &mut crate::Image) -> Option<&mut Qcow2> {
+    image
+        .format_mut()
+        .as_any_mut()
+        .and_then(|a| a.downcast_mut::<Qcow2>())
+}
+
 impl Qcow2 {
     /// Opens a qcow2 image on `file`.
     pub fn open(file: Arc<dyn Storage>, opts: &Qcow2OpenOptions) -> Result<Self> {

@@ -110,6 +110,26 @@ pub struct Snapshot {
     pub unknown_extra: Vec<u8>,
 }
 
+impl Snapshot {
+    /// The entry as the table writer takes it.
+    pub fn entry(&self) -> EntryRef<'_> {
+        EntryRef {
+            l1_offset: self.l1_offset,
+            l1_size: self.l1_size,
+            id: &self.id,
+            name: &self.name,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            vm_state_size: self.vm_state_size,
+            extra_data_size: self.extra_data_size,
+            disk_size: self.disk_size,
+            icount: self.icount,
+            unknown_extra: &self.unknown_extra,
+        }
+    }
+}
+
 impl Qcow2 {
     /// The internal snapshots, in table order.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
@@ -472,23 +492,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let mut table = Vec::new();
         for sn in snapshots {
-            push_entry(
-                &mut table,
-                &EntryRef {
-                    l1_offset: sn.l1_offset,
-                    l1_size: sn.l1_size,
-                    id: &sn.id,
-                    name: &sn.name,
-                    date_sec: sn.date_sec,
-                    date_nsec: sn.date_nsec,
-                    vm_clock_nsec: sn.vm_clock_nsec,
-                    vm_state_size: sn.vm_state_size,
-                    extra_data_size: sn.extra_data_size,
-                    disk_size: sn.disk_size,
-                    icount: sn.icount,
-                    unknown_extra: &sn.unknown_extra,
-                },
-            );
+            push_entry(&mut table, &sn.entry());
         }
         let file = Arc::clone(&self.file);
         let file = file.as_ref();

@@ -144,19 +144,15 @@ impl Qcow2 {
 pub fn load_snapshot(image: &mut Image, selector: &SnapshotSelector) -> Result<()> {
     let driver = image.format().driver();
     let name = image.file_name().to_string();
-    let qcow2 = image
-        .format_mut()
-        .as_any_mut()
-        .and_then(|a| a.downcast_mut::<Qcow2>())
-        .ok_or_else(|| {
-            Error::unsupported(
-                &name,
-                format!(
-                    "Block format '{driver}' used by device '' does not support temporarily \
+    let qcow2 = super::driver_of(image).ok_or_else(|| {
+        Error::unsupported(
+            &name,
+            format!(
+                "Block format '{driver}' used by device '' does not support temporarily \
                      loading internal snapshots"
-                ),
-            )
-        })?;
+            ),
+        )
+    })?;
     qcow2.load_snapshot(selector)
 }
 

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: running qemu-img and img, making patterns.
 #![allow(dead_code)]
 
+pub mod holder;
 pub mod recording;
 
 use std::path::{Path, PathBuf};
