@@ -1,0 +1,130 @@
+//! A property test of VMDK writes: random writes, zero writes and flushes through img's
+//! generic access path on the sparse subformats (and a flat one), mixed with writes by
+//! qemu-io between sessions, against a model of the disk. After each session the image must
+//! pass `qemu-img check`, read back as the model through img, and compare identical to the
+//! model by `qemu-img compare`.
+
+mod common;
+
+use common::{assert_qemu_compare_identical, img_ok, run};
+use proptest::prelude::*;
+use std::path::Path;
+
+const SIZE: u64 = 8 << 20;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Written by img: a pattern seeded by the byte.
+    Write(u64, u64, u8),
+    /// Zeros written by img (zero detection may turn them into zeroed grains).
+    Zeros(u64, u64),
+    /// A flush by img.
+    Flush,
+    /// Written by qemu-io, in a session of its own.
+    Qemu(u64, u64, u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let span = (0..SIZE - 1).prop_flat_map(|off| (Just(off), 1..(SIZE - off).min(300_000)));
+    prop_oneof![
+        5 => (span.clone(), 1u8..250).prop_map(|((o, l), s)| Op::Write(o, l, s)),
+        2 => span.clone().prop_map(|(o, l)| Op::Zeros(o, l)),
+        1 => Just(Op::Flush),
+        2 => (span, 1u8..250).prop_map(|((o, l), s)| Op::Qemu(o, l, s)),
+    ]
+}
+
+fn check_clean(image: &Path) {
+    let out = run(
+        "qemu-img",
+        &["check", "-f", "vmdk", image.to_str().unwrap()],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "{text}"
+    );
+}
+
+fn run_model(subformat: &str, extra: &str, ops: &[Op]) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("m.vmdk");
+    let mut opts = format!("subformat={subformat}");
+    if !extra.is_empty() {
+        opts.push(',');
+        opts.push_str(extra);
+    }
+    img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        &opts,
+        image.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut session: Option<img_core::Image> = None;
+    for op in ops {
+        match *op {
+            Op::Qemu(off, len, seed) => {
+                if let Some(img) = session.take() {
+                    img.close().unwrap();
+                }
+                common::qemu_io("vmdk", &image, &[format!("write -P {seed} {off} {len}")]);
+                model[off as usize..(off + len) as usize].fill(seed);
+            }
+            _ => {
+                let img = session.get_or_insert_with(|| common::open(&image, "vmdk", false));
+                match *op {
+                    Op::Write(off, len, seed) => {
+                        let data = common::pattern(seed, off, len as usize);
+                        img.write_at(&data, off).unwrap();
+                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    }
+                    Op::Zeros(off, len) => {
+                        img.write_zeroes(off, len, true).unwrap();
+                        model[off as usize..(off + len) as usize].fill(0);
+                    }
+                    Op::Flush => img.flush().unwrap(),
+                    Op::Qemu(..) => unreachable!(),
+                }
+            }
+        }
+    }
+    if let Some(img) = session.take() {
+        img.close().unwrap();
+    }
+    check_clean(&image);
+    let reference = dir.path().join("model.raw");
+    std::fs::write(&reference, &model).unwrap();
+    assert_qemu_compare_identical(&image, "vmdk", &reference, "raw");
+    let img = common::open(&image, "vmdk", true);
+    common::assert_image_matches_raw(&img, &reference);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, .. ProptestConfig::default() })]
+
+    #[test]
+    fn monolithic_sparse_follows_the_model(ops in prop::collection::vec(op(), 1..24)) {
+        run_model("monolithicSparse", "", &ops);
+    }
+
+    #[test]
+    fn sparse_with_zeroed_grains_follows_the_model(ops in prop::collection::vec(op(), 1..24)) {
+        run_model("monolithicSparse", "zeroed_grain=on", &ops);
+    }
+
+    #[test]
+    fn split_sparse_follows_the_model(ops in prop::collection::vec(op(), 1..24)) {
+        run_model("twoGbMaxExtentSparse", "", &ops);
+    }
+
+    #[test]
+    fn flat_follows_the_model(ops in prop::collection::vec(op(), 1..16)) {
+        run_model("monolithicFlat", "", &ops);
+    }
+}
