@@ -100,6 +100,9 @@ pub(crate) fn open_chain(top: Box<dyn Format>, opts: &OpenOptions) -> Result<Ima
     // Assemble bottom up: each image owns the one beneath it.
     let mut below: Option<Image> = None;
     while let Some(format) = layers.pop() {
+        if let Some(b) = &below {
+            format.bind_backing(b.format());
+        }
         let mut image = Image::new(format, below.take());
         if layers.is_empty() {
             image.set_request_options(opts.discard, opts.detect_zeroes);

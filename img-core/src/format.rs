@@ -230,6 +230,19 @@ pub trait Format: Send + Sync {
         Ok(())
     }
 
+    /// Called once the chain is open, with the image's backing image: a format that records
+    /// something of its parent (VMDK's parent content ID) notes whether it still matches.
+    fn bind_backing(&self, backing: &dyn Format) {
+        let _ = backing;
+    }
+
+    /// Called before a read falls through to the backing image: VMDK refuses, as qemu does,
+    /// when its parent changed after the image was made (the parent's content ID no longer
+    /// matches the one recorded).
+    fn may_read_backing(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
 

@@ -282,6 +282,7 @@ impl Image {
             }
             match image.backing.as_deref() {
                 Some(below) if pos < below.size() => {
+                    image.format.may_read_backing()?;
                     len = extent.len.min(below.size() - pos);
                     image = below;
                 }

@@ -128,3 +128,37 @@ proptest! {
         run_model("monolithicFlat", "", &ops);
     }
 }
+
+/// A VMDK child whose parent was written after it was made (the parent's CID no longer
+/// matches the child's parentCID) is refused for reads that reach the parent, as qemu
+/// refuses them; info and map still work, as in qemu.
+#[test]
+fn a_child_of_a_changed_parent_is_refused_as_qemu_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vmdk");
+    let top = dir.path().join("top.vmdk");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    common::qemu_img(&["create", "-q", "-f", "vmdk", b, "1M"]);
+    common::qemu_img(&["create", "-q", "-f", "vmdk", "-b", b, "-F", "vmdk", t]);
+    let out = dir.path().join("o.raw");
+    let o = out.to_str().unwrap();
+    // Before the parent changes, both read the chain.
+    assert!(run("qemu-img", &["convert", "-O", "raw", t, o])
+        .status
+        .success());
+    assert!(common::img(&["convert", "-O", "raw", t, o])
+        .status
+        .success());
+    common::qemu_io("vmdk", &base, &["write -P 1 0 64k".to_string()]);
+    let q = run("qemu-img", &["convert", "-O", "raw", t, o]);
+    let i = common::img(&["convert", "-O", "raw", t, o]);
+    assert_eq!(q.status.code(), Some(1), "qemu-img refuses");
+    assert_eq!(i.status.code(), Some(1), "img refuses");
+    assert!(String::from_utf8_lossy(&i.stderr).contains("Invalid argument"));
+    for args in [&["info", t][..], &["map", "--output=json", t]] {
+        let q = run("qemu-img", args);
+        let i = common::img(args);
+        assert_eq!(q.status.code(), i.status.code(), "{args:?}");
+        assert_eq!(q.stdout, i.stdout, "{args:?}");
+    }
+}

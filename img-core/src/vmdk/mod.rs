@@ -160,6 +160,9 @@ pub struct Vmdk {
     size: u64,
     cid: u32,
     parent_cid: u32,
+    /// Whether the parent (backing image) still has the content ID this image recorded for it
+    /// (a VMDK parent's CID changes with every write session): set when the chain is opened.
+    parent_matches: std::sync::atomic::AtomicBool,
     create_type: String,
     parent_hint: Option<String>,
     read_only: bool,
@@ -404,6 +407,7 @@ impl Vmdk {
             size: start,
             cid: desc.cid.unwrap_or(0),
             parent_cid: desc.parent_cid.unwrap_or(u32::MAX),
+            parent_matches: std::sync::atomic::AtomicBool::new(true),
             create_type,
             parent_hint: desc.parent_hint.clone(),
             read_only: opts.read_only,
@@ -722,6 +726,39 @@ fn open_extent_file(
 }
 
 impl Format for Vmdk {
+    fn bind_backing(&self, backing: &dyn Format) {
+        // Only a VMDK parent has a content ID to compare, as in qemu.
+        if backing.driver() != "vmdk" {
+            return;
+        }
+        let parent_cid = backing
+            .info()
+            .specific
+            .as_ref()
+            .and_then(|s| s.get("cid"))
+            .and_then(|c| c.as_u64());
+        let matches = parent_cid.is_none_or(|c| c == self.parent_cid as u64);
+        self.parent_matches
+            .store(matches, std::sync::atomic::Ordering::Release);
+    }
+
+    fn may_read_backing(&self) -> Result<()> {
+        if self
+            .parent_matches
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            self.file_name(),
+            format!(
+                "Invalid argument: the parent image changed after this image was made (its \
+                 CID no longer matches parentCID {:x})",
+                self.parent_cid
+            ),
+        ))
+    }
+
     fn driver(&self) -> &'static str {
         "vmdk"
     }
