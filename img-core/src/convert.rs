@@ -160,6 +160,7 @@ impl Job<'_, '_> {
             let len = self.chunk.min(self.total - offset);
             let result = self
                 .plan(offset, len as usize)
+                .map_err(|e| convert_io("reading", offset, e))
                 .and_then(|plan| self.write_in_turn(index, plan));
             if let Err(e) = result {
                 self.failed.store(true, Ordering::Relaxed);
@@ -446,6 +447,11 @@ impl Job<'_, '_> {
     }
 
     fn write(&self, offset: u64, buf: &[u8], ops: Vec<Op>) -> Result<()> {
+        self.write_ops(offset, buf, ops)
+            .map_err(|e| convert_io("writing", offset, e))
+    }
+
+    fn write_ops(&self, offset: u64, buf: &[u8], ops: Vec<Op>) -> Result<()> {
         let t = self.target;
         for op in ops {
             match op {
@@ -478,6 +484,19 @@ impl Op {
                 r.len() as u64
             }
         }
+    }
+}
+
+/// A read or write failure of a convert, with where it happened (once: an error that already
+/// says so is kept).
+fn convert_io(op: &'static str, offset: u64, e: crate::Error) -> crate::Error {
+    match e {
+        e @ crate::Error::ConvertIo { .. } => e,
+        e => crate::Error::ConvertIo {
+            op,
+            offset,
+            source: Box::new(e),
+        },
     }
 }
 

@@ -68,6 +68,18 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A convert failed reading its sources or writing its target (qemu-img's wording: the
+    /// byte is the start of the failed piece in the target).
+    #[error("error while {op} at byte {offset}: {}", .source.reason())]
+    ConvertIo {
+        /// "reading" or "writing".
+        op: &'static str,
+        /// Target offset of the piece that failed.
+        offset: u64,
+        /// What failed.
+        source: Box<Error>,
+    },
+
     /// No internal snapshot has the ID or name asked for.
     #[error("'{file}': no snapshot '{name}'")]
     SnapshotNotFound {

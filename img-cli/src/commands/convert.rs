@@ -279,8 +279,11 @@ pub fn run(args: &[String]) -> CmdResult {
         }
     };
     let srcs: Vec<&Image> = sources.iter().collect();
-    convert(&srcs, &target, &opts, &mut progress)
-        .map_err(|e| CliError::new(format!("error while converting {}: {e}", a.out_fmt)))?;
+    convert(&srcs, &target, &opts, &mut progress).map_err(|e| match e {
+        // Already worded as qemu-img words it ("error while reading at byte N: ...").
+        e @ img_core::Error::ConvertIo { .. } => CliError::new(e.to_string()),
+        e => CliError::new(format!("error while converting {}: {e}", a.out_fmt)),
+    })?;
     target.close()?;
     if show {
         println!();
