@@ -747,11 +747,9 @@ impl Storage for FileStorage {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
-        let size = self.size()?;
-        if offset >= size {
-            return Ok((Allocation::Hole, len));
-        }
-        let end = offset.saturating_add(len).min(size);
+        // No stat: SEEK_DATA at or past the end of the file fails with ENXIO (a hole), and
+        // SEEK_HOLE never answers past the end, so the two seeks bound the run themselves.
+        let end = offset.saturating_add(len);
         let data = self
             .seek(offset, libc::SEEK_DATA)
             .map_err(|e| self.io_err("SEEK_DATA", offset, e))?;
@@ -762,7 +760,8 @@ impl Storage for FileStorage {
                 let hole = self
                     .seek(offset, libc::SEEK_HOLE)
                     .map_err(|e| self.io_err("SEEK_HOLE", offset, e))?
-                    .unwrap_or(size);
+                    // Only a file cut short since the first seek has no hole here.
+                    .unwrap_or(end);
                 Ok((Allocation::Data, hole.min(end).max(offset + 1) - offset))
             }
         }
