@@ -9,6 +9,7 @@
 
 pub mod create;
 pub mod descriptor;
+pub mod foreign;
 pub mod sparse;
 pub mod stream;
 
@@ -129,6 +130,11 @@ enum Kind {
     Sparse {
         file: usize,
         sparse: Box<SparseExtent>,
+    },
+    /// A read-only COWD (VMFSSPARSE) or seSparse extent in file `file`.
+    Foreign {
+        file: usize,
+        ext: Box<foreign::ForeignSparse>,
     },
 }
 
@@ -268,6 +274,8 @@ const DESCRIPTOR_TYPES: &[&str] = &[
     "vmfs",
     "twoGbMaxExtentSparse",
     "twoGbMaxExtentFlat",
+    "vmfsSparse",
+    "seSparse",
 ];
 
 impl Vmdk {
@@ -389,6 +397,7 @@ impl Vmdk {
             .iter()
             .find_map(|e| match &e.kind {
                 Kind::Sparse { sparse, .. } => Some(sparse.grain),
+                Kind::Foreign { ext, .. } => Some(ext.grain),
                 _ => None,
             })
             .unwrap_or(1 << 16);
@@ -447,7 +456,9 @@ impl Vmdk {
         let mut out = Vec::new();
         for (i, e) in self.extents.iter().enumerate() {
             let file = match &e.kind {
-                Kind::Flat { file, .. } | Kind::Sparse { file, .. } => *file,
+                Kind::Flat { file, .. }
+                | Kind::Sparse { file, .. }
+                | Kind::Foreign { file, .. } => *file,
                 Kind::Zero => continue,
             };
             if !self.file_is_descriptor[file] {
@@ -515,6 +526,23 @@ impl Vmdk {
                         return Ok(CheckResult::PastEof {
                             sector: first_sector,
                         });
+                    }
+                }
+                Kind::Foreign { ext, .. } => {
+                    let len = ext.file.size()?;
+                    let mut rel = 0;
+                    while rel < e.len {
+                        let sector = first_sector + rel / SECTOR;
+                        let (grain, n) = match ext.map_unchecked(rel, e.len - rel) {
+                            Ok(m) => m,
+                            Err(_) => return Ok(CheckResult::Unreadable { sector }),
+                        };
+                        if let Grain::At(host) = grain {
+                            if host >= len {
+                                return Ok(CheckResult::PastEof { sector });
+                            }
+                        }
+                        rel += n.max(1);
                     }
                 }
                 Kind::Sparse { sparse, .. } => {
@@ -598,7 +626,10 @@ fn open_extent(
             kind: Kind::Zero,
         }));
     }
-    if !matches!(line.kind.as_str(), "FLAT" | "VMFS" | "SPARSE") {
+    if !matches!(
+        line.kind.as_str(),
+        "FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "SESPARSE"
+    ) {
         return Err(Error::unsupported(
             desc_name,
             format!("Unsupported extent type '{}'", line.kind),
@@ -616,10 +647,25 @@ fn open_extent(
     let path = resolve(desc_name, fname);
     // Sparse extents hold metadata and are locked as the image file is; flat ones only
     // data, locked as raw files.
-    let lock_as = if line.kind == "SPARSE" { "vmdk" } else { "raw" };
+    let sparse_kind = matches!(line.kind.as_str(), "SPARSE" | "VMFSSPARSE" | "SESPARSE");
+    let lock_as = if sparse_kind { "vmdk" } else { "raw" };
+    if line.kind == "SESPARSE" && !opts.read_only {
+        // qemu has no write support for seSparse and refuses a read-write open.
+        return Err(Error::unsupported(
+            &path,
+            "No write support for seSparse images available",
+        ));
+    }
     let storage = open_extent_file(&path, desc_file, desc_name, files, opts, lock_as)?;
     let index = files.add(storage.clone(), path.clone(), false)?;
-    let kind = if line.kind == "SPARSE" {
+    let kind = if line.kind == "SESPARSE" {
+        let ext = foreign::ForeignSparse::open_sesparse(storage)?;
+        len = ext.byte_len();
+        Kind::Foreign {
+            file: index,
+            ext: Box::new(ext),
+        }
+    } else if sparse_kind {
         let mut magic = [0u8; 4];
         let size = storage.size()?;
         if size == 0 {
@@ -629,6 +675,21 @@ fn open_extent(
             ));
         }
         storage.read_at(&mut magic[..size.min(4) as usize], 0)?;
+        if u32::from_be_bytes(magic) == foreign::COWD_MAGIC {
+            // SPARSE and VMFSSPARSE extents may both be in the VMDK3 "COWD" layout.
+            let ext = foreign::ForeignSparse::open_cowd(storage)?;
+            let len = ext.byte_len();
+            return Ok(Some(VmdkExtent {
+                start,
+                len,
+                type_name: line.kind.clone(),
+                file_name: Some(path),
+                kind: Kind::Foreign {
+                    file: index,
+                    ext: Box::new(ext),
+                },
+            }));
+        }
         if u32::from_le_bytes(magic) != sparse::MAGIC {
             return Err(Error::invalid(&path, "Image not in VMDK format"));
         }
@@ -805,6 +866,18 @@ impl Format for Vmdk {
                 },
                 len: max,
             },
+            Kind::Foreign { file, ext } => {
+                let (grain, n) = ext.map(rel, max)?;
+                let mapping = match grain {
+                    Grain::Unallocated => Mapping::Unallocated,
+                    Grain::Zero => Mapping::Zero,
+                    Grain::At(host) => Mapping::Data {
+                        offset: encode(*file, host),
+                        writable: false,
+                    },
+                };
+                Extent { mapping, len: n }
+            }
             Kind::Sparse { file, sparse } => {
                 let (grain, n) = sparse.map(rel, max)?;
                 let mapping = match grain {
@@ -935,6 +1008,10 @@ impl Format for Vmdk {
                 self.file_name(),
                 "writes to a ZERO extent are not supported",
             )),
+            Kind::Foreign { .. } => Err(Error::unsupported(
+                self.file_name(),
+                format!("writes to {} extents are not supported", e.type_name),
+            )),
             Kind::Sparse { file, sparse } => {
                 if sparse.compressed() {
                     return Err(Error::unsupported(
@@ -1040,6 +1117,9 @@ impl Format for Vmdk {
                     "filename".into(),
                     e.file_name.clone().unwrap_or_default().into(),
                 );
+                if let Kind::Foreign { ext, .. } = &e.kind {
+                    m.insert("cluster-size".into(), ext.grain.into());
+                }
                 if let Kind::Sparse { sparse, .. } = &e.kind {
                     m.insert("cluster-size".into(), sparse.grain.into());
                     if sparse.compressed() {
@@ -1063,6 +1143,7 @@ impl Format for Vmdk {
         data.insert("extents".into(), extents.into());
         let cluster_size = self.extents.first().and_then(|e| match &e.kind {
             Kind::Sparse { sparse, .. } => Some(sparse.grain),
+            Kind::Foreign { ext, .. } => Some(ext.grain),
             _ => None,
         });
         FormatInfo {
@@ -1118,7 +1199,7 @@ impl Format for Vmdk {
         // of sparse extents are taken for data whatever the file underneath says.
         self.extents
             .iter()
-            .all(|e| !matches!(e.kind, Kind::Sparse { .. }))
+            .all(|e| !matches!(e.kind, Kind::Sparse { .. } | Kind::Foreign { .. }))
     }
 
     fn is_read_only(&self) -> bool {
