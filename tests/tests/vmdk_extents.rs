@@ -491,3 +491,19 @@ fn sesparse_bad_magic_is_refused_as_qemu_refuses_it() {
     std::fs::write(&file, b).unwrap();
     assert_fails_cleanly(dir.path(), &image, Some("Bad const header magic"));
 }
+
+#[test]
+fn lone_cowd_file_is_probed_as_vmdk_and_refused_as_qemu_refuses_it() {
+    // qemu probes the COWD magic as vmdk, reads the extent, then finds no content ID in
+    // the file and fails: img must say the same (not read the file as raw).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lone.vmdk");
+    cowd_file(&file, 0x77, &Hostile::default());
+    let q = run("qemu-img", &["info", &s(&file)]);
+    let i = img(&["info", &s(&file)]);
+    assert_eq!(i.status.code(), q.status.code());
+    let qerr = String::from_utf8_lossy(&q.stderr);
+    let ierr = String::from_utf8_lossy(&i.stderr);
+    assert!(qerr.starts_with("qemu-img: "), "{qerr}");
+    assert_eq!(ierr.strip_prefix("img: "), qerr.strip_prefix("qemu-img: "));
+}

@@ -304,6 +304,15 @@ impl Vmdk {
         let desc;
         let mut monolithic = None;
         let mut descriptor_at = (file.clone(), 0, descriptor::MAX_DESCRIPTOR);
+        if u32::from_be_bytes(magic) == foreign::COWD_MAGIC {
+            // qemu reads a lone COWD file's extent, then looks for the content ID in text
+            // at byte 512 of it, which such a file does not hold: the open fails there.
+            foreign::ForeignSparse::open_cowd(file.clone())?;
+            return Err(Error::invalid(
+                &name,
+                format!("Could not open '{name}': Invalid argument"),
+            ));
+        }
         if u32::from_le_bytes(magic) == sparse::MAGIC {
             if len < SECTOR {
                 return Err(Error::invalid(
