@@ -507,3 +507,90 @@ fn lone_cowd_file_is_probed_as_vmdk_and_refused_as_qemu_refuses_it() {
     assert!(qerr.starts_with("qemu-img: "), "{qerr}");
     assert_eq!(ierr.strip_prefix("img: "), qerr.strip_prefix("qemu-img: "));
 }
+
+/// Writes qemu-io and img both make to a COWD image: into an unallocated grain (partial),
+/// over an allocated one, across two grains, zeros over data, and in the second table.
+const COWD_WRITES: &[(u64, u64, u8)] = &[
+    (2 * 4096 + 100, 1000, 0x61),
+    (512, 1024, 0x62),
+    (4 * 4096 - 512, 2048, 0x63),
+    (4999 * 4096 + 7, 9000, 0x64),
+    (10 * 4096, 3 * 4096, 0x00),
+];
+
+#[test]
+fn cowd_writes_match_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("q")).unwrap();
+    std::fs::create_dir_all(d.join("i")).unwrap();
+    let by_qemu = cowd_image(&d.join("q"), &Hostile::default());
+    let by_img = cowd_image(&d.join("i"), &Hostile::default());
+    let cmds: Vec<String> = COWD_WRITES
+        .iter()
+        .map(|&(off, len, p)| format!("write -P {p:#x} {off} {len}"))
+        .collect();
+    common::qemu_io("vmdk", &by_qemu, &cmds);
+    let image = common::open(&by_img, "vmdk", false);
+    for &(off, len, p) in COWD_WRITES {
+        image.write_at(&vec![p; len as usize], off).unwrap();
+    }
+    image.close().unwrap();
+    let a = d.join("a.raw");
+    let b = d.join("b.raw");
+    common::qemu_img(&["convert", "-O", "raw", &s(&by_qemu), &s(&a)]);
+    common::qemu_img(&["convert", "-O", "raw", &s(&by_img), &s(&b)]);
+    let (a, b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(a.len(), b.len());
+    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!("img's writes read back otherwise than qemu-io's from byte {at}");
+    }
+    for &(off, len, p) in COWD_WRITES {
+        assert!(a[off as usize..(off + len) as usize]
+            .iter()
+            .all(|&x| x == p));
+    }
+    let out = run("qemu-img", &["check", "-f", "vmdk", &s(&by_img)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The content ID changed, as qemu changes it on the first write.
+    let desc = std::fs::read_to_string(&by_img).unwrap();
+    assert!(!desc.contains("CID=12345678\n"), "{desc}");
+}
+
+#[test]
+fn sesparse_and_tableless_cowd_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = sesparse_image(dir.path(), &Hostile::default());
+    let err = img_core::open_image(
+        &image,
+        &img_core::OpenOptions {
+            format: Some("vmdk".into()),
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("No write support for seSparse images available"),
+        "{err}"
+    );
+    // A COWD extent whose directory covers only the first half: writes past it fail (as
+    // in qemu), cleanly.
+    let dir = tempfile::tempdir().unwrap();
+    let h = Hostile {
+        gd_entries: Some(1),
+        ..Default::default()
+    };
+    let path = cowd_image(dir.path(), &h);
+    let image = common::open(&path, "vmdk", false);
+    image.write_at(&[1u8; 512], 0).unwrap();
+    let err = image
+        .write_at(&[1u8; 512], GT * GRAIN * SECTOR)
+        .unwrap_err();
+    assert!(err.to_string().contains("grain directory"), "{err}");
+}

@@ -57,6 +57,8 @@ pub struct ForeignSparse {
     gd: Vec<u64>,
     /// Grain tables by their sector in the file.
     tables: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
+    /// Where the next grain written goes (COWD only), once known.
+    next_free: Mutex<Option<u64>>,
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -126,6 +128,7 @@ impl ForeignSparse {
             grain: granularity * SECTOR,
             gd,
             tables: Mutex::new(HashMap::new()),
+            next_free: Mutex::new(None),
         })
     }
 
@@ -225,6 +228,7 @@ impl ForeignSparse {
             grain: 8 * SECTOR,
             gd,
             tables: Mutex::new(HashMap::new()),
+            next_free: Mutex::new(None),
         })
     }
 
@@ -406,5 +410,80 @@ impl ForeignSparse {
             at += step;
         }
         Ok((first.unwrap_or(Grain::Unallocated), at - offset))
+    }
+
+    /// Reserves one grain at the end of a COWD extent file (where qemu puts new grains:
+    /// after the file rounded up to whole grains) and returns its byte offset.
+    pub fn reserve_grain(&self) -> Result<u64> {
+        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match *next {
+            Some(at) => at,
+            None => {
+                self.file
+                    .size()?
+                    .div_ceil(SECTOR)
+                    .div_ceil(self.grain / SECTOR)
+                    * self.grain
+            }
+        };
+        if at / SECTOR + self.grain / SECTOR > u64::from(u32::MAX) {
+            return Err(Error::unsupported(
+                self.file.name(),
+                "the extent file is too large for a COWD extent",
+            ));
+        }
+        *next = Some(at + self.grain);
+        Ok(at)
+    }
+
+    /// Whether grain `grain_index` can get a place: COWD extents only, and only where the
+    /// directory has a grain table (qemu does not add tables either).
+    pub fn check_writable(&self, grain_index: u64, guest: u64) -> Result<()> {
+        if self.layout != Layout::Cowd {
+            return Err(Error::unsupported(
+                self.file.name(),
+                "No write support for seSparse images available",
+            ));
+        }
+        if self
+            .table_sector(grain_index / GT_ENTRIES, guest)?
+            .is_none()
+        {
+            return Err(Error::unsupported(
+                self.file.name(),
+                format!("byte {guest:#x} has no grain table to record a new grain in"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Points COWD grain `grain_index` at byte `host` of the file. The grain's data must be
+    /// written: it is made durable before the entry that points to it, as qemu does.
+    pub fn set_entry(&self, grain_index: u64, host: u64) -> Result<()> {
+        let guest = grain_index * self.grain;
+        let Some(sector) = self.table_sector(grain_index / GT_ENTRIES, guest)? else {
+            return Err(Error::unsupported(
+                self.file.name(),
+                format!("byte {guest:#x} has no grain table to record a new grain in"),
+            ));
+        };
+        let value = u32::try_from(host / SECTOR).map_err(|_| {
+            Error::unsupported(
+                self.file.name(),
+                "the extent file is too large for a COWD extent",
+            )
+        })?;
+        self.file.flush()?;
+        let index = grain_index % GT_ENTRIES;
+        self.file
+            .write_at(&value.to_le_bytes(), sector * SECTOR + index * 4)?;
+        self.file.flush()?;
+        let mut cache = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get_mut(&sector) {
+            let mut entries = t.as_ref().clone();
+            entries[index as usize] = u64::from(value);
+            *t = Arc::new(entries);
+        }
+        Ok(())
     }
 }

@@ -882,7 +882,7 @@ impl Format for Vmdk {
                     Grain::Zero => Mapping::Zero,
                     Grain::At(host) => Mapping::Data {
                         offset: encode(*file, host),
-                        writable: false,
+                        writable: writable && ext.layout == foreign::Layout::Cowd,
                     },
                 };
                 Extent { mapping, len: n }
@@ -1017,10 +1017,16 @@ impl Format for Vmdk {
                 self.file_name(),
                 "writes to a ZERO extent are not supported",
             )),
-            Kind::Foreign { .. } => Err(Error::unsupported(
-                self.file_name(),
-                format!("writes to {} extents are not supported", e.type_name),
-            )),
+            Kind::Foreign { file, ext } => {
+                let grain_start = rel / ext.grain * ext.grain;
+                ext.check_writable(rel / ext.grain, rel)?;
+                let host = ext.reserve_grain()?;
+                Ok(Allocation {
+                    guest_offset: e.start + grain_start,
+                    host_offset: encode(*file, host),
+                    len: ext.grain.min(e.len - grain_start),
+                })
+            }
             Kind::Sparse { file, sparse } => {
                 if sparse.compressed() {
                     return Err(Error::unsupported(
@@ -1043,6 +1049,16 @@ impl Format for Vmdk {
         let Some(e) = self.extent_at(allocation.guest_offset) else {
             return Ok(());
         };
+        if let Kind::Foreign { ext, .. } = &e.kind {
+            let rel = allocation.guest_offset - e.start;
+            let (_, host) = decode(allocation.host_offset);
+            // The grain is whole in the file, as qemu writes it.
+            if allocation.len < ext.grain {
+                ext.file
+                    .write_zeroes(host + allocation.len, ext.grain - allocation.len, false)?;
+            }
+            ext.set_entry(rel / ext.grain, host)?;
+        }
         if let Kind::Sparse { sparse, .. } = &e.kind {
             let rel = allocation.guest_offset - e.start;
             let (_, host) = decode(allocation.host_offset);
