@@ -594,3 +594,29 @@ fn sesparse_and_tableless_cowd_writes_are_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("grain directory"), "{err}");
 }
+
+#[test]
+fn check_reports_what_qemu_reports() {
+    for past in [false, true] {
+        let h = Hostile {
+            grain_past_end: past,
+            ..Default::default()
+        };
+        for make in [cowd_image, sesparse_image] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = make(dir.path(), &h);
+            let args = ["check", "-f", "vmdk", &s(&image)].map(String::from);
+            let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+            let q = run("qemu-img", &args);
+            let i = img(&args);
+            assert_eq!(
+                String::from_utf8_lossy(&i.stdout),
+                String::from_utf8_lossy(&q.stdout)
+            );
+            assert_eq!(i.status.code(), q.status.code());
+            assert_eq!(q.status.success(), !past);
+            let qerr = String::from_utf8_lossy(&q.stderr).replace("qemu-img: ", "img: ");
+            assert_eq!(String::from_utf8_lossy(&i.stderr), qerr);
+        }
+    }
+}
