@@ -99,7 +99,9 @@ pub fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
         if u32::from_be_bytes(magic) == crate::qcow2::header::MAGIC {
             return Ok("qcow2");
         }
-        if u32::from_le_bytes(magic) == crate::vmdk::sparse::MAGIC {
+        if u32::from_le_bytes(magic) == crate::vmdk::sparse::MAGIC
+            || u32::from_be_bytes(magic) == crate::vmdk::foreign::COWD_MAGIC
+        {
             return Ok("vmdk");
         }
         let sig = crate::vmdk::descriptor::SIGNATURE.as_bytes();

@@ -9,6 +9,7 @@
 
 pub mod create;
 pub mod descriptor;
+pub mod foreign;
 pub mod sparse;
 pub mod stream;
 
@@ -129,6 +130,11 @@ enum Kind {
     Sparse {
         file: usize,
         sparse: Box<SparseExtent>,
+    },
+    /// A read-only COWD (VMFSSPARSE) or seSparse extent in file `file`.
+    Foreign {
+        file: usize,
+        ext: Box<foreign::ForeignSparse>,
     },
 }
 
@@ -268,6 +274,8 @@ const DESCRIPTOR_TYPES: &[&str] = &[
     "vmfs",
     "twoGbMaxExtentSparse",
     "twoGbMaxExtentFlat",
+    "vmfsSparse",
+    "seSparse",
 ];
 
 impl Vmdk {
@@ -296,6 +304,15 @@ impl Vmdk {
         let desc;
         let mut monolithic = None;
         let mut descriptor_at = (file.clone(), 0, descriptor::MAX_DESCRIPTOR);
+        if u32::from_be_bytes(magic) == foreign::COWD_MAGIC {
+            // qemu reads a lone COWD file's extent, then looks for the content ID in text
+            // at byte 512 of it, which such a file does not hold: the open fails there.
+            foreign::ForeignSparse::open_cowd(file.clone())?;
+            return Err(Error::invalid(
+                &name,
+                format!("Could not open '{name}': Invalid argument"),
+            ));
+        }
         if u32::from_le_bytes(magic) == sparse::MAGIC {
             if len < SECTOR {
                 return Err(Error::invalid(
@@ -389,6 +406,7 @@ impl Vmdk {
             .iter()
             .find_map(|e| match &e.kind {
                 Kind::Sparse { sparse, .. } => Some(sparse.grain),
+                Kind::Foreign { ext, .. } => Some(ext.grain),
                 _ => None,
             })
             .unwrap_or(1 << 16);
@@ -447,7 +465,9 @@ impl Vmdk {
         let mut out = Vec::new();
         for (i, e) in self.extents.iter().enumerate() {
             let file = match &e.kind {
-                Kind::Flat { file, .. } | Kind::Sparse { file, .. } => *file,
+                Kind::Flat { file, .. }
+                | Kind::Sparse { file, .. }
+                | Kind::Foreign { file, .. } => *file,
                 Kind::Zero => continue,
             };
             if !self.file_is_descriptor[file] {
@@ -515,6 +535,23 @@ impl Vmdk {
                         return Ok(CheckResult::PastEof {
                             sector: first_sector,
                         });
+                    }
+                }
+                Kind::Foreign { ext, .. } => {
+                    let len = ext.file.size()?;
+                    let mut rel = 0;
+                    while rel < e.len {
+                        let sector = first_sector + rel / SECTOR;
+                        let (grain, n) = match ext.map_unchecked(rel, e.len - rel) {
+                            Ok(m) => m,
+                            Err(_) => return Ok(CheckResult::Unreadable { sector }),
+                        };
+                        if let Grain::At(host) = grain {
+                            if host >= len {
+                                return Ok(CheckResult::PastEof { sector });
+                            }
+                        }
+                        rel += n.max(1);
                     }
                 }
                 Kind::Sparse { sparse, .. } => {
@@ -598,7 +635,10 @@ fn open_extent(
             kind: Kind::Zero,
         }));
     }
-    if !matches!(line.kind.as_str(), "FLAT" | "VMFS" | "SPARSE") {
+    if !matches!(
+        line.kind.as_str(),
+        "FLAT" | "VMFS" | "SPARSE" | "VMFSSPARSE" | "SESPARSE"
+    ) {
         return Err(Error::unsupported(
             desc_name,
             format!("Unsupported extent type '{}'", line.kind),
@@ -616,10 +656,25 @@ fn open_extent(
     let path = resolve(desc_name, fname);
     // Sparse extents hold metadata and are locked as the image file is; flat ones only
     // data, locked as raw files.
-    let lock_as = if line.kind == "SPARSE" { "vmdk" } else { "raw" };
+    let sparse_kind = matches!(line.kind.as_str(), "SPARSE" | "VMFSSPARSE" | "SESPARSE");
+    let lock_as = if sparse_kind { "vmdk" } else { "raw" };
+    if line.kind == "SESPARSE" && !opts.read_only {
+        // qemu has no write support for seSparse and refuses a read-write open.
+        return Err(Error::unsupported(
+            &path,
+            "No write support for seSparse images available",
+        ));
+    }
     let storage = open_extent_file(&path, desc_file, desc_name, files, opts, lock_as)?;
     let index = files.add(storage.clone(), path.clone(), false)?;
-    let kind = if line.kind == "SPARSE" {
+    let kind = if line.kind == "SESPARSE" {
+        let ext = foreign::ForeignSparse::open_sesparse(storage)?;
+        len = ext.byte_len();
+        Kind::Foreign {
+            file: index,
+            ext: Box::new(ext),
+        }
+    } else if sparse_kind {
         let mut magic = [0u8; 4];
         let size = storage.size()?;
         if size == 0 {
@@ -629,6 +684,21 @@ fn open_extent(
             ));
         }
         storage.read_at(&mut magic[..size.min(4) as usize], 0)?;
+        if u32::from_be_bytes(magic) == foreign::COWD_MAGIC {
+            // SPARSE and VMFSSPARSE extents may both be in the VMDK3 "COWD" layout.
+            let ext = foreign::ForeignSparse::open_cowd(storage)?;
+            let len = ext.byte_len();
+            return Ok(Some(VmdkExtent {
+                start,
+                len,
+                type_name: line.kind.clone(),
+                file_name: Some(path),
+                kind: Kind::Foreign {
+                    file: index,
+                    ext: Box::new(ext),
+                },
+            }));
+        }
         if u32::from_le_bytes(magic) != sparse::MAGIC {
             return Err(Error::invalid(&path, "Image not in VMDK format"));
         }
@@ -805,6 +875,18 @@ impl Format for Vmdk {
                 },
                 len: max,
             },
+            Kind::Foreign { file, ext } => {
+                let (grain, n) = ext.map(rel, max)?;
+                let mapping = match grain {
+                    Grain::Unallocated => Mapping::Unallocated,
+                    Grain::Zero => Mapping::Zero,
+                    Grain::At(host) => Mapping::Data {
+                        offset: encode(*file, host),
+                        writable: writable && ext.layout == foreign::Layout::Cowd,
+                    },
+                };
+                Extent { mapping, len: n }
+            }
             Kind::Sparse { file, sparse } => {
                 let (grain, n) = sparse.map(rel, max)?;
                 let mapping = match grain {
@@ -935,6 +1017,16 @@ impl Format for Vmdk {
                 self.file_name(),
                 "writes to a ZERO extent are not supported",
             )),
+            Kind::Foreign { file, ext } => {
+                let grain_start = rel / ext.grain * ext.grain;
+                ext.check_writable(rel / ext.grain, rel)?;
+                let host = ext.reserve_grain()?;
+                Ok(Allocation {
+                    guest_offset: e.start + grain_start,
+                    host_offset: encode(*file, host),
+                    len: ext.grain.min(e.len - grain_start),
+                })
+            }
             Kind::Sparse { file, sparse } => {
                 if sparse.compressed() {
                     return Err(Error::unsupported(
@@ -957,6 +1049,16 @@ impl Format for Vmdk {
         let Some(e) = self.extent_at(allocation.guest_offset) else {
             return Ok(());
         };
+        if let Kind::Foreign { ext, .. } = &e.kind {
+            let rel = allocation.guest_offset - e.start;
+            let (_, host) = decode(allocation.host_offset);
+            // The grain is whole in the file, as qemu writes it.
+            if allocation.len < ext.grain {
+                ext.file
+                    .write_zeroes(host + allocation.len, ext.grain - allocation.len, false)?;
+            }
+            ext.set_entry(rel / ext.grain, host)?;
+        }
         if let Kind::Sparse { sparse, .. } = &e.kind {
             let rel = allocation.guest_offset - e.start;
             let (_, host) = decode(allocation.host_offset);
@@ -1040,6 +1142,9 @@ impl Format for Vmdk {
                     "filename".into(),
                     e.file_name.clone().unwrap_or_default().into(),
                 );
+                if let Kind::Foreign { ext, .. } = &e.kind {
+                    m.insert("cluster-size".into(), ext.grain.into());
+                }
                 if let Kind::Sparse { sparse, .. } = &e.kind {
                     m.insert("cluster-size".into(), sparse.grain.into());
                     if sparse.compressed() {
@@ -1063,6 +1168,7 @@ impl Format for Vmdk {
         data.insert("extents".into(), extents.into());
         let cluster_size = self.extents.first().and_then(|e| match &e.kind {
             Kind::Sparse { sparse, .. } => Some(sparse.grain),
+            Kind::Foreign { ext, .. } => Some(ext.grain),
             _ => None,
         });
         FormatInfo {
@@ -1118,7 +1224,7 @@ impl Format for Vmdk {
         // of sparse extents are taken for data whatever the file underneath says.
         self.extents
             .iter()
-            .all(|e| !matches!(e.kind, Kind::Sparse { .. }))
+            .all(|e| !matches!(e.kind, Kind::Sparse { .. } | Kind::Foreign { .. }))
     }
 
     fn is_read_only(&self) -> bool {
