@@ -169,3 +169,46 @@ fn a_child_of_a_changed_parent_is_refused_as_qemu_refuses_it() {
         assert_eq!(q.stdout, i.stdout, "{args:?}");
     }
 }
+
+/// Conversions between vmdk and qcow2 in both directions (every vmdk subformat), compared
+/// by qemu-img with the source and checked.
+#[test]
+fn vmdk_and_qcow2_convert_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("src.qcow2");
+    let qs = q.to_str().unwrap();
+    common::qemu_img(&["create", "-q", "-f", "qcow2", qs, "5M"]);
+    common::qemu_io(
+        "qcow2",
+        &q,
+        &[
+            "write -P 3 0 100k".to_string(),
+            "write -c -P 4 1M 64k".to_string(),
+            "write -z 2M 64k".to_string(),
+            "write -P 5 4095k 1k".to_string(),
+        ],
+    );
+    for sub in [
+        "monolithicSparse",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+        "twoGbMaxExtentFlat",
+        "streamOptimized",
+    ] {
+        let v = dir.path().join(format!("{sub}.vmdk"));
+        let vs = v.to_str().unwrap();
+        let opt = format!("subformat={sub}");
+        img_ok(&["convert", "-f", "qcow2", "-O", "vmdk", "-o", &opt, qs, vs]);
+        check_clean(&v);
+        assert_qemu_compare_identical(&v, "vmdk", &q, "qcow2");
+        let back = dir.path().join(format!("{sub}.qcow2"));
+        let bs = back.to_str().unwrap();
+        img_ok(&["convert", "-f", "vmdk", "-O", "qcow2", vs, bs]);
+        common::assert_qemu_check_clean(&back);
+        assert_qemu_compare_identical(&back, "qcow2", &q, "qcow2");
+        // And what qemu-img makes of img's vmdk is the same.
+        let theirs = dir.path().join(format!("{sub}-q.qcow2"));
+        common::qemu_img(&["convert", "-O", "qcow2", vs, theirs.to_str().unwrap()]);
+        assert_qemu_compare_identical(&theirs, "qcow2", &q, "qcow2");
+    }
+}
