@@ -397,9 +397,12 @@ fn discard_unmap_punches_holes_under_freed_clusters() {
         img.flush().unwrap();
         // The block count lags behind a hole punch on a busy machine (seen once in a full
         // parallel run): give it a moment before judging.
+        // Metadata written by the discard (an L2 table, a refcount block) may take a block or
+        // so of what the holes gave back, so one cluster of slack is allowed.
+        let freed_enough = |after: u64| before.saturating_sub(after) >= 16 * M - 64 * K;
         let mut after = allocated(&p);
         for _ in 0..20 {
-            if !shrinks || before - after.min(before) >= 16 * M {
+            if !shrinks || freed_enough(after) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -407,7 +410,7 @@ fn discard_unmap_punches_holes_under_freed_clusters() {
         }
         if shrinks {
             assert!(
-                before - after >= 16 * M,
+                freed_enough(after),
                 "{mode:?}: {before} -> {after} bytes allocated"
             );
         } else {
