@@ -38,18 +38,6 @@ const SPECS: &[crate::getopt::OptSpec] = &[
     opt(None, Some("skip-broken-bitmaps"), false),
 ];
 
-/// Chunks in flight without `-m`: qemu-img's 8, but no more than the machine has cores. Each
-/// chunk in flight is a thread doing blocking I/O here (qemu's are coroutines on one
-/// thread), and with more threads than cores they only contend: measured on 2 cores with a
-/// 1 GiB source, raw -> qcow2 took 0.35 s with 8 and 0.18 s with 2, qcow2 -> raw 0.24-1.46 s
-/// with 8 and 0.13-0.17 s with 2. `-m` still sets it exactly.
-fn default_parallel() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(8)
-        .clamp(1, 8)
-}
-
 struct Args {
     src_fmt: Option<String>,
     out_fmt: String,
@@ -96,7 +84,7 @@ fn parse_args(args: &[String]) -> Result<Args, CliError> {
         dst_cache: CacheMode::Unsafe,
         src_cache: CacheMode::Writeback,
         target_is_zero: false,
-        parallel: default_parallel(),
+        parallel: 8,
         out_of_order: false,
         copy_offload: false,
         backing: None,
