@@ -4,28 +4,11 @@
 
 mod common;
 
+use common::Run;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// What a run printed and returned, with qemu-img's program name replaced by ours.
-#[derive(Debug, PartialEq, Eq)]
-struct Run {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
-}
-
-impl Run {
-    fn from(out: Output) -> Self {
-        Run {
-            stdout: String::from_utf8_lossy(&out.stdout).replace("qemu-img", "img"),
-            stderr: String::from_utf8_lossy(&out.stderr).replace("qemu-img", "img"),
-            code: out.status.code(),
-        }
-    }
-}
+use std::process::Command;
 
 fn qemu_in(dir: &Path, args: &[&str]) -> Run {
     Run::from(

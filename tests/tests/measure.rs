@@ -4,37 +4,8 @@
 
 mod common;
 
-use common::{qemu_img, qemu_io};
+use common::{qemu_img, qemu_io, run_in, Run};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// What a run printed and returned, with qemu-img's program name replaced by ours.
-#[derive(Debug, PartialEq, Eq)]
-struct Run {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
-}
-
-impl Run {
-    fn from(out: Output) -> Self {
-        Run {
-            stdout: String::from_utf8_lossy(&out.stdout).replace("qemu-img", "img"),
-            stderr: String::from_utf8_lossy(&out.stderr).replace("qemu-img", "img"),
-            code: out.status.code(),
-        }
-    }
-}
-
-fn run_in(program: &Path, dir: &Path, args: &[&str]) -> Run {
-    Run::from(
-        Command::new(program)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display())),
-    )
-}
 
 /// Runs `measure` with `args` in `dir` with both tools and asserts the same result.
 fn same(dir: &Path, args: &[&str]) -> Run {

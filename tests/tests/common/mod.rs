@@ -489,3 +489,37 @@ pub fn qemu_check(image: &Path) -> (Option<i32>, String) {
         ),
     )
 }
+
+/// What a run printed and returned, with qemu-img's program name replaced by ours, so that
+/// runs of both tools compare equal when they behave alike.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Exit code.
+    pub code: Option<i32>,
+}
+
+impl Run {
+    /// The run of `out`, names neutralised.
+    pub fn from(out: Output) -> Self {
+        Run {
+            stdout: String::from_utf8_lossy(&out.stdout).replace("qemu-img", "img"),
+            stderr: String::from_utf8_lossy(&out.stderr).replace("qemu-img", "img"),
+            code: out.status.code(),
+        }
+    }
+}
+
+/// Runs `program` with `args` in `dir`.
+pub fn run_in(program: &Path, dir: &Path, args: &[&str]) -> Run {
+    Run::from(
+        Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display())),
+    )
+}
