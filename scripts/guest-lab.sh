@@ -1,0 +1,684 @@
+#!/bin/bash
+# The guest lab: boots a real Linux guest (Debian's kernel, a busybox initramfs) under Debian's
+# QEMU 7.2 (TCG, unpacked by scripts/qemu-system.sh) with its disk served over vhost-user-blk,
+# and checks from both sides that what the guest wrote is what lands in the image.
+#
+#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, chain, ro); exit 0 only if all pass
+#   scripts/guest-lab.sh CASE...     only these cases
+#   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
+#                                    `img serve` and qemu-storage-daemon, alternating
+#   scripts/guest-lab.sh --prepare   only fetch and build what the lab needs
+#
+# Environment:
+#   SERVER=img|qsd     the vhost-user-blk server for the cases (default img)
+#   IMG_BIN            the img binary (default target/release/img, built if missing)
+#   IMG_LAB_DIR        cache dir (default /var/cache/img-lab, shared with scripts/qemu-system.sh)
+#   BOOT_TIMEOUT       seconds one guest boot may take (default 180)
+#   KEEP=1             keep the work dir even on success
+#   BENCH_RUNS=3, BENCH_SECS=5, BENCH_SIZE_MB=256   the benchmark's shape
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+TOP=$PWD
+LAB=${IMG_LAB_DIR:-/var/cache/img-lab}
+export IMG_LAB_DIR=$LAB
+SERVER=${SERVER:-img}
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-180}
+BENCH_RUNS=${BENCH_RUNS:-3}
+BENCH_SECS=${BENCH_SECS:-5}
+BENCH_SIZE_MB=${BENCH_SIZE_MB:-256}
+GUEST="$LAB/guest"
+BUSYBOX="$GUEST/busybox"
+
+log() { printf 'guest-lab: %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (idempotent; a lock keeps concurrent runs from building the same thing twice).
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+prepare_tools() {
+    local missing=()
+    command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+    command -v debugfs >/dev/null 2>&1 || missing+=(e2fsprogs)
+    command -v depmod >/dev/null 2>&1 || missing+=(kmod)
+    command -v modprobe >/dev/null 2>&1 || missing+=(kmod)
+    command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+    command -v qemu-storage-daemon >/dev/null 2>&1 || missing+=(qemu-utils)
+    if [ "${1:-}" = bench ]; then
+        command -v fio >/dev/null 2>&1 || missing+=(fio)
+    fi
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
+    fi
+}
+
+# Debian's kernel: the image package that linux-image-amd64 names, unpacked, with its modules'
+# dependency data (depmod), and vmlinux pulled out of the bzImage for QEMU's fast PVH boot.
+prepare_kernel() {
+    local pkg
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+    if [ -z "$pkg" ]; then
+        apt-get update -qq >/dev/null
+        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+    fi
+    [ -n "$pkg" ] || die "apt-cache depends linux-image-amd64 names no kernel package"
+    KVER=${pkg#linux-image-}
+    KDIR="$GUEST/$KVER"
+    if [ ! -f "$KDIR/vmlinux" ]; then
+        log "preparing kernel $KVER"
+        local tmp="$GUEST/tmp.$$"
+        rm -rf "$GUEST"/tmp.*
+        mkdir -p "$tmp"
+        (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null) || die "apt-get download $pkg failed"
+        dpkg -x "$tmp"/*.deb "$tmp/root"
+        rm -f "$tmp"/*.deb
+        depmod -b "$tmp/root" "$KVER"
+        python3 - "$tmp/root/boot/vmlinuz-$KVER" "$tmp/vmlinux" <<'EOF'
+import lzma, sys
+data = open(sys.argv[1], "rb").read()
+# The bzImage carries the kernel as one xz stream; decompressing it gives the ELF vmlinux, whose
+# PVH note lets QEMU start it directly, skipping the BIOS and the in-guest decompressor.
+at = data.find(b"\xfd7zXZ\x00")
+if at < 0:
+    sys.exit("no xz stream in " + sys.argv[1])
+elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[at:])
+if elf[:4] != b"\x7fELF":
+    sys.exit("the xz stream is not an ELF kernel")
+open(sys.argv[2], "wb").write(elf)
+EOF
+        rm -rf "$KDIR"
+        mv "$tmp" "$KDIR"
+    fi
+}
+
+prepare_busybox() {
+    if [ ! -x "$BUSYBOX" ]; then
+        log "preparing busybox-static"
+        local tmp="$GUEST/bb.$$"
+        rm -rf "$GUEST"/bb.*
+        mkdir -p "$tmp"
+        (cd "$tmp" && apt-get download -qq busybox-static 2>/dev/null) ||
+            die "apt-get download busybox-static failed"
+        dpkg -x "$tmp"/*.deb "$tmp/root"
+        cp "$tmp/root/bin/busybox" "$BUSYBOX.new"
+        mv "$BUSYBOX.new" "$BUSYBOX"
+        rm -rf "$tmp"
+    fi
+}
+
+prepare_img() {
+    if [ -z "${IMG_BIN:-}" ]; then
+        IMG_BIN="$TOP/target/release/img"
+        if [ ! -x "$IMG_BIN" ]; then
+            log "building img (release)"
+            cargo build --release -q -p img-cli
+        fi
+    fi
+    [ -x "$IMG_BIN" ] || die "no img binary at $IMG_BIN"
+    export IMG_BIN
+}
+
+prepare() {
+    prepare_tools "${1:-}"
+    "$TOP/scripts/qemu-system.sh" --prepare
+    mkdir -p "$GUEST"
+    exec 9>"$GUEST/.lock"
+    flock 9
+    prepare_kernel
+    prepare_busybox
+    flock -u 9
+    exec 9>&-
+    prepare_img
+}
+
+# ---------------------------------------------------------------------------------------------
+# The guest: /init is a busybox shell script that does the job named by lab.job= on the kernel
+# command line and reports on the serial console with LAB-* lines only.
+
+write_init() {
+    cat >"$1" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+JOB=none
+for w in $(cat /proc/cmdline); do
+    case "$w" in lab.job=*) JOB=${w#lab.job=} ;; esac
+done
+
+say() { echo "$*"; }
+fail() {
+    say "LAB-FAIL $JOB: $*"
+    umount /mnt 2>/dev/null
+    poweroff -f
+}
+sum() { # sum FILE NAME: prints the digest line the host compares with its own
+    s=$(sha256sum "$1" | cut -d' ' -f1) || fail "cannot read $1"
+    say "LAB-SUM $2 $s"
+}
+
+for m in $(cat /modules.order); do
+    # CPU-specific variants (crc32c-intel without SSE4.2) may refuse; their generic twin loads.
+    insmod "/lib/modules/$m" 2>/dev/null || say "LAB-INFO insmod $m refused"
+done
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "no /dev/vda after 10 s"
+    usleep 100000
+done
+say "LAB-INFO job=$JOB queues=$(ls -d /sys/block/vda/mq/* | wc -l) ro=$(cat /sys/block/vda/ro) sectors=$(cat /sys/block/vda/size) cpus=$(nproc)"
+mkdir -p /mnt
+
+# Files the host put into the filesystem (mkfs.ext4 -d): read.bin is only read, overwrite.bin is
+# partly overwritten by rw jobs.
+case "$JOB" in
+rw)
+    mount -t ext4 /dev/vda /mnt || fail "mount /dev/vda"
+    sum /mnt/seed/read.bin seed/read.bin
+    mkdir -p /mnt/lab/small || fail "mkdir"
+    echo "written by the guest" >/mnt/lab/hello.txt || fail "write hello.txt"
+    dd if=/dev/urandom of=/tmp/random.bin bs=1M count=6 2>/dev/null || fail "urandom"
+    src=$(sha256sum /tmp/random.bin | cut -d' ' -f1)
+    # Two writers at once, pinned to different CPUs when there are two, so that a multi-queue
+    # device sees requests on both queues.
+    taskset -c 0 cp /tmp/random.bin /mnt/lab/random.bin &
+    p1=$!
+    cpu1=$(($(nproc) - 1))
+    taskset -c $cpu1 dd if=/dev/zero of=/mnt/lab/zeros.bin bs=1M count=2 2>/dev/null &
+    p2=$!
+    wait $p1 || fail "copy random.bin"
+    wait $p2 || fail "write zeros.bin"
+    n=0
+    while [ $n -lt 24 ]; do
+        dd if=/dev/urandom of=/mnt/lab/small/f$n bs=$((300 + n * 397)) count=1 2>/dev/null ||
+            fail "write small/f$n"
+        n=$((n + 1))
+    done
+    dd if=/dev/urandom of=/mnt/seed/overwrite.bin bs=64K seek=4 count=3 conv=notrunc 2>/dev/null ||
+        fail "overwrite"
+    sync || fail "sync"
+    echo 3 >/proc/sys/vm/drop_caches
+    back=$(sha256sum /mnt/lab/random.bin | cut -d' ' -f1)
+    [ "$back" = "$src" ] || fail "random.bin read back as $back, written as $src"
+    for f in lab/hello.txt lab/random.bin lab/zeros.bin seed/overwrite.bin; do
+        sum "/mnt/$f" "$f"
+    done
+    n=0
+    while [ $n -lt 24 ]; do
+        sum /mnt/lab/small/f$n lab/small/f$n
+        n=$((n + 1))
+    done
+    umount /mnt || fail "umount"
+    ;;
+ro)
+    if err=$(dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>&1); then
+        fail "dd to the read-only disk succeeded"
+    fi
+    say "LAB-RO dd-write-refused: $(echo "$err" | head -n 1)"
+    if err=$(mount -t ext4 -o rw /dev/vda /mnt 2>&1); then
+        if grep -q '^/dev/vda /mnt ext4 rw' /proc/mounts; then
+            fail "mounted the read-only disk read-write"
+        fi
+        say "LAB-RO mount-rw: mounted read-only instead: $(grep '^/dev/vda ' /proc/mounts)"
+    else
+        say "LAB-RO mount-rw-refused: $(echo "$err" | head -n 1)"
+        mount -t ext4 -o ro /dev/vda /mnt || fail "mount -o ro"
+    fi
+    if err=$( (echo x >/mnt/new.txt) 2>&1); then
+        fail "created a file on the read-only filesystem"
+    fi
+    say "LAB-RO file-write-refused: $(echo "$err" | head -n 1)"
+    sum /mnt/seed/read.bin seed/read.bin
+    sum /mnt/seed/overwrite.bin seed/overwrite.bin
+    umount /mnt || fail "umount"
+    echo 3 >/proc/sys/vm/drop_caches
+    sum /dev/vda disk
+    ;;
+bench)
+    export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+    for t in read:1M:4 write:1M:4 randread:4k:16 randwrite:4k:16; do
+        rw=${t%%:*}
+        r=${t#*:}
+        bs=${r%%:*}
+        qd=${r#*:}
+        out=$(fio --name=$rw --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=$bs \
+            --iodepth=$qd --runtime=@SECS@ --time_based --ramp_time=1 --size=@SIZE@M \
+            --output-format=terse --terse-version=3 2>&1) || fail "fio $rw: $out"
+        say "LAB-FIO $rw $(echo "$out" | grep '^3;' | cut -d';' -f7,8,48,49)"
+    done
+    ;;
+*)
+    fail "unknown job"
+    ;;
+esac
+say "LAB-OK $JOB"
+poweroff -f
+EOF
+    sed -i "s/@SECS@/$BENCH_SECS/; s/@SIZE@/$BENCH_SIZE_MB/" "$1"
+    chmod 755 "$1"
+}
+
+# build_initramfs OUT [fio]: busybox, the modules in load order, /init; with "fio", the host's
+# fio and every shared library ldd names for it, at the same paths.
+build_initramfs() {
+    local out=$1 root="$WORK/initramfs"
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,dev,proc,sys,tmp,mnt,lib/modules}
+    cp "$BUSYBOX" "$root/bin/busybox"
+    write_init "$root/init"
+    local n=0 line ko
+    : >"$root/modules.order"
+    # The .ko files in the order modprobe would load them (dependencies first).
+    while read -r line; do
+        case "$line" in
+        insmod\ *)
+            ko=$(echo "$line" | awk '{print $2}')
+            n=$((n + 1))
+            name=$(printf '%02d-%s' "$n" "$(basename "$ko")")
+            grep -qx "[0-9]*-$(basename "$ko")" "$root/modules.order" 2>/dev/null && continue
+            cp "$ko" "$root/lib/modules/$name"
+            echo "$name" >>"$root/modules.order"
+            ;;
+        esac
+    done < <(for m in virtio_pci virtio_blk ext4; do
+        # One module a call: modprobe takes any further words as module parameters.
+        modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m"
+    done)
+    if [ "${2:-}" = fio ]; then
+        local fio lib
+        fio=$(command -v fio)
+        cp "$fio" "$root/bin/fio"
+        for lib in $(ldd "$fio" | awk '/=> \// {print $3} /^\t\// {print $1}'); do
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+    fi
+    (cd "$root" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null) >"$out"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Servers and boots.
+
+SERVER_PID=
+QEMU_PID=
+
+# start_server NAME IMAGE FORMAT SOCK LOG [readonly] [queues]
+start_server() {
+    local name=$1 image=$2 fmt=$3 sock=$4 slog=$5 ro=${6:-} queues=${7:-1}
+    rm -f "$sock"
+    case "$name" in
+    img)
+        local args=(serve --vhost-user-blk "$sock" -f "$fmt" "$image" --num-queues "$queues")
+        [ -n "$ro" ] && args+=(--readonly)
+        "$IMG_BIN" "${args[@]}" >"$slog" 2>&1 &
+        ;;
+    qsd)
+        local fro=off writable=on
+        [ -n "$ro" ] && fro=on writable=off
+        qemu-storage-daemon \
+            --blockdev "driver=file,node-name=file,filename=$image,read-only=$fro" \
+            --blockdev "driver=$fmt,node-name=fmt,file=file,read-only=$fro" \
+            --export "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path=$sock,writable=$writable,num-queues=$queues" \
+            >"$slog" 2>&1 &
+        ;;
+    *) die "SERVER must be img or qsd, not $name" ;;
+    esac
+    SERVER_PID=$!
+    local i=0
+    while [ ! -S "$sock" ]; do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            wait "$SERVER_PID" || true
+            SERVER_PID=
+            log "$name server exited before listening:"
+            cat "$slog" >&2
+            return 1
+        fi
+        i=$((i + 1))
+        if [ $i -gt 300 ]; then
+            log "$name server did not create $sock in 30 s"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# stop_server: SIGTERM (unless it already left on the front end's disconnect), then wait; the
+# server must exit 0, having flushed.
+stop_server() {
+    local pid=$SERVER_PID rc=0 i=0
+    SERVER_PID=
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt 300 ]; then
+            log "server $pid ignored SIGTERM for 30 s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.1
+    done
+    wait "$pid" || rc=$?
+    if [ $rc -ne 0 ]; then
+        log "server exited with status $rc"
+        return 1
+    fi
+}
+
+# boot JOB SOCK CONSOLE INITRD [queues] [mem_mb]: one guest boot against the served socket.
+boot() {
+    local job=$1 sock=$2 console=$3 initrd=$4 queues=${5:-1} mem=${6:-512} rc=0
+    local smp=$queues
+    timeout -k 5 "$BOOT_TIMEOUT" "$TOP/scripts/qemu-system.sh" \
+        -accel tcg -m "$mem" -smp "$smp" -nodefaults -no-user-config -display none \
+        -serial stdio -monitor none -no-reboot \
+        -kernel "$KDIR/vmlinux" -initrd "$initrd" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=1 lab.job=$job" \
+        -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem \
+        -chardev "socket,path=$sock,id=c" \
+        -device "vhost-user-blk-pci,chardev=c,num-queues=$queues" \
+        </dev/null >"$console" 2>&1 &
+    QEMU_PID=$!
+    wait "$QEMU_PID" || rc=$?
+    QEMU_PID=
+    tr -d '\r' <"$console" >"$console.txt"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        log "guest ($job) timed out after $BOOT_TIMEOUT s"
+        return 1
+    fi
+    if [ $rc -ne 0 ]; then
+        log "qemu exited with status $rc"
+        return 1
+    fi
+    if grep -q '^LAB-FAIL' "$console.txt"; then
+        grep '^LAB-FAIL' "$console.txt" >&2
+        return 1
+    fi
+    grep -q "^LAB-OK $job\$" "$console.txt" || {
+        log "guest ($job) did not report LAB-OK"
+        return 1
+    }
+}
+
+cleanup() {
+    [ -n "$QEMU_PID" ] && kill -KILL "$QEMU_PID" 2>/dev/null
+    [ -n "$SERVER_PID" ] && kill -KILL "$SERVER_PID" 2>/dev/null
+    wait 2>/dev/null
+    if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
+        if [ "${FAILED:-1}" = 0 ] && [ -z "${KEEP:-}" ]; then
+            rm -rf "$WORK"
+        else
+            log "work dir kept: $WORK"
+        fi
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# The cases.
+
+# make_fs RAW: a 64 MiB ext4 filesystem holding the seed files the guest reads.
+make_fs() {
+    local raw=$1 seed="$WORK/seed-tree"
+    if [ ! -d "$seed" ]; then
+        mkdir -p "$seed/seed"
+        head -c 1048576 /dev/urandom >"$seed/seed/read.bin" || return 1
+        head -c 1048576 /dev/urandom >"$seed/seed/overwrite.bin" || return 1
+    fi
+    rm -f "$raw"
+    truncate -s 64M "$raw" || return 1
+    mkfs.ext4 -q -F -d "$seed" "$raw" >/dev/null || return 1
+}
+
+# host_file IMAGE FMT PATH: the file's sha256 as the host reads it from a raw copy of the image.
+host_sums() {
+    local image=$1 fmt=$2 console=$3 raw="$WORK/readback.raw" bad=0 name want got
+    rm -f "$raw"
+    qemu-img convert -f "$fmt" -O raw "$image" "$raw" || return 1
+    if ! e2fsck -fn "$raw" >"$WORK/e2fsck.log" 2>&1; then
+        log "e2fsck finds the filesystem damaged:"
+        cat "$WORK/e2fsck.log" >&2
+        bad=1
+    fi
+    local count=0
+    while read -r _ name want; do
+        count=$((count + 1))
+        got=$(debugfs -R "cat /$name" "$raw" 2>/dev/null | sha256sum | cut -d' ' -f1)
+        if [ "$got" != "$want" ]; then
+            log "$name: the guest read $want, the image holds $got"
+            bad=1
+        fi
+    done < <(grep '^LAB-SUM ' "$console")
+    [ "$count" -ge 28 ] || {
+        log "the guest reported only $count checksums"
+        bad=1
+    }
+    # What the host seeded and the guest only read must be what the guest saw.
+    want=$(sha256sum <"$WORK/seed-tree/seed/read.bin" | cut -d' ' -f1)
+    grep -q "^LAB-SUM seed/read.bin $want\$" "$console" || {
+        log "the guest read seed/read.bin wrong"
+        bad=1
+    }
+    rm -f "$raw"
+    return $bad
+}
+
+check_clean() {
+    local out
+    if ! out=$(qemu-img check -f qcow2 "$1" 2>&1) || ! echo "$out" | grep -q 'No errors were found'; then
+        log "qemu-img check $1 is not clean:"
+        echo "$out" >&2
+        return 1
+    fi
+}
+
+report_failure() { # case console server-log
+    log "---- $1: guest console (tail) ----"
+    tail -n 40 "$2" >&2 || true
+    log "---- $1: server log ($SERVER) ----"
+    tail -n 40 "$3" >&2 || true
+}
+
+# case_rw NAME QUEUES: ext4 in a qcow2 image that img convert made from mkfs.ext4's raw.
+case_rw() {
+    local name=$1 queues=$2 d="$WORK/$1"
+    mkdir -p "$d"
+    make_fs "$d/fs.raw" || return 1
+    "$IMG_BIN" convert -f raw -O qcow2 "$d/fs.raw" "$d/disk.qcow2" || return 1
+    start_server "$SERVER" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server.log" "" "$queues" || return 1
+    boot rw "$d/sock" "$d/console" "$WORK/initrd" "$queues" || return 1
+    stop_server || return 1
+    grep -q "^LAB-INFO .*queues=$queues " "$d/console.txt" || {
+        log "the guest did not see $queues queue(s): $(grep LAB-INFO "$d/console.txt")"
+        return 1
+    }
+    check_clean "$d/disk.qcow2" || return 1
+    host_sums "$d/disk.qcow2" qcow2 "$d/console.txt" || return 1
+}
+
+# chain: the filesystem in a qcow2 base, the guest's writes into a qcow2 overlay over it.
+case_chain() {
+    local d="$WORK/chain" before after
+    mkdir -p "$d"
+    make_fs "$d/fs.raw" || return 1
+    "$IMG_BIN" convert -f raw -O qcow2 "$d/fs.raw" "$d/base.qcow2" || return 1
+    qemu-img create -q -f qcow2 -b "$d/base.qcow2" -F qcow2 "$d/overlay.qcow2" || return 1
+    before=$(sha256sum <"$d/base.qcow2")
+    start_server "$SERVER" "$d/overlay.qcow2" qcow2 "$d/sock" "$d/server.log" || return 1
+    boot rw "$d/sock" "$d/console" "$WORK/initrd" || return 1
+    stop_server || return 1
+    after=$(sha256sum <"$d/base.qcow2")
+    [ "$before" = "$after" ] || {
+        log "the base image changed"
+        return 1
+    }
+    check_clean "$d/base.qcow2" || return 1
+    check_clean "$d/overlay.qcow2" || return 1
+    # The writes are in the overlay: it maps data of its own (depth 0).
+    qemu-img map --output=json -f qcow2 "$d/overlay.qcow2" |
+        grep -q '"depth": 0,.*"data": true' || {
+        log "the overlay holds no data of its own"
+        return 1
+    }
+    host_sums "$d/overlay.qcow2" qcow2 "$d/console.txt" || return 1
+}
+
+# ro: served read-only; the guest's writes fail, its reads (the whole disk) match the image.
+case_ro() {
+    local d="$WORK/ro" before after want
+    mkdir -p "$d"
+    make_fs "$d/fs.raw" || return 1
+    "$IMG_BIN" convert -f raw -O qcow2 "$d/fs.raw" "$d/disk.qcow2" || return 1
+    before=$(sha256sum <"$d/disk.qcow2")
+    start_server "$SERVER" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server.log" readonly || return 1
+    boot ro "$d/sock" "$d/console" "$WORK/initrd" || return 1
+    stop_server || return 1
+    after=$(sha256sum <"$d/disk.qcow2")
+    [ "$before" = "$after" ] || {
+        log "the read-only image changed"
+        return 1
+    }
+    grep '^LAB-RO ' "$d/console.txt" | sed 's/^/    guest: /' >&2
+    [ "$(grep -c '^LAB-RO .*refused' "$d/console.txt")" -ge 2 ] || {
+        log "the guest did not see its writes refused"
+        return 1
+    }
+    grep -q '^LAB-INFO .* ro=1 ' "$d/console.txt" || log "note: the guest's disk is not flagged read-only"
+    want=$(sha256sum <"$d/fs.raw" | cut -d' ' -f1)
+    grep -q "^LAB-SUM disk $want\$" "$d/console.txt" || {
+        log "the guest read the disk differently from the image"
+        return 1
+    }
+    want=$(sha256sum <"$WORK/seed-tree/seed/read.bin" | cut -d' ' -f1)
+    grep -q "^LAB-SUM seed/read.bin $want\$" "$d/console.txt" || {
+        log "the guest read seed/read.bin wrong"
+        return 1
+    }
+    check_clean "$d/disk.qcow2" || return 1
+}
+
+run_case() {
+    local name=$1 t0 rc=0
+    t0=$(date +%s)
+    case "$name" in
+    rw) case_rw rw 1 || rc=$? ;;
+    rw-mq) case_rw rw-mq 2 || rc=$? ;;
+    chain) case_chain || rc=$? ;;
+    ro) case_ro || rc=$? ;;
+    *) die "unknown case $name" ;;
+    esac
+    if [ -n "$QEMU_PID" ]; then kill -KILL "$QEMU_PID" 2>/dev/null || true; fi
+    if [ -n "$SERVER_PID" ]; then
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+    if [ $rc -eq 0 ]; then
+        log "PASS $name (SERVER=$SERVER, $(($(date +%s) - t0)) s)"
+    else
+        log "FAIL $name (SERVER=$SERVER)"
+        report_failure "$name" "$WORK/$name/console.txt" "$WORK/$name/server.log"
+    fi
+    return $rc
+}
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark: fio inside the guest on the raw disk, alternating servers over fresh copies.
+
+median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+bench() {
+    local d="$WORK/bench" run srv
+    mkdir -p "$d"
+    build_initramfs "$WORK/initrd-fio" fio
+    # A fully allocated qcow2 image: reads read data, writes overwrite allocated clusters, so
+    # both servers do the same work every run.
+    qemu-img create -q -f qcow2 "$d/master.qcow2" "${BENCH_SIZE_MB}M"
+    qemu-io -f qcow2 -c "write -P 0x5a 0 ${BENCH_SIZE_MB}M" "$d/master.qcow2" >/dev/null
+    : >"$d/results"
+    for run in $(seq 1 "$BENCH_RUNS"); do
+        for srv in img qsd; do
+            cp "$d/master.qcow2" "$d/disk.qcow2"
+            start_server "$srv" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server-$srv.log" || return 1
+            if ! boot bench "$d/sock" "$d/console-$srv-$run" "$WORK/initrd-fio" 1 1024; then
+                report_failure "bench $srv" "$d/console-$srv-$run.txt" "$d/server-$srv.log"
+                return 1
+            fi
+            stop_server || return 1
+            # LAB-FIO job read-KiB/s;read-IOPS;write-KiB/s;write-IOPS
+            grep '^LAB-FIO ' "$d/console-$srv-$run.txt" | while read -r _ job vals; do
+                IFS=';' read -r rbw riops wbw wiops <<<"$vals"
+                case "$job" in
+                read) echo "$srv seq-read-MiB/s $(awk "BEGIN {print $rbw / 1024}")" ;;
+                write) echo "$srv seq-write-MiB/s $(awk "BEGIN {print $wbw / 1024}")" ;;
+                randread) echo "$srv randread-4k-IOPS $riops" ;;
+                randwrite) echo "$srv randwrite-4k-IOPS $wiops" ;;
+                esac
+            done >>"$d/results"
+            log "bench run $run $srv: $(grep "^$srv " "$d/results" | tail -n 4 | cut -d' ' -f2- | tr '\n' ' ')"
+        done
+    done
+    echo
+    echo "guest benchmark: fio in a $KVER guest (QEMU 7.2 TCG, 1 vCPU, 1 queue), direct I/O on"
+    echo "/dev/vda, a fully allocated ${BENCH_SIZE_MB} MiB qcow2 image; ${BENCH_SECS} s per job, median of $BENCH_RUNS runs."
+    echo "ratio = img / qsd: above 1 means img serve is faster than qemu-storage-daemon."
+    printf '%-20s %12s %12s %8s\n' metric img qsd ratio
+    local m i q
+    for m in seq-read-MiB/s seq-write-MiB/s randread-4k-IOPS randwrite-4k-IOPS; do
+        i=$(awk -v m="$m" '$1 == "img" && $2 == m {print $3}' "$d/results" | median)
+        q=$(awk -v m="$m" '$1 == "qsd" && $2 == m {print $3}' "$d/results" | median)
+        printf '%-20s %12.1f %12.1f %8.2f\n' "$m" "$i" "$q" "$(awk "BEGIN {print ($q > 0) ? $i / $q : 0}")"
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+    local mode=${1:-check}
+    if [ "$mode" = --prepare ]; then
+        prepare
+        exit 0
+    fi
+    if [ "$mode" = bench ]; then
+        prepare bench
+    else
+        prepare
+    fi
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/guest-lab.XXXXXX")
+    FAILED=1
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    if [ "$mode" = bench ]; then
+        bench
+        FAILED=0
+        return 0
+    fi
+    build_initramfs "$WORK/initrd"
+    local cases=("$@") c failed=()
+    if [ "$mode" = check ]; then cases=(rw rw-mq chain ro); fi
+    log "SERVER=$SERVER img=$IMG_BIN kernel=$KVER cases: ${cases[*]}"
+    for c in "${cases[@]}"; do
+        run_case "$c" || failed+=("$c")
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+        log "FAILED: ${failed[*]}"
+        return 1
+    fi
+    log "all cases passed (SERVER=$SERVER)"
+    FAILED=0
+}
+
+main "$@"
