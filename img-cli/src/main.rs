@@ -2,6 +2,7 @@
 
 mod commands;
 mod cvt;
+mod daemon;
 mod getopt;
 mod human;
 mod open;

@@ -14,6 +14,7 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+mod serve;
 pub(crate) mod snapshot;
 
 use crate::{CliError, CmdResult};
@@ -21,7 +22,7 @@ use crate::{CliError, CmdResult};
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
     "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
-    "resize", "snapshot",
+    "resize", "serve", "snapshot",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -48,6 +49,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "rebase" => rebase::run(rest),
         "measure" => measure::run(rest),
         "resize" => resize::run(rest),
+        "serve" => serve::run(rest),
         "snapshot" => snapshot::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
@@ -77,6 +79,7 @@ fn print_help() {
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
          resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n  \
+         serve --vhost-user-blk socket [--image-opts] [-f fmt] [--readonly] [--num-queues N] [-t cache] [--aio aio] [--pidfile file] [--daemonize] filename\n  \
          snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n",
         env!("CARGO_PKG_VERSION")
     );

@@ -1,0 +1,134 @@
+//! What a long-running server command needs: going to the background only once it is ready
+//! (so that a script can connect as soon as the command returns), a pid file, and an orderly
+//! stop on SIGTERM, SIGINT or SIGHUP.
+
+use crate::CliError;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+/// The child's side of a [`fork_when_ready`]: tells the waiting parent the server is up.
+pub struct Readiness {
+    pipe: Option<std::fs::File>,
+}
+
+impl Readiness {
+    /// Lets the parent exit with success. Further calls do nothing.
+    pub fn ready(&mut self) {
+        if let Some(mut p) = self.pipe.take() {
+            let _ = p.write_all(b"1");
+        }
+    }
+}
+
+/// With `background`, forks: the parent waits until the child calls [`Readiness::ready`]
+/// (then exits 0) or dies or gives up (then exits 1, the child having printed why); the
+/// child detaches into its own session and carries on. Without it, nothing happens. Must be
+/// called before any thread is started, since only the calling thread survives a fork.
+pub fn fork_when_ready(background: bool) -> Result<Readiness, CliError> {
+    if !background {
+        return Ok(Readiness { pipe: None });
+    }
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(CliError::new(format!(
+            "Failed to create a pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (the caller's contract), so the child is a complete
+    // copy of this process.
+    match unsafe { libc::fork() } {
+        -1 => Err(CliError::new(format!(
+            "Failed to fork: {}",
+            std::io::Error::last_os_error()
+        ))),
+        0 => {
+            drop(read_end);
+            // SAFETY: setsid has no memory-safety preconditions.
+            unsafe { libc::setsid() };
+            Ok(Readiness {
+                pipe: Some(std::fs::File::from(write_end)),
+            })
+        }
+        _child => {
+            drop(write_end);
+            let mut byte = [0u8; 1];
+            let ok = matches!(std::fs::File::from(read_end).read(&mut byte), Ok(1));
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+    }
+}
+
+/// Sends the child's standard streams to /dev/null, once it is ready and detached, so that
+/// it does not keep the parent's terminal or pipes open.
+pub fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, from a descriptor we hold open.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// A pid file, removed again when dropped.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes this process's id to `path`.
+    pub fn create(path: &str) -> Result<Self, CliError> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| CliError::new(format!("Failed to write pid file '{path}': {e}")))?;
+        Ok(PidFile(PathBuf::from(path)))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The signals that ask a server to stop.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn stop_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set it is given; sigaddset only adds valid signals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the stop signals in this thread and every thread it starts afterwards, so that
+/// they are only ever taken by [`on_stop_signal`]'s thread. Call before starting threads.
+pub fn block_stop_signals() {
+    let set = stop_set();
+    // SAFETY: `set` is an initialised signal set; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Runs `f` (with the signal's number) on a thread of its own when a stop signal arrives.
+/// [`block_stop_signals`] must have been called first.
+pub fn on_stop_signal(f: impl FnOnce(libc::c_int) + Send + 'static) {
+    std::thread::spawn(move || {
+        let set = stop_set();
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `sig` is a valid place for the signal number.
+        while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+        f(sig);
+    });
+}
