@@ -16,6 +16,8 @@
 #   BOOT_TIMEOUT       seconds one guest boot may take (default 180)
 #   KEEP=1             keep the work dir even on success
 #   BENCH_RUNS=3, BENCH_SECS=5, BENCH_SIZE_MB=256   the benchmark's shape
+#   LAB_FAULT=corrupt  case rw corrupts a file in the image after the guest ran (the lab must
+#                      then fail: a check of the checks)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -128,17 +130,18 @@ prepare_img() {
     export IMG_BIN
 }
 
+# prepare [bench]: everything but the img binary, under a lock (apt and the cache are shared by
+# concurrent runs).
 prepare() {
-    prepare_tools "${1:-}"
-    "$TOP/scripts/qemu-system.sh" --prepare
     mkdir -p "$GUEST"
     exec 9>"$GUEST/.lock"
     flock 9
+    prepare_tools "${1:-}"
+    "$TOP/scripts/qemu-system.sh" --prepare
     prepare_kernel
     prepare_busybox
     flock -u 9
     exec 9>&-
-    prepare_img
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -209,12 +212,23 @@ rw)
     done
     dd if=/dev/urandom of=/mnt/seed/overwrite.bin bs=64K seek=4 count=3 conv=notrunc 2>/dev/null ||
         fail "overwrite"
+    # Direct I/O from each CPU in turn: blk-mq submits it on the caller's CPU, so with one queue
+    # a CPU every queue carries reads and writes.
+    c=0
+    while [ $c -lt "$(nproc)" ]; do
+        taskset -c $c dd if=/tmp/random.bin of=/mnt/lab/direct$c bs=64k count=8 oflag=direct \
+            2>/tmp/err || fail "direct write on cpu $c: $(cat /tmp/err)"
+        taskset -c $c dd if=/dev/vda of=/dev/null bs=64k count=32 skip=$((c * 64)) iflag=direct \
+            2>/tmp/err || fail "direct read on cpu $c: $(cat /tmp/err)"
+        c=$((c + 1))
+    done
     sync || fail "sync"
     echo 3 >/proc/sys/vm/drop_caches
     back=$(sha256sum /mnt/lab/random.bin | cut -d' ' -f1)
     [ "$back" = "$src" ] || fail "random.bin read back as $back, written as $src"
-    for f in lab/hello.txt lab/random.bin lab/zeros.bin seed/overwrite.bin; do
-        sum "/mnt/$f" "$f"
+    for f in /mnt/lab/hello.txt /mnt/lab/random.bin /mnt/lab/zeros.bin /mnt/seed/overwrite.bin \
+        /mnt/lab/direct*; do
+        sum "$f" "${f#/mnt/}"
     done
     n=0
     while [ $n -lt 24 ]; do
@@ -222,6 +236,13 @@ rw)
         n=$((n + 1))
     done
     umount /mnt || fail "umount"
+    # Whether each virtqueue carried requests: the interrupts of its MSI-X vector (virtioN-req.Q)
+    # count its completions.
+    grep -- '-req\.[0-9]*$' /proc/interrupts | while read -r line; do
+        q=${line##* }
+        n=$(echo "$line" | awk '{for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n + 0}')
+        say "LAB-QUEUE ${q#*-} interrupts=$n"
+    done
     ;;
 ro)
     if err=$(dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>&1); then
@@ -415,7 +436,8 @@ boot() {
 }
 
 cleanup() {
-    [ -n "$QEMU_PID" ] && kill -KILL "$QEMU_PID" 2>/dev/null
+    # QEMU_PID is timeout(1), which passes SIGTERM on to QEMU (a SIGKILL would orphan QEMU).
+    [ -n "$QEMU_PID" ] && kill -TERM "$QEMU_PID" 2>/dev/null
     [ -n "$SERVER_PID" ] && kill -KILL "$SERVER_PID" 2>/dev/null
     wait 2>/dev/null
     if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
@@ -505,8 +527,31 @@ case_rw() {
         log "the guest did not see $queues queue(s): $(grep LAB-INFO "$d/console.txt")"
         return 1
     }
+    # Every queue carried requests.
+    [ "$(grep -c '^LAB-QUEUE req\.[0-9]* interrupts=[1-9]' "$d/console.txt")" = "$queues" ] || {
+        log "not every queue carried requests: $(grep LAB-QUEUE "$d/console.txt" | tr '\n' ' ')"
+        return 1
+    }
+    grep '^LAB-QUEUE' "$d/console.txt" | sed 's/^/    guest: /' >&2
+    if [ "${LAB_FAULT:-}" = corrupt ]; then
+        corrupt_file "$d/disk.qcow2" lab/random.bin || return 1
+    fi
     check_clean "$d/disk.qcow2" || return 1
     host_sums "$d/disk.qcow2" qcow2 "$d/console.txt" || return 1
+}
+
+# corrupt_file QCOW2 PATH: overwrites the first block of a file in the image behind the guest's
+# back; LAB_FAULT=corrupt uses it to show that the lab notices data that differs from what the
+# guest read.
+corrupt_file() {
+    local image=$1 path=$2 raw="$WORK/corrupt.raw" bs blk
+    qemu-img convert -f qcow2 -O raw "$image" "$raw" || return 1
+    bs=$(dumpe2fs -h "$raw" 2>/dev/null | awk -F: '/^Block size/ {print $2 + 0}')
+    blk=$(debugfs -R "bmap /$path 0" "$raw" 2>/dev/null)
+    rm -f "$raw"
+    [ -n "$bs" ] && [ -n "$blk" ] || return 1
+    log "LAB_FAULT=corrupt: overwriting /$path's first block (block $blk of $bs bytes)"
+    qemu-io -f qcow2 -c "write -P 0xa5 $((blk * bs)) $bs" "$image" >/dev/null
 }
 
 # chain: the filesystem in a qcow2 base, the guest's writes into a qcow2 overlay over it.
@@ -580,7 +625,7 @@ run_case() {
     ro) case_ro || rc=$? ;;
     *) die "unknown case $name" ;;
     esac
-    if [ -n "$QEMU_PID" ]; then kill -KILL "$QEMU_PID" 2>/dev/null || true; fi
+    if [ -n "$QEMU_PID" ]; then kill -TERM "$QEMU_PID" 2>/dev/null || true; fi
     if [ -n "$SERVER_PID" ]; then
         kill -KILL "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
@@ -657,6 +702,7 @@ main() {
     else
         prepare
     fi
+    prepare_img
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/guest-lab.XXXXXX")
     FAILED=1
     trap cleanup EXIT
@@ -681,4 +727,4 @@ main() {
     FAILED=0
 }
 
-main "$@"
+main "$@"; exit $?
