@@ -441,7 +441,8 @@ cleanup() {
     [ -n "$SERVER_PID" ] && kill -KILL "$SERVER_PID" 2>/dev/null
     wait 2>/dev/null
     if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
-        if [ "${FAILED:-1}" = 0 ] && [ -z "${KEEP:-}" ]; then
+        # A failure that LAB_FAULT provoked needs no post-mortem.
+        if { [ "${FAILED:-1}" = 0 ] || [ -n "${LAB_FAULT:-}" ]; } && [ -z "${KEEP:-}" ]; then
             rm -rf "$WORK"
         else
             log "work dir kept: $WORK"

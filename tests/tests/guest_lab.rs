@@ -39,17 +39,11 @@ fn run_lab(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
 
 fn lab(server: &str) {
     let (ok, text) = run_lab(&[], &[("SERVER", server)]);
-    assert!(
-        ok,
-        "guest-lab.sh with SERVER={server} failed:\n{text}"
-    );
+    assert!(ok, "guest-lab.sh with SERVER={server} failed:\n{text}");
     // Every case must have run and passed, not merely the script have exited 0.
     for case in CASES {
         let pass = format!("PASS {case} (SERVER={server},");
-        assert!(
-            text.contains(&pass),
-            "no `{pass}` in the output:\n{text}"
-        );
+        assert!(text.contains(&pass), "no `{pass}` in the output:\n{text}");
     }
 }
 
