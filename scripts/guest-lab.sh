@@ -3,7 +3,8 @@
 # QEMU 7.2 (TCG, unpacked by scripts/qemu-system.sh) with its disk served over vhost-user-blk,
 # and checks from both sides that what the guest wrote is what lands in the image.
 #
-#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, chain, ro); exit 0 only if all pass
+#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, chain, ro); exit 0 only if
+#                                    all pass
 #   scripts/guest-lab.sh CASE...     only these cases
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
@@ -12,6 +13,7 @@
 # Environment:
 #   SERVER=img|qsd     the vhost-user-blk server for the cases (default img)
 #   IMG_BIN            the img binary (default target/release/img, built if missing)
+#   SERVE_OPTS         more options for `img serve` (e.g. "-t none --aio threads")
 #   IMG_LAB_DIR        cache dir (default /var/cache/img-lab, shared with scripts/qemu-system.sh)
 #   BOOT_TIMEOUT       seconds one guest boot may take (default 180)
 #   KEEP=1             keep the work dir even on success
@@ -342,8 +344,10 @@ start_server() {
     rm -f "$sock"
     case "$name" in
     img)
-        local args=(serve --vhost-user-blk "$sock" -f "$fmt" "$image" --num-queues "$queues")
+        local args=(serve --vhost-user-blk "$sock" -f "$fmt" --num-queues "$queues")
         [ -n "$ro" ] && args+=(--readonly)
+        # shellcheck disable=SC2206 # SERVE_OPTS is a list of options, split on purpose
+        args+=(${SERVE_OPTS:-} "$image")
         "$IMG_BIN" "${args[@]}" >"$slog" 2>&1 &
         ;;
     qsd)
@@ -515,13 +519,15 @@ report_failure() { # case console server-log
     tail -n 40 "$3" >&2 || true
 }
 
-# case_rw NAME QUEUES: ext4 in a qcow2 image that img convert made from mkfs.ext4's raw.
+# case_rw NAME QUEUES [FORMAT]: ext4 in a qcow2 (or raw) image that img convert made from
+# mkfs.ext4's raw.
 case_rw() {
-    local name=$1 queues=$2 d="$WORK/$1"
+    local name=$1 queues=$2 fmt=${3:-qcow2} d="$WORK/$1"
+    local disk="$d/disk.$fmt"
     mkdir -p "$d"
     make_fs "$d/fs.raw" || return 1
-    "$IMG_BIN" convert -f raw -O qcow2 "$d/fs.raw" "$d/disk.qcow2" || return 1
-    start_server "$SERVER" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server.log" "" "$queues" || return 1
+    "$IMG_BIN" convert -f raw -O "$fmt" "$d/fs.raw" "$disk" || return 1
+    start_server "$SERVER" "$disk" "$fmt" "$d/sock" "$d/server.log" "" "$queues" || return 1
     boot rw "$d/sock" "$d/console" "$WORK/initrd" "$queues" || return 1
     stop_server || return 1
     grep -q "^LAB-INFO .*queues=$queues " "$d/console.txt" || {
@@ -535,24 +541,26 @@ case_rw() {
     }
     grep '^LAB-QUEUE' "$d/console.txt" | sed 's/^/    guest: /' >&2
     if [ "${LAB_FAULT:-}" = corrupt ]; then
-        corrupt_file "$d/disk.qcow2" lab/random.bin || return 1
+        corrupt_file "$disk" "$fmt" lab/random.bin || return 1
     fi
-    check_clean "$d/disk.qcow2" || return 1
-    host_sums "$d/disk.qcow2" qcow2 "$d/console.txt" || return 1
+    if [ "$fmt" = qcow2 ]; then
+        check_clean "$disk" || return 1
+    fi
+    host_sums "$disk" "$fmt" "$d/console.txt" || return 1
 }
 
-# corrupt_file QCOW2 PATH: overwrites the first block of a file in the image behind the guest's
+# corrupt_file IMAGE FORMAT PATH: overwrites the first block of a file in the image behind the guest's
 # back; LAB_FAULT=corrupt uses it to show that the lab notices data that differs from what the
 # guest read.
 corrupt_file() {
-    local image=$1 path=$2 raw="$WORK/corrupt.raw" bs blk
-    qemu-img convert -f qcow2 -O raw "$image" "$raw" || return 1
+    local image=$1 fmt=$2 path=$3 raw="$WORK/corrupt.raw" bs blk
+    qemu-img convert -f "$fmt" -O raw "$image" "$raw" || return 1
     bs=$(dumpe2fs -h "$raw" 2>/dev/null | awk -F: '/^Block size/ {print $2 + 0}')
     blk=$(debugfs -R "bmap /$path 0" "$raw" 2>/dev/null)
     rm -f "$raw"
     [ -n "$bs" ] && [ -n "$blk" ] || return 1
     log "LAB_FAULT=corrupt: overwriting /$path's first block (block $blk of $bs bytes)"
-    qemu-io -f qcow2 -c "write -P 0xa5 $((blk * bs)) $bs" "$image" >/dev/null
+    qemu-io -f "$fmt" -c "write -P 0xa5 $((blk * bs)) $bs" "$image" >/dev/null
 }
 
 # chain: the filesystem in a qcow2 base, the guest's writes into a qcow2 overlay over it.
@@ -622,6 +630,7 @@ run_case() {
     case "$name" in
     rw) case_rw rw 1 || rc=$? ;;
     rw-mq) case_rw rw-mq 2 || rc=$? ;;
+    rw-raw) case_rw rw-raw 1 raw || rc=$? ;;
     chain) case_chain || rc=$? ;;
     ro) case_ro || rc=$? ;;
     *) die "unknown case $name" ;;
@@ -715,7 +724,7 @@ main() {
     fi
     build_initramfs "$WORK/initrd"
     local cases=("$@") c failed=()
-    if [ "$mode" = check ]; then cases=(rw rw-mq chain ro); fi
+    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw chain ro); fi
     log "SERVER=$SERVER img=$IMG_BIN kernel=$KVER cases: ${cases[*]}"
     for c in "${cases[@]}"; do
         run_case "$c" || failed+=("$c")
