@@ -528,6 +528,14 @@ case_rw() {
     make_fs "$d/fs.raw" || return 1
     "$IMG_BIN" convert -f raw -O "$fmt" "$d/fs.raw" "$disk" || return 1
     start_server "$SERVER" "$disk" "$fmt" "$d/sock" "$d/server.log" "" "$queues" || return 1
+    # While it is served, a qcow2 image is locked as QEMU locks it: no other writer may open it.
+    # (A raw one may be: like qemu-storage-daemon's exports, the server shares write access.)
+    local out
+    if [ "$fmt" = qcow2 ] && { out=$(qemu-io -f qcow2 -c 'read 0 512' "$disk" 2>&1) ||
+        ! echo "$out" | grep -q 'lock'; }; then
+        log "a second writer could open the served image: $out"
+        return 1
+    fi
     boot rw "$d/sock" "$d/console" "$WORK/initrd" "$queues" || return 1
     stop_server || return 1
     grep -q "^LAB-INFO .*queues=$queues " "$d/console.txt" || {
