@@ -17,7 +17,8 @@
 #   IMG_LAB_DIR        cache dir (default /var/cache/img-lab, shared with scripts/qemu-system.sh)
 #   BOOT_TIMEOUT       seconds one guest boot may take (default 180)
 #   KEEP=1             keep the work dir even on success
-#   BENCH_RUNS=3, BENCH_SECS=5, BENCH_SIZE_MB=256   the benchmark's shape
+#   BENCH_RUNS=3, BENCH_SECS=5, BENCH_SIZE_MB=256, BENCH_QUEUES=1   the benchmark's shape
+#                      (BENCH_QUEUES: vCPUs, virtqueues and fio jobs)
 #   LAB_FAULT=corrupt  case rw corrupts a file in the image after the guest ran (the lab must
 #                      then fail: a check of the checks)
 set -euo pipefail
@@ -31,6 +32,7 @@ BOOT_TIMEOUT=${BOOT_TIMEOUT:-180}
 BENCH_RUNS=${BENCH_RUNS:-3}
 BENCH_SECS=${BENCH_SECS:-5}
 BENCH_SIZE_MB=${BENCH_SIZE_MB:-256}
+BENCH_QUEUES=${BENCH_QUEUES:-1}
 GUEST="$LAB/guest"
 BUSYBOX="$GUEST/busybox"
 
@@ -61,8 +63,10 @@ prepare_tools() {
         command -v fio >/dev/null 2>&1 || missing+=(fio)
     fi
     if [ ${#missing[@]} -gt 0 ]; then
-        log "installing ${missing[*]}"
-        apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
+        local pkgs
+        mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+        log "installing ${pkgs[*]}"
+        apt_install "${pkgs[@]}"
     fi
 }
 
@@ -279,6 +283,7 @@ bench)
         qd=${r#*:}
         out=$(fio --name=$rw --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=$bs \
             --iodepth=$qd --runtime=@SECS@ --time_based --ramp_time=1 --size=@SIZE@M \
+            --numjobs="$(nproc)" --group_reporting \
             --output-format=terse --terse-version=3 2>&1) || fail "fio $rw: $out"
         say "LAB-FIO $rw $(echo "$out" | grep '^3;' | cut -d';' -f7,8,48,49)"
     done
@@ -439,6 +444,7 @@ boot() {
     }
 }
 
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
     # QEMU_PID is timeout(1), which passes SIGTERM on to QEMU (a SIGKILL would orphan QEMU).
     [ -n "$QEMU_PID" ] && kill -TERM "$QEMU_PID" 2>/dev/null
@@ -675,8 +681,9 @@ bench() {
     for run in $(seq 1 "$BENCH_RUNS"); do
         for srv in img qsd; do
             cp "$d/master.qcow2" "$d/disk.qcow2"
-            start_server "$srv" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server-$srv.log" || return 1
-            if ! boot bench "$d/sock" "$d/console-$srv-$run" "$WORK/initrd-fio" 1 1024; then
+            start_server "$srv" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server-$srv.log" "" \
+                "$BENCH_QUEUES" || return 1
+            if ! boot bench "$d/sock" "$d/console-$srv-$run" "$WORK/initrd-fio" "$BENCH_QUEUES" 1024; then
                 report_failure "bench $srv" "$d/console-$srv-$run.txt" "$d/server-$srv.log"
                 return 1
             fi
@@ -695,7 +702,8 @@ bench() {
         done
     done
     echo
-    echo "guest benchmark: fio in a $KVER guest (QEMU 7.2 TCG, 1 vCPU, 1 queue), direct I/O on"
+    echo "guest benchmark: fio in a $KVER guest (QEMU 7.2 TCG, $BENCH_QUEUES vCPU(s), as many queues and"
+    echo "fio jobs), direct I/O on"
     echo "/dev/vda, a fully allocated ${BENCH_SIZE_MB} MiB qcow2 image; ${BENCH_SECS} s per job, median of $BENCH_RUNS runs."
     echo "ratio = img / qsd: above 1 means img serve is faster than qemu-storage-daemon."
     printf '%-20s %12s %12s %8s\n' metric img qsd ratio
