@@ -702,9 +702,11 @@ bench() {
         done
     done
     echo
-    echo "guest benchmark: fio in a $KVER guest (QEMU 7.2 TCG, $BENCH_QUEUES vCPU(s), as many queues and"
-    echo "fio jobs), direct I/O on"
-    echo "/dev/vda, a fully allocated ${BENCH_SIZE_MB} MiB qcow2 image; ${BENCH_SECS} s per job, median of $BENCH_RUNS runs."
+    echo "guest benchmark: fio in a $KVER guest (QEMU 7.2 TCG; $BENCH_QUEUES vCPU(s), virtqueue(s) and fio"
+    echo "job(s)), direct I/O on /dev/vda (libaio; 1M blocks at depth 4, 4k at depth 16), a fully"
+    echo "allocated ${BENCH_SIZE_MB} MiB qcow2 image (a fresh copy each boot); ${BENCH_SECS} s per job, median of"
+    echo "$BENCH_RUNS runs, img and qsd alternating. Servers at their defaults: img serve (writeback,"
+    echo "io_uring${SERVE_OPTS:+, $SERVE_OPTS}), qemu-storage-daemon (writeback, aio=threads)."
     echo "ratio = img / qsd: above 1 means img serve is faster than qemu-storage-daemon."
     printf '%-20s %12s %12s %8s\n' metric img qsd ratio
     local m i q
