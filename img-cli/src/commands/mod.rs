@@ -12,6 +12,7 @@ pub(crate) mod create_vmdk;
 mod info;
 mod map;
 mod measure;
+mod mount;
 mod rebase;
 mod resize;
 pub(crate) mod snapshot;
@@ -21,7 +22,7 @@ use crate::{CliError, CmdResult};
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
     "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
-    "resize", "snapshot",
+    "resize", "snapshot", "mount", "unmount",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -49,6 +50,8 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "measure" => measure::run(rest),
         "resize" => resize::run(rest),
         "snapshot" => snapshot::run(rest),
+        "mount" => mount::run(rest),
+        "unmount" => mount::run_unmount(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -77,7 +80,9 @@ fn print_help() {
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
          resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n  \
-         snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n",
+         snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n  \
+         mount [--image-opts | -f fmt] [-r] [--foreground] [-t cache] [-o options] filename mountpoint\n  \
+         unmount mountpoint\n",
         env!("CARGO_PKG_VERSION")
     );
 }
