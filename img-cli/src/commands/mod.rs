@@ -13,6 +13,7 @@ mod info;
 mod map;
 mod measure;
 mod mount;
+mod partitions;
 mod rebase;
 mod resize;
 pub(crate) mod snapshot;
@@ -22,12 +23,15 @@ use crate::{CliError, CmdResult};
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
     "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
-    "resize", "snapshot", "mount", "unmount",
+    "resize", "snapshot",
 ];
+
+/// The commands of the FUSE export and the partition lister.
+const EXPORT_COMMANDS: &[&str] = &["mount", "unmount", "partitions"];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
-    COMMANDS.contains(&name)
+    COMMANDS.contains(&name) || EXPORT_COMMANDS.contains(&name)
 }
 
 /// Runs the subcommand named by `args[0]`.
@@ -52,6 +56,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "snapshot" => snapshot::run(rest),
         "mount" => mount::run(rest),
         "unmount" => mount::run_unmount(rest),
+        "partitions" => partitions::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -82,7 +87,8 @@ fn print_help() {
          resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n  \
          snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n  \
          mount [--image-opts | -f fmt] [-r] [--foreground] [-t cache] [-o options] filename mountpoint\n  \
-         unmount mountpoint\n",
+         unmount mountpoint\n  \
+         partitions [-f fmt] [--image-opts] [--output=ofmt] [-U] filename\n",
         env!("CARGO_PKG_VERSION")
     );
 }
