@@ -543,18 +543,16 @@ fn unaligned_partial_and_out_of_range_requests() {
         .open(&m.file)
         .unwrap();
     // Small writes across cluster boundaries, at odd offsets.
-    let mut seed = 1u8;
-    for &(off, len) in &[
+    for (seed, &(off, len)) in (1u8..).zip(&[
         (4095u64, 3usize),
         (1, 1),
         (65_530, 70_000),
         (MIB - 7, 14),
         (2 * MIB + 12_345, 100_001),
-    ] {
+    ]) {
         let data = pattern(seed, off, len);
         f.write_all_at(&data, off).unwrap();
         model[off as usize..off as usize + len].copy_from_slice(&data);
-        seed += 1;
     }
     // A write crossing the end is short; one at the end fails: the disk cannot grow.
     let tail = pattern(9, size - 100, 300);

@@ -211,7 +211,7 @@ impl Disk<'_> {
     }
 
     fn read(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-        let end = offset.checked_add(len as u64).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len as u64);
         if end > self.size {
             return Err(self.past_end(what, offset, end));
         }
