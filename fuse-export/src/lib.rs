@@ -272,8 +272,10 @@ impl Export {
             closed: closed.clone(),
         };
         let mut mount_options = vec![
-            // Commas would split the option string; the source is only informative.
-            MountOption::FSName(fs_name.replace([',', ' '], "_")),
+            // mount(2) takes the source as it is, but fusermount3 (used when not root)
+            // splits its option string at commas. `img unmount` finds the daemon through
+            // this name when it is the image's path, which has no comma in practice.
+            MountOption::FSName(fs_name.replace(',', "_")),
             MountOption::Subtype("img".into()),
             MountOption::NoDev,
             MountOption::NoSuid,
@@ -368,7 +370,8 @@ impl ImageFs {
 
     fn fail(&self, op: &str, offset: u64, len: u64, e: &img_core::Error) -> Errno {
         (self.log)(&format!(
-            "img mount: {op} of {len} bytes at offset {offset} failed: {e}"
+            "img mount: {op} of {len} bytes at offset {offset} of '{}' failed: {e}",
+            self.host_path.display()
         ));
         errno_of(e)
     }

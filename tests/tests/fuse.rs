@@ -421,6 +421,8 @@ fn seek_data_and_hole_follow_the_qcow2_allocation_through_the_chain() {
     let m = Mounted::new(&["-f", "qcow2", s(&top)], &mp);
     let f = std::fs::File::open(&m.file).unwrap();
     assert_eq!(seek_data_ranges(&f, 32 * MIB), expected);
+    // qemu-img's own probing of the exported raw file (SEEK_DATA/SEEK_HOLE) sees the same.
+    assert_eq!(qemu_map_data(&m.file, "raw"), expected);
     // `cp --sparse=always` keeps the holes and the data.
     let copy = d.join("copy.raw");
     ok("cp", &["--sparse=always", s(&m.file), s(&copy)]);

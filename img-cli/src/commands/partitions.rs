@@ -152,13 +152,19 @@ fn human(file: &str, size: u64, t: &PartitionTable) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    if let Some(p) = t.partitions.iter().find(|p| p.role != Role::Extended) {
-        out.push_str(&format!(
-            "\nMount a partition of the raw disk (such as the file `img mount` exports) with\n  \
-             mount -o loop,offset=START,sizelimit=SIZE FILE DIR\n\
-             e.g. partition {}: mount -o loop,offset={},sizelimit={} FILE DIR\n",
+    let mut hint = String::from(
+        "\nMount a partition of the raw disk (such as the file `img mount` exports) with:\n",
+    );
+    let mut any = false;
+    for p in t.partitions.iter().filter(|p| p.role != Role::Extended) {
+        hint.push_str(&format!(
+            "  partition {}: mount -o loop,offset={},sizelimit={} FILE DIR\n",
             p.number, p.start, p.size
         ));
+        any = true;
+    }
+    if any {
+        out.push_str(&hint);
     }
     out
 }

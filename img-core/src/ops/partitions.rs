@@ -192,6 +192,32 @@ pub fn read_partitions(image: &Image) -> Result<PartitionTable> {
     read_mbr(&d, &mbr, &entries)
 }
 
+/// Warnings for partitions sharing bytes (the extended container aside, which holds the
+/// logical ones by design).
+fn overlap_warnings(partitions: &[Partition]) -> Vec<String> {
+    let mut sorted: Vec<&Partition> = partitions
+        .iter()
+        .filter(|p| p.role != Role::Extended)
+        .collect();
+    sorted.sort_by_key(|p| (p.start, p.end));
+    let mut out = Vec::new();
+    // The partition reaching furthest so far, so nested overlaps are found too.
+    let mut reach: Option<&Partition> = None;
+    for p in sorted {
+        if let Some(r) = reach {
+            if p.start <= r.end {
+                out.push(format!("partitions {} and {} overlap", r.number, p.number));
+            }
+            if p.end > r.end {
+                reach = Some(p);
+            }
+        } else {
+            reach = Some(p);
+        }
+    }
+    out
+}
+
 /// The disk being read, with bounds-checked reads.
 struct Disk<'a> {
     image: &'a Image,
@@ -297,6 +323,7 @@ fn read_mbr(d: &Disk, mbr: &[u8], entries: &[MbrEntry]) -> Result<PartitionTable
     if let Some((ext_start, ext_size)) = extended {
         read_logicals(d, ext_start, ext_size, &mut partitions)?;
     }
+    let warnings = overlap_warnings(&partitions);
     Ok(PartitionTable {
         label: TableKind::Dos,
         id: format!(
@@ -305,7 +332,7 @@ fn read_mbr(d: &Disk, mbr: &[u8], entries: &[MbrEntry]) -> Result<PartitionTable
         ),
         sector_size: SECTOR,
         partitions,
-        warnings: Vec::new(),
+        warnings,
     })
 }
 
@@ -642,6 +669,7 @@ fn read_gpt(d: &Disk, protective: bool) -> Result<Option<PartitionTable>> {
             attributes: gpt_attributes(le64(ent, 48)),
         });
     }
+    warnings.extend(overlap_warnings(&partitions));
     Ok(Some(PartitionTable {
         label: TableKind::Gpt,
         id: header.disk_guid,
@@ -770,6 +798,47 @@ mod tests {
         ];
         assert_eq!(guid(&raw), "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
         assert_eq!(gpt_type_name(&guid(&raw)), Some("EFI System"));
+    }
+
+    fn part(number: u32, start: u64, end: u64, role: Role) -> Partition {
+        Partition {
+            number,
+            start,
+            end,
+            size: end + 1 - start,
+            type_id: "83".into(),
+            type_name: None,
+            role,
+            bootable: false,
+            name: None,
+            uuid: None,
+            attributes: None,
+        }
+    }
+
+    #[test]
+    fn overlaps_are_found_but_not_the_extended_container() {
+        let ok = [
+            part(1, 0, 99, Role::Primary),
+            part(2, 100, 999, Role::Extended),
+            part(5, 200, 299, Role::Logical),
+            part(6, 300, 399, Role::Logical),
+        ];
+        assert!(overlap_warnings(&ok).is_empty());
+        let bad = [
+            part(1, 0, 1000, Role::Primary),
+            part(2, 10, 20, Role::Primary),
+            part(3, 500, 600, Role::Primary),
+            part(4, 1000, 1100, Role::Primary),
+        ];
+        assert_eq!(
+            overlap_warnings(&bad),
+            [
+                "partitions 1 and 2 overlap",
+                "partitions 1 and 3 overlap",
+                "partitions 1 and 4 overlap"
+            ]
+        );
     }
 
     #[test]
