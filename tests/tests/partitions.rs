@@ -458,7 +458,10 @@ fn partition_offsets_mount_a_filesystem_from_the_exported_disk() {
     assert_eq!(locked.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&locked.stderr).contains("lock"));
     let shared = img_ok(&["partitions", "-U", "-f", "qcow2", s(&image)]);
-    assert!(shared.contains(&format!("offset={start},sizelimit={size}")), "{shared}");
+    assert!(
+        shared.contains(&format!("offset={start},sizelimit={size}")),
+        "{shared}"
+    );
     let fsdir = d.join("fs");
     std::fs::create_dir(&fsdir).unwrap();
     let opts = format!("loop,offset={start},sizelimit={size}");
