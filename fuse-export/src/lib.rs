@@ -31,6 +31,8 @@
 //!   plain allocation inside the disk fails with `EOPNOTSUPP`, as in qemu.
 //! - `lseek(SEEK_DATA / SEEK_HOLE)` follows the image's block status (through the backing
 //!   chain), so `cp --sparse`, `qemu-img` and other probing tools see the holes.
+//! - The file is opened for direct I/O (no page cache copy; `mmap` works where the kernel
+//!   allows mmap of direct-I/O files), and writes to it may run in parallel.
 //! - A read-only export is mounted read-only: opening the file for writing fails with
 //!   `EROFS`; write requests that still arrive fail with `EACCES`.
 //! - Any failure of the image becomes `EIO` (`ENOSPC` when the storage is full), and is
@@ -523,6 +525,9 @@ impl Filesystem for ImageFs {
         // The kernel's defaults are fine where it refuses larger values.
         let _ = config.set_max_write(MAX_READ);
         let _ = config.set_max_readahead(MAX_READ);
+        // mmap of a direct-I/O file, where the kernel has it (6.6 on); without it mmap fails
+        // with ENODEV, as with qemu.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         Ok(())
     }
 
@@ -608,7 +613,12 @@ impl Filesystem for ImageFs {
         }
         // Direct I/O: every request reaches the image, with no second copy of the data in
         // the page cache and no stale cache if the image is read elsewhere.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        // Writes to different ranges may run in parallel: the image orders overlapping
+        // allocations itself.
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
     }
 
     fn read(

@@ -565,11 +565,22 @@ fn unmount_strict(path: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
+    // A file of the mount may be held for an instant by a process between fork and exec
+    // (every descriptor is copied until exec closes it); such users go away by themselves,
+    // so a busy mount is retried for a second before it is refused.
+    let mut tries = 0;
+    let err = loop {
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) || tries == 20 {
+            break err;
+        }
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    };
     if err.raw_os_error() == Some(libc::EPERM) {
         // Not root: the setuid helper may unmount our own mount.
         return unmount_path(path);
