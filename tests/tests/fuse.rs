@@ -669,6 +669,83 @@ fn sigterm_to_the_daemon_flushes_and_unmounts() {
     assert!(content[..MIB as usize].iter().all(|&b| b == 0));
 }
 
+/// The pids of processes holding both /dev/fuse and `image` open (the export's daemon).
+fn daemon_of(image: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let links: Vec<PathBuf> = fds
+            .flatten()
+            .filter_map(|f| std::fs::read_link(f.path()).ok())
+            .collect();
+        if links.iter().any(|l| l == Path::new("/dev/fuse")) && links.iter().any(|l| l == image) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Whether a process is gone (or a zombie).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(st) => st
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_none_or(|state| state == "Z"),
+    }
+}
+
+#[test]
+fn sigterm_to_a_background_daemon_flushes_and_unmounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("bg.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&image), "8M"]);
+    let mp = d.join("export");
+    std::fs::write(&mp, b"").unwrap();
+    let m = Mounted::new(&["-f", "qcow2", s(&image)], &mp);
+    let data = pattern(8, 0, 2 * MIB as usize + 3);
+    OpenOptions::new()
+        .write(true)
+        .open(&m.file)
+        .unwrap()
+        .write_all_at(&data, 12_345)
+        .unwrap();
+    let image_abs = std::fs::canonicalize(&image).unwrap();
+    let pids = daemon_of(&image_abs);
+    assert_eq!(
+        pids.len(),
+        1,
+        "daemons of {}: {pids:?}",
+        image_abs.display()
+    );
+    // SAFETY: kill with the daemon's pid.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGTERM) }, 0);
+    let mut waited = 0;
+    while !gone(pids[0]) {
+        assert!(waited < 3000, "the daemon did not exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    std::mem::forget(m);
+    assert!(!is_mounted(&mp));
+    qemu_check_clean(&image, "qcow2");
+    let out = d.join("out.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", s(&image), s(&out)]);
+    let content = std::fs::read(&out).unwrap();
+    assert!(content[12_345..12_345 + data.len()] == data[..]);
+}
+
 #[test]
 fn umount_from_outside_ends_the_daemon_and_closes_the_image() {
     let dir = tempfile::tempdir().unwrap();
