@@ -829,6 +829,94 @@ mod tests {
         assert_eq!(errno_of(&e), Errno::EACCES);
     }
 
+    /// The filesystem over a fresh 4 MiB qcow2 image (64 KiB clusters) with data at 1 MiB.
+    fn fs(dir: &Path, writable: bool) -> ImageFs {
+        let path = dir.join("t.qcow2");
+        img_core::qcow2::create(
+            &path,
+            &img_core::qcow2::Qcow2CreateOptions {
+                size: 4 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let open = |read_only| {
+            img_core::open_image(
+                &path,
+                &img_core::OpenOptions {
+                    format: Some("qcow2".into()),
+                    read_only,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let image = open(false);
+        image.write_at(&[0xaa; 100_000], 1 << 20).unwrap();
+        image.close().unwrap();
+        ImageFs {
+            image: Some(open(!writable)),
+            writable,
+            kind: MountKind::File,
+            name: "t.qcow2".into(),
+            mode: AtomicU32::new(0o600),
+            uid: 0,
+            gid: 0,
+            mtime: AtomicU64::new(0),
+            host_path: path,
+            log: Arc::new(|_| {}),
+            closed: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    #[test]
+    fn seek_follows_the_allocation_and_ends_at_the_disk_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = fs(dir.path(), false);
+        let mib = 1u64 << 20;
+        assert_eq!(fs.seek(0, true), Ok(mib));
+        assert_eq!(fs.seek(mib + 5, true), Ok(mib + 5));
+        // 100_000 bytes written: the data runs to the end of their second cluster.
+        assert_eq!(fs.seek(mib, false), Ok(mib + 128 * 1024));
+        assert_eq!(fs.seek(2 * mib, true), Err(Errno::ENXIO));
+        assert_eq!(fs.seek(2 * mib, false), Ok(2 * mib));
+        assert_eq!(fs.seek(4 * mib, false), Err(Errno::ENXIO));
+        assert_eq!(fs.seek(u64::MAX, true), Err(Errno::ENXIO));
+    }
+
+    #[test]
+    fn fallocate_refuses_what_it_cannot_do_without_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = fs(dir.path(), true);
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(fs.do_fallocate(u64::MAX, 2, punch), Err(Errno::EFBIG));
+        assert_eq!(fs.do_fallocate(0, 4096, 0), Err(Errno::EOPNOTSUPP));
+        assert_eq!(fs.do_fallocate(4 << 20, 4096, 0), Err(Errno::EFBIG));
+        assert_eq!(
+            fs.do_fallocate(0, 4096, libc::FALLOC_FL_COLLAPSE_RANGE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            fs.do_fallocate((4 << 20) - 512, 4096, libc::FALLOC_FL_ZERO_RANGE),
+            Err(Errno::EFBIG)
+        );
+        // Past the end with KEEP_SIZE: clamped, or nothing to do.
+        assert_eq!(fs.do_fallocate((4 << 20) - 512, 4096, punch), Ok(()));
+        assert_eq!(fs.do_fallocate(8 << 20, 4096, punch), Ok(()));
+        assert_eq!(fs.do_fallocate(1 << 20, 1000, punch), Ok(()));
+        let mut buf = vec![1u8; 1000];
+        fs.image().unwrap().read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let ro = fs_read_only(dir.path());
+        assert_eq!(ro.do_fallocate(0, 4096, punch), Err(Errno::EACCES));
+    }
+
+    fn fs_read_only(dir: &Path) -> ImageFs {
+        let sub = dir.join("ro");
+        std::fs::create_dir(&sub).unwrap();
+        fs(&sub, false)
+    }
+
     fn blockdev_io_error(source: std::io::Error) -> blockdev::Error {
         blockdev::Error::Open {
             name: "f".into(),
