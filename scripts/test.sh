@@ -16,6 +16,14 @@ if ! command -v mkfs.btrfs >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends btrfs-progs
 fi
 
+# FUSE (fusermount3, /dev/fuse use), mkfs.ext4/debugfs and sfdisk for the img mount and
+# img partitions tests.
+if ! command -v fusermount3 >/dev/null 2>&1 || ! command -v debugfs >/dev/null 2>&1 \
+    || ! command -v sfdisk >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends fuse3 e2fsprogs fdisk
+fi
+
 # QEMU's system emulator (unpacked, never installed) for the tests that need a real QEMU, such
 # as snapshots holding VM state saved by `savevm`.
 scripts/qemu-system.sh --prepare

@@ -90,11 +90,16 @@ impl PidFile {
             .map_err(|e| CliError::new(format!("Failed to write pid file '{path}': {e}")))?;
         Ok(PidFile(PathBuf::from(path)))
     }
+
+    /// Removes the file now (for a process about to `exit`, which skips destructors).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.remove();
     }
 }
 

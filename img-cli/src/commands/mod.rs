@@ -12,6 +12,8 @@ pub(crate) mod create_vmdk;
 mod info;
 mod map;
 mod measure;
+mod mount;
+mod partitions;
 mod rebase;
 mod resize;
 mod serve;
@@ -22,12 +24,15 @@ use crate::{CliError, CmdResult};
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
     "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
-    "resize", "serve", "snapshot",
+    "resize", "snapshot",
 ];
+
+/// The commands that serve or export images, and the partition lister.
+const EXPORT_COMMANDS: &[&str] = &["mount", "unmount", "partitions", "serve"];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
-    COMMANDS.contains(&name)
+    COMMANDS.contains(&name) || EXPORT_COMMANDS.contains(&name)
 }
 
 /// Runs the subcommand named by `args[0]`.
@@ -51,6 +56,9 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "resize" => resize::run(rest),
         "serve" => serve::run(rest),
         "snapshot" => snapshot::run(rest),
+        "mount" => mount::run(rest),
+        "unmount" => mount::run_unmount(rest),
+        "partitions" => partitions::run(rest),
         "-h" | "--help" | "help" => {
             print_help();
             Ok(0)
@@ -79,8 +87,11 @@ fn print_help() {
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
          resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size\n  \
-         serve --vhost-user-blk socket [--image-opts] [-f fmt] [--readonly] [--num-queues N] [-t cache] [--aio aio] [--pidfile file] [--daemonize] filename\n  \
-         snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n",
+         snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [-f fmt] filename\n  \
+         mount [--image-opts | -f fmt] [-r] [--foreground] [-t cache] [-o options] filename mountpoint\n  \
+         unmount mountpoint\n  \
+         partitions [-f fmt] [--image-opts] [--output=ofmt] [-U] filename\n  \
+         serve --vhost-user-blk socket [--image-opts] [-f fmt] [--readonly] [--num-queues N] [-t cache] [--aio aio] [--pidfile file] [--daemonize] filename\n",
         env!("CARGO_PKG_VERSION")
     );
 }

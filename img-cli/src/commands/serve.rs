@@ -118,11 +118,16 @@ pub fn run(args: &[String]) -> CmdResult {
     let spec = ImageSpec::from_args(image, image_opts, format.as_deref())?;
     let image = open_with_aio(&spec, device.read_only, cache, aio)?;
     let device = Arc::new(BlockDevice::new(image, device));
-    let _pidfile = pidfile.as_deref().map(PidFile::create).transpose()?;
+    let pidfile = pidfile
+        .as_deref()
+        .map(PidFile::create)
+        .transpose()?
+        .map(Arc::new);
 
     let stopper = Stopper::default();
     {
         let (stopper, device, socket) = (stopper.clone(), Arc::clone(&device), socket.clone());
+        let pidfile = pidfile.clone();
         daemon::on_stop_signal(move |_| {
             stopper.stop();
             // The accept loop may be blocked waiting for a front end: finish here. Closing
@@ -135,6 +140,9 @@ pub fn run(args: &[String]) -> CmdResult {
                 }
             };
             let _ = std::fs::remove_file(&socket);
+            if let Some(p) = &pidfile {
+                p.remove();
+            }
             std::process::exit(code);
         });
     }

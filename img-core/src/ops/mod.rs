@@ -4,5 +4,6 @@ pub mod commit;
 pub mod compare;
 pub mod map;
 pub mod measure;
+pub mod partitions;
 pub mod rebase;
 pub mod status;

@@ -131,6 +131,10 @@ impl VhostUserBackend for VhostUserBlk {
         self.device.config().features() | 1 << VHOST_USER_F_PROTOCOL_FEATURES
     }
 
+    fn acked_features(&self, features: u64) {
+        self.device.set_acked_features(features);
+    }
+
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ

@@ -5,7 +5,7 @@ use super::request::{Request, RequestKind, SgList, SEGMENT_LEN};
 use super::{SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use img_core::Image;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 use vm_memory::GuestMemory;
 
@@ -56,6 +56,9 @@ pub struct BlockDevice {
     name: String,
     config: BlockConfig,
     stats: BlockStats,
+    /// The driver did not accept FLUSH: it cannot ask for durability, so every write is made
+    /// durable before it completes (the spec's write-through fallback).
+    write_through: AtomicBool,
 }
 
 enum Fail {
@@ -75,7 +78,19 @@ impl BlockDevice {
             config: BlockConfig::new(image.size(), options),
             image: RwLock::new(Some(image)),
             stats: BlockStats::default(),
+            write_through: AtomicBool::new(false),
         }
+    }
+
+    /// Takes note of the features the driver accepted.
+    pub fn set_acked_features(&self, acked: u64) {
+        let flush = acked & 1 << super::features::FLUSH != 0;
+        self.write_through.store(!flush, Ordering::Release);
+    }
+
+    /// Whether writes are made durable before they complete (FLUSH not negotiated).
+    pub fn is_write_through(&self) -> bool {
+        self.write_through.load(Ordering::Acquire)
     }
 
     /// Features and configuration space.
@@ -219,6 +234,9 @@ impl BlockDevice {
             }
             Ok(())
         })?;
+        if self.is_write_through() {
+            image.flush().map_err(|e| self.log(e, "flush", offset))?;
+        }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(0)
@@ -259,6 +277,9 @@ impl BlockDevice {
                     .map_err(|e| self.log(e, "write zeroes", offset))?;
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if self.is_write_through() {
+            image.flush().map_err(|e| self.log(e, "flush", 0))?;
         }
         Ok(0)
     }

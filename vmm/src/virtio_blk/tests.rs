@@ -478,3 +478,16 @@ fn concurrent_requests_on_qcow2() {
         );
     }
 }
+
+/// A driver that does not accept FLUSH gets durable writes without asking: the write reaches
+/// the file before the request completes, as a flush would make it.
+#[test]
+fn without_flush_negotiated_writes_are_write_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = raw_device(dir.path(), MIB, DeviceOptions::default());
+    assert!(!dev.is_write_through());
+    dev.set_acked_features(dev.config().features() & !(1 << features::FLUSH));
+    assert!(dev.is_write_through());
+    dev.set_acked_features(dev.config().features());
+    assert!(!dev.is_write_through());
+}
