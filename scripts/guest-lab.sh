@@ -3,8 +3,8 @@
 # QEMU 7.2 (TCG, unpacked by scripts/qemu-system.sh) with its disk served over vhost-user-blk,
 # and checks from both sides that what the guest wrote is what lands in the image.
 #
-#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, chain, ro); exit 0 only if
-#                                    all pass
+#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, rw-direct, chain, ro); exit 0
+#                                    only if all pass
 #   scripts/guest-lab.sh CASE...     only these cases
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
@@ -343,26 +343,37 @@ build_initramfs() {
 SERVER_PID=
 QEMU_PID=
 
-# start_server NAME IMAGE FORMAT SOCK LOG [readonly] [queues]
+# start_server NAME IMAGE FORMAT SOCK LOG [readonly] [queues] [direct]
+# With "direct", the image is named by options (img serve --image-opts) that open it with
+# O_DIRECT and the thread-pool engine.
 start_server() {
-    local name=$1 image=$2 fmt=$3 sock=$4 slog=$5 ro=${6:-} queues=${7:-1}
+    local name=$1 image=$2 fmt=$3 sock=$4 slog=$5 ro=${6:-} queues=${7:-1} direct=${8:-}
     rm -f "$sock"
     case "$name" in
     img)
-        local args=(serve --vhost-user-blk "$sock" -f "$fmt" --num-queues "$queues")
+        local args=(serve --vhost-user-blk "$sock" --num-queues "$queues")
         [ -n "$ro" ] && args+=(--readonly)
         # shellcheck disable=SC2206 # SERVE_OPTS is a list of options, split on purpose
-        args+=(${SERVE_OPTS:-} "$image")
-        "$IMG_BIN" "${args[@]}" >"$slog" 2>&1 &
+        args+=(${SERVE_OPTS:-})
+        if [ -n "$direct" ]; then
+            args+=(--image-opts "driver=$fmt,file.driver=file,file.filename=$image,cache.direct=on,file.aio=threads")
+        else
+            args+=(-f "$fmt" "$image")
+        fi
+        echo "+ img ${args[*]}" >"$slog"
+        "$IMG_BIN" "${args[@]}" >>"$slog" 2>&1 &
         ;;
     qsd)
-        local fro=off writable=on
+        local fro=off writable=on fileopts=
         [ -n "$ro" ] && fro=on writable=off
-        qemu-storage-daemon \
-            --blockdev "driver=file,node-name=file,filename=$image,read-only=$fro" \
-            --blockdev "driver=$fmt,node-name=fmt,file=file,read-only=$fro" \
-            --export "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path=$sock,writable=$writable,num-queues=$queues" \
-            >"$slog" 2>&1 &
+        [ -n "$direct" ] && fileopts=,cache.direct=on,aio=threads
+        local args=(
+            --blockdev "driver=file,node-name=file,filename=$image,read-only=$fro$fileopts"
+            --blockdev "driver=$fmt,node-name=fmt,file=file,read-only=$fro"
+            --export "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path=$sock,writable=$writable,num-queues=$queues"
+        )
+        echo "+ qemu-storage-daemon ${args[*]}" >"$slog"
+        qemu-storage-daemon "${args[@]}" >>"$slog" 2>&1 &
         ;;
     *) die "SERVER must be img or qsd, not $name" ;;
     esac
@@ -525,15 +536,16 @@ report_failure() { # case console server-log
     tail -n 40 "$3" >&2 || true
 }
 
-# case_rw NAME QUEUES [FORMAT]: ext4 in a qcow2 (or raw) image that img convert made from
-# mkfs.ext4's raw.
+# case_rw NAME QUEUES [FORMAT] [direct]: ext4 in a qcow2 (or raw) image that img convert made
+# from mkfs.ext4's raw.
 case_rw() {
-    local name=$1 queues=$2 fmt=${3:-qcow2} d="$WORK/$1"
+    local name=$1 queues=$2 fmt=${3:-qcow2} direct=${4:-} d="$WORK/$1"
     local disk="$d/disk.$fmt"
     mkdir -p "$d"
     make_fs "$d/fs.raw" || return 1
     "$IMG_BIN" convert -f raw -O "$fmt" "$d/fs.raw" "$disk" || return 1
-    start_server "$SERVER" "$disk" "$fmt" "$d/sock" "$d/server.log" "" "$queues" || return 1
+    start_server "$SERVER" "$disk" "$fmt" "$d/sock" "$d/server.log" "" "$queues" "$direct" ||
+        return 1
     # While it is served, a qcow2 image is locked as QEMU locks it: no other writer may open it.
     # (A raw one may be: like qemu-storage-daemon's exports, the server shares write access.)
     local out
@@ -645,6 +657,7 @@ run_case() {
     rw) case_rw rw 1 || rc=$? ;;
     rw-mq) case_rw rw-mq 2 || rc=$? ;;
     rw-raw) case_rw rw-raw 1 raw || rc=$? ;;
+    rw-direct) case_rw rw-direct 1 qcow2 direct || rc=$? ;;
     chain) case_chain || rc=$? ;;
     ro) case_ro || rc=$? ;;
     *) die "unknown case $name" ;;
@@ -742,7 +755,7 @@ main() {
     fi
     build_initramfs "$WORK/initrd"
     local cases=("$@") c failed=()
-    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw chain ro); fi
+    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw rw-direct chain ro); fi
     log "SERVER=$SERVER img=$IMG_BIN kernel=$KVER cases: ${cases[*]}"
     for c in "${cases[@]}"; do
         run_case "$c" || failed+=("$c")
