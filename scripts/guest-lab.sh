@@ -21,6 +21,7 @@
 #                      (BENCH_QUEUES: vCPUs, virtqueues and fio jobs)
 #   LAB_FAULT=corrupt  case rw corrupts a file in the image after the guest ran (the lab must
 #                      then fail: a check of the checks)
+#   LAB_FAULT=kill-server  the server is killed 3 s into each boot (the lab must fail at once)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -434,6 +435,24 @@ boot() {
         -device "vhost-user-blk-pci,chardev=c,num-queues=$queues" \
         </dev/null >"$console" 2>&1 &
     QEMU_PID=$!
+    if [ "${LAB_FAULT:-}" = kill-server ]; then
+        (sleep 3 && kill -KILL "$SERVER_PID") &
+    fi
+    # A server that dies leaves the guest waiting on its disk until the timeout: watch it.
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if [ -n "$SERVER_PID" ] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            local src=0
+            wait "$SERVER_PID" || src=$?
+            SERVER_PID=
+            log "the server exited (status $src) while the guest ran"
+            kill -TERM "$QEMU_PID" 2>/dev/null || true
+            wait "$QEMU_PID" || true
+            QEMU_PID=
+            tr -d '\r' <"$console" >"$console.txt"
+            return 1
+        fi
+        sleep 0.2
+    done
     wait "$QEMU_PID" || rc=$?
     QEMU_PID=
     tr -d '\r' <"$console" >"$console.txt"

@@ -68,3 +68,15 @@ fn guest_lab_notices_corruption() {
         "the lab failed, but not on the corrupted file:\n{text}"
     );
 }
+
+/// A server that dies under a running guest fails the lab at once (no wait for the boot
+/// timeout), with the guest's console and the server's log in the report.
+#[test]
+fn guest_lab_notices_a_dead_server() {
+    let (ok, text) = run_lab(&["rw"], &[("SERVER", "img"), ("LAB_FAULT", "kill-server")]);
+    assert!(!ok, "the lab passed with its server killed:\n{text}");
+    assert!(
+        text.contains("the server exited") && text.contains("server log"),
+        "the lab failed, but not on the dead server:\n{text}"
+    );
+}
