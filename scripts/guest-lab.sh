@@ -3,8 +3,8 @@
 # QEMU 7.2 (TCG, unpacked by scripts/qemu-system.sh) with its disk served over vhost-user-blk,
 # and checks from both sides that what the guest wrote is what lands in the image.
 #
-#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, rw-direct, chain, ro); exit 0
-#                                    only if all pass
+#   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, rw-direct, chain, ro,
+#                                    verify); exit 0 only if all pass
 #   scripts/guest-lab.sh CASE...     only these cases
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
@@ -60,9 +60,7 @@ prepare_tools() {
     command -v modprobe >/dev/null 2>&1 || missing+=(kmod)
     command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
     command -v qemu-storage-daemon >/dev/null 2>&1 || missing+=(qemu-utils)
-    if [ "${1:-}" = bench ]; then
-        command -v fio >/dev/null 2>&1 || missing+=(fio)
-    fi
+    command -v fio >/dev/null 2>&1 || missing+=(fio)
     if [ ${#missing[@]} -gt 0 ]; then
         local pkgs
         mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -179,6 +177,16 @@ sum() { # sum FILE NAME: prints the digest line the host compares with its own
     say "LAB-SUM $2 $s"
 }
 
+queue_report() {
+    # Whether each virtqueue carried requests: the interrupts of its MSI-X vector (virtioN-req.Q)
+    # count its completions.
+    grep -- '-req\.[0-9]*$' /proc/interrupts | while read -r line; do
+        q=${line##* }
+        n=$(echo "$line" | awk '{for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n + 0}')
+        say "LAB-QUEUE ${q#*-} interrupts=$n"
+    done
+}
+
 for m in $(cat /modules.order); do
     # CPU-specific variants (crc32c-intel without SSE4.2) may refuse; their generic twin loads.
     insmod "/lib/modules/$m" 2>/dev/null || say "LAB-INFO insmod $m refused"
@@ -243,13 +251,7 @@ rw)
         n=$((n + 1))
     done
     umount /mnt || fail "umount"
-    # Whether each virtqueue carried requests: the interrupts of its MSI-X vector (virtioN-req.Q)
-    # count its completions.
-    grep -- '-req\.[0-9]*$' /proc/interrupts | while read -r line; do
-        q=${line##* }
-        n=$(echo "$line" | awk '{for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n + 0}')
-        say "LAB-QUEUE ${q#*-} interrupts=$n"
-    done
+    queue_report
     ;;
 ro)
     if err=$(dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>&1); then
@@ -272,6 +274,19 @@ ro)
     sum /mnt/seed/read.bin seed/read.bin
     sum /mnt/seed/overwrite.bin seed/overwrite.bin
     umount /mnt || fail "umount"
+    echo 3 >/proc/sys/vm/drop_caches
+    sum /dev/vda disk
+    ;;
+verify)
+    # Concurrent writes of mixed sizes, each fio job (one a CPU, so one a queue) in a region of
+    # its own, read back and checked by fio; then the whole disk's digest for the host.
+    export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+    out=$(fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
+        --bsrange=4k-64k --iodepth=16 --numjobs="$(nproc)" --size=24M --offset_increment=24M \
+        --verify=crc32c --verify_fatal=1 --group_reporting --output-format=terse \
+        --terse-version=3 2>&1) || fail "fio verify: $out"
+    say "LAB-INFO fio: $(echo "$out" | grep '^3;' | cut -d';' -f7,8,48,49)"
+    queue_report
     echo 3 >/proc/sys/vm/drop_caches
     sum /dev/vda disk
     ;;
@@ -539,6 +554,19 @@ host_sums() {
     return $bad
 }
 
+# check_queues CONSOLE N: the guest saw N queues and every one carried requests.
+check_queues() {
+    grep -q "^LAB-INFO .*queues=$2 " "$1" || {
+        log "the guest did not see $2 queue(s): $(grep LAB-INFO "$1")"
+        return 1
+    }
+    [ "$(grep -c '^LAB-QUEUE req\.[0-9]* interrupts=[1-9]' "$1")" = "$2" ] || {
+        log "not every queue carried requests: $(grep LAB-QUEUE "$1" | tr '\n' ' ')"
+        return 1
+    }
+    if [ "$2" -gt 1 ]; then grep '^LAB-QUEUE' "$1" | sed 's/^/    guest: /' >&2; fi
+}
+
 check_clean() {
     local out
     if ! out=$(qemu-img check -f qcow2 "$1" 2>&1) || ! echo "$out" | grep -q 'No errors were found'; then
@@ -575,16 +603,7 @@ case_rw() {
     fi
     boot rw "$d/sock" "$d/console" "$WORK/initrd" "$queues" || return 1
     stop_server || return 1
-    grep -q "^LAB-INFO .*queues=$queues " "$d/console.txt" || {
-        log "the guest did not see $queues queue(s): $(grep LAB-INFO "$d/console.txt")"
-        return 1
-    }
-    # Every queue carried requests.
-    [ "$(grep -c '^LAB-QUEUE req\.[0-9]* interrupts=[1-9]' "$d/console.txt")" = "$queues" ] || {
-        log "not every queue carried requests: $(grep LAB-QUEUE "$d/console.txt" | tr '\n' ' ')"
-        return 1
-    }
-    grep '^LAB-QUEUE' "$d/console.txt" | sed 's/^/    guest: /' >&2
+    check_queues "$d/console.txt" "$queues" || return 1
     if [ "${LAB_FAULT:-}" = corrupt ]; then
         corrupt_file "$disk" "$fmt" lab/random.bin || return 1
     fi
@@ -669,6 +688,27 @@ case_ro() {
     check_clean "$d/disk.qcow2" || return 1
 }
 
+# verify: fio's verified concurrent writes into a fresh (unallocated) qcow2 image over two
+# queues: cluster allocation under concurrent requests; the image must then be clean and read
+# as the guest last read the disk.
+case_verify() {
+    local d="$WORK/verify" want
+    mkdir -p "$d"
+    "$IMG_BIN" create -q -f qcow2 "$d/disk.qcow2" 64M >/dev/null || return 1
+    start_server "$SERVER" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server.log" "" 2 || return 1
+    boot verify "$d/sock" "$d/console" "$WORK/initrd-fio" 2 || return 1
+    stop_server || return 1
+    check_queues "$d/console.txt" 2 || return 1
+    check_clean "$d/disk.qcow2" || return 1
+    qemu-img convert -f qcow2 -O raw "$d/disk.qcow2" "$d/disk.raw" || return 1
+    want=$(sha256sum <"$d/disk.raw" | cut -d' ' -f1)
+    rm -f "$d/disk.raw"
+    grep -q "^LAB-SUM disk $want\$" "$d/console.txt" || {
+        log "the guest read the disk differently from the image (image $want)"
+        return 1
+    }
+}
+
 run_case() {
     local name=$1 t0 rc=0
     t0=$(date +%s)
@@ -679,6 +719,7 @@ run_case() {
     rw-direct) case_rw rw-direct 1 qcow2 direct || rc=$? ;;
     chain) case_chain || rc=$? ;;
     ro) case_ro || rc=$? ;;
+    verify) case_verify || rc=$? ;;
     *) die "unknown case $name" ;;
     esac
     if [ -n "$QEMU_PID" ]; then kill -TERM "$QEMU_PID" 2>/dev/null || true; fi
@@ -774,7 +815,8 @@ main() {
     fi
     build_initramfs "$WORK/initrd"
     local cases=("$@") c failed=()
-    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw rw-direct chain ro); fi
+    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw rw-direct chain ro verify); fi
+    case " ${cases[*]} " in *" verify "*) build_initramfs "$WORK/initrd-fio" fio ;; esac
     log "SERVER=$SERVER img=$IMG_BIN kernel=$KVER cases: ${cases[*]}"
     for c in "${cases[@]}"; do
         run_case "$c" || failed+=("$c")

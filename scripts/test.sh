@@ -27,7 +27,7 @@ fi
 # QEMU's system emulator (unpacked, never installed) for the tests that need a real QEMU, such
 # as snapshots holding VM state saved by `savevm`.
 scripts/qemu-system.sh --prepare
-# The guest lab (tests/tests/guest_lab.rs): e2fsprogs and kmod, a Debian kernel and busybox.
+# The guest lab (tests/tests/guest_lab.rs): e2fsprogs, kmod, fio, a Debian kernel and busybox.
 scripts/guest-lab.sh --prepare
 
 # Release builds: the interop and property tests move hundreds of MiB through the engine.

@@ -14,7 +14,15 @@ use std::sync::Mutex;
 /// One guest at a time: the machine has few cores, and TCG guests are CPU-bound.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
-const CASES: &[&str] = &["rw", "rw-mq", "rw-raw", "rw-direct", "chain", "ro"];
+const CASES: &[&str] = &[
+    "rw",
+    "rw-mq",
+    "rw-raw",
+    "rw-direct",
+    "chain",
+    "ro",
+    "verify",
+];
 
 /// Runs the lab script with `args` and extra environment; returns (success, all output).
 fn run_lab(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
