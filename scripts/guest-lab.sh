@@ -21,7 +21,7 @@
 #                      (BENCH_QUEUES: vCPUs, virtqueues and fio jobs)
 #   LAB_FAULT=corrupt  case rw corrupts a file in the image after the guest ran (the lab must
 #                      then fail: a check of the checks)
-#   LAB_FAULT=kill-server  the server is killed 3 s into each boot (the lab must fail at once)
+#   LAB_FAULT=kill-server  the server is killed 1 s into each boot (the lab must fail at once)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -451,7 +451,7 @@ boot() {
         </dev/null >"$console" 2>&1 &
     QEMU_PID=$!
     if [ "${LAB_FAULT:-}" = kill-server ]; then
-        (sleep 3 && kill -KILL "$SERVER_PID") &
+        (sleep 1 && kill -KILL "$SERVER_PID") &
     fi
     # A server that dies leaves the guest waiting on its disk until the timeout: watch it.
     while kill -0 "$QEMU_PID" 2>/dev/null; do
