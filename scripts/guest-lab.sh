@@ -4,7 +4,7 @@
 # and checks from both sides that what the guest wrote is what lands in the image.
 #
 #   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, rw-direct, chain, ro,
-#                                    verify); exit 0 only if all pass
+#                                    verify, trim); exit 0 only if all pass
 #   scripts/guest-lab.sh CASE...     only these cases
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
@@ -290,6 +290,21 @@ verify)
     echo 3 >/proc/sys/vm/drop_caches
     sum /dev/vda disk
     ;;
+trim)
+    # Discard the first 16 MiB, zero the next 8 MiB (WRITE_ZEROES), leave the rest; the host
+    # then finds the discarded and zeroed ranges deallocated and the rest intact.
+    export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+    say "LAB-INFO discard_max=$(cat /sys/block/vda/queue/discard_max_bytes) write_zeroes_max=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
+    [ "$(cat /sys/block/vda/queue/discard_max_bytes)" != 0 ] || fail "the disk offers no discard"
+    [ "$(cat /sys/block/vda/queue/write_zeroes_max_bytes)" != 0 ] || fail "the disk offers no write zeroes"
+    err=$(blkdiscard -o 0 -l 16777216 /dev/vda 2>&1) || fail "discard: $err"
+    err=$(blkdiscard.host -z -o 16777216 -l 8388608 /dev/vda 2>&1) || fail "write zeroes: $err"
+    echo 3 >/proc/sys/vm/drop_caches
+    z=$(dd if=/dev/zero bs=1M count=24 2>/dev/null | sha256sum | cut -d' ' -f1)
+    got=$(dd if=/dev/vda bs=1M count=24 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$got" = "$z" ] || fail "the discarded and zeroed 24 MiB do not read as zeros"
+    sum /dev/vda disk
+    ;;
 bench)
     export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
     for t in read:1M:4 write:1M:4 randread:4k:16 randwrite:4k:16; do
@@ -342,13 +357,18 @@ build_initramfs() {
         modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m"
     done)
     if [ "${2:-}" = fio ]; then
-        local fio lib
-        fio=$(command -v fio)
-        cp "$fio" "$root/bin/fio"
-        for lib in $(ldd "$fio" | awk '/=> \// {print $3} /^\t\// {print $1}'); do
-            mkdir -p "$root$(dirname "$lib")"
-            cp -L "$lib" "$root$lib"
+        # util-linux's blkdiscard too: busybox's cannot zero (-z, the BLKZEROOUT ioctl that
+        # becomes virtio-blk WRITE_ZEROES).
+        local bin lib
+        for bin in fio blkdiscard; do
+            bin=$(command -v "$bin")
+            cp "$bin" "$root/bin/$(basename "$bin").host"
+            for lib in $(ldd "$bin" | awk '/=> \// {print $3} /^\t\// {print $1}'); do
+                mkdir -p "$root$(dirname "$lib")"
+                cp -L "$lib" "$root$lib"
+            done
         done
+        mv "$root/bin/fio.host" "$root/bin/fio"
     fi
     (cd "$root" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null) >"$out"
 }
@@ -373,6 +393,8 @@ start_server() {
         args+=(${SERVE_OPTS:-})
         if [ -n "$direct" ]; then
             args+=(--image-opts "driver=$fmt,file.driver=file,file.filename=$image,cache.direct=on,file.aio=threads")
+        elif [[ " ${SERVE_OPTS:-} " == *" --image-opts "* ]]; then
+            args+=("$image")
         else
             args+=(-f "$fmt" "$image")
         fi
@@ -383,9 +405,11 @@ start_server() {
         local fro=off writable=on fileopts=
         [ -n "$ro" ] && fro=on writable=off
         [ -n "$direct" ] && fileopts=,cache.direct=on,aio=threads
+        local fmtopts=
+        [ -n "${QSD_DISCARD:-}" ] && fileopts+=,discard=$QSD_DISCARD fmtopts=,discard=$QSD_DISCARD
         local args=(
             --blockdev "driver=file,node-name=file,filename=$image,read-only=$fro$fileopts"
-            --blockdev "driver=$fmt,node-name=fmt,file=file,read-only=$fro"
+            --blockdev "driver=$fmt,node-name=fmt,file=file,read-only=$fro$fmtopts"
             --export "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path=$sock,writable=$writable,num-queues=$queues"
         )
         echo "+ qemu-storage-daemon ${args[*]}" >"$slog"
@@ -709,6 +733,49 @@ case_verify() {
     }
 }
 
+# trim: the guest discards and zeroes ranges of a qcow2 image full of data, served with
+# discard=unmap: the clusters are freed (qemu-img map), the image is clean, the rest intact.
+case_trim() {
+    local d="$WORK/trim" want img_opts
+    mkdir -p "$d"
+    head -c 64M /dev/urandom >"$d/data.raw" || return 1
+    "$IMG_BIN" convert -f raw -O qcow2 "$d/data.raw" "$d/disk.qcow2" || return 1
+    if [ "$SERVER" = img ]; then
+        img_opts="driver=qcow2,discard=unmap,file.driver=file,file.filename=$d/disk.qcow2"
+        SERVE_OPTS="${SERVE_OPTS:-} --image-opts" start_server img "$img_opts" qcow2 \
+            "$d/sock" "$d/server.log" || return 1
+    else
+        QSD_DISCARD=unmap start_server qsd "$d/disk.qcow2" qcow2 "$d/sock" "$d/server.log" ||
+            return 1
+    fi
+    boot trim "$d/sock" "$d/console" "$WORK/initrd-fio" || return 1
+    stop_server || return 1
+    grep '^LAB-INFO discard' "$d/console.txt" | sed 's/^/    guest: /' >&2
+    check_clean "$d/disk.qcow2" || return 1
+    # The discarded 16 MiB are deallocated; the zeroed 8 MiB read as zeros without data (the
+    # guest's BLKZEROOUT asks to keep the allocation, so the clusters may stay, flagged zero);
+    # everything after them is still data.
+    local map
+    map=$(qemu-img map --output=json -f qcow2 "$d/disk.qcow2")
+    echo "$map" | grep -q '"start": 0, "length": 16777216,.*"zero": true, "data": false' &&
+        echo "$map" | grep -q '"start": 16777216, "length": 8388608,.*"zero": true, "data": false' &&
+        echo "$map" | grep -q '"start": 25165824, "length": 41943040,.*"data": true' || {
+        log "the discarded and zeroed ranges are not mapped as expected:"
+        echo "$map" >&2
+        return 1
+    }
+    dd if=/dev/zero of="$d/data.raw" bs=1M count=24 conv=notrunc 2>/dev/null
+    want=$(sha256sum <"$d/data.raw" | cut -d' ' -f1)
+    grep -q "^LAB-SUM disk $want\$" "$d/console.txt" || {
+        log "the guest read the disk differently from the expected content"
+        return 1
+    }
+    qemu-img compare -f raw -F qcow2 "$d/data.raw" "$d/disk.qcow2" >/dev/null || {
+        log "the image differs from the expected content"
+        return 1
+    }
+}
+
 run_case() {
     local name=$1 t0 rc=0
     t0=$(date +%s)
@@ -720,6 +787,7 @@ run_case() {
     chain) case_chain || rc=$? ;;
     ro) case_ro || rc=$? ;;
     verify) case_verify || rc=$? ;;
+    trim) case_trim || rc=$? ;;
     *) die "unknown case $name" ;;
     esac
     if [ -n "$QEMU_PID" ]; then kill -TERM "$QEMU_PID" 2>/dev/null || true; fi
@@ -815,8 +883,8 @@ main() {
     fi
     build_initramfs "$WORK/initrd"
     local cases=("$@") c failed=()
-    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw rw-direct chain ro verify); fi
-    case " ${cases[*]} " in *" verify "*) build_initramfs "$WORK/initrd-fio" fio ;; esac
+    if [ "$mode" = check ]; then cases=(rw rw-mq rw-raw rw-direct chain ro verify trim); fi
+    case " ${cases[*]} " in *" verify "* | *" trim "*) build_initramfs "$WORK/initrd-fio" fio ;; esac
     log "SERVER=$SERVER img=$IMG_BIN kernel=$KVER cases: ${cases[*]}"
     for c in "${cases[@]}"; do
         run_case "$c" || failed+=("$c")

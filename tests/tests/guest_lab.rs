@@ -22,6 +22,7 @@ const CASES: &[&str] = &[
     "chain",
     "ro",
     "verify",
+    "trim",
 ];
 
 /// Runs the lab script with `args` and extra environment; returns (success, all output).
