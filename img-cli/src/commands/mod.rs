@@ -12,6 +12,7 @@ pub(crate) mod create_vmdk;
 mod info;
 mod map;
 mod measure;
+mod nbd;
 mod rebase;
 mod resize;
 pub(crate) mod snapshot;
@@ -20,8 +21,8 @@ use crate::{CliError, CmdResult};
 
 /// The subcommands, as they are named on the command line.
 const COMMANDS: &[&str] = &[
-    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "rebase",
-    "resize", "snapshot",
+    "amend", "check", "commit", "compare", "convert", "create", "info", "map", "measure", "nbd",
+    "rebase", "resize", "snapshot",
 ];
 
 /// Whether `name` is a subcommand (error hints then name it).
@@ -47,6 +48,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "commit" => commit::run(rest),
         "rebase" => rebase::run(rest),
         "measure" => measure::run(rest),
+        "nbd" => nbd::run(rest),
         "resize" => resize::run(rest),
         "snapshot" => snapshot::run(rest),
         "-h" | "--help" | "help" => {
@@ -73,6 +75,8 @@ fn print_help() {
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
          create [-q] [-f fmt] [-o options] filename [size]\n  \
          info [-f fmt] [--output=ofmt] [-U] [--backing-chain] filename\n  \
+         nbd [-p port] [-b addr] [-k socket] [-x name] [-e shared] [-t] [-r] [-f fmt] [--fork] [--pid-file=file] filename
+  \
          rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename\n  \
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
