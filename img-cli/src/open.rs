@@ -395,7 +395,8 @@ pub fn open_with_aio(
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported
     // by open_image below, first, as qemu does.
-    if meta.is_ok() {
+    let nbd = blockdev::nbd::is_nbd_name(&spec.path);
+    if meta.is_ok() || nbd {
         if let Some(k) = &o.unknown_file_option {
             return Err(fail(format!(
                 "Block protocol 'file' doesn't support the option '{k}'"
@@ -432,7 +433,13 @@ pub fn open_with_aio(
             }
         }
     }
-    let image = open_image(path, &opts).map_err(|e| fail(open_reason(&e)))?;
+    let image = open_image(path, &opts).map_err(|e| match e {
+        // An NBD connection failure is worded once, as qemu words it.
+        img_core::Error::Storage(blockdev::Error::Open { source, .. }) if nbd => {
+            fail(blockdev::os_message(&source))
+        }
+        e => fail(open_reason(&e)),
+    })?;
     if !read_only && opts.format.is_none() && image.format().driver() == "raw" {
         warn_probed_raw(&spec.path);
     }

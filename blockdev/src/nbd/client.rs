@@ -302,9 +302,9 @@ fn option_error(kind: u32, data: &[u8], export: &str) -> String {
         _ => format!("server error {:#x}", kind & !REP_FLAG_ERROR),
     };
     if text.is_empty() {
-        format!("Requested export not available: server reported: {what}")
+        format!("Requested export not available\nserver reported: {what}")
     } else {
-        format!("Requested export not available: server reported: {text}")
+        format!("Requested export not available\nserver reported: {text}")
     }
 }
 
@@ -406,7 +406,7 @@ fn handshake(s: &mut Stream, export: &str) -> io::Result<std::result::Result<Exp
         Ok(v) => v,
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return Ok(Err(format!(
-                "Requested export not available: export '{export}' not present"
+                "Requested export not available\nserver reported: export '{export}' not present"
             )))
         }
         Err(e) => return Err(e),
@@ -420,9 +420,10 @@ fn handshake(s: &mut Stream, export: &str) -> io::Result<std::result::Result<Exp
 
 impl NbdStorage {
     /// Connects to the export `name` names (see [`NbdAddress::parse`]).
+    /// Messages and [`Storage::name`] then use qemu's canonical name of the export.
     pub fn open(name: &str, read_only: bool) -> Result<NbdStorage> {
         let addr = NbdAddress::parse(name).map_err(|m| open_error(name, m))?;
-        Self::connect(name, &addr, read_only)
+        Self::connect(&addr.canonical(), &addr, read_only)
     }
 
     /// Connects to `addr`; `name` is what messages call it.

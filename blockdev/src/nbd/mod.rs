@@ -99,6 +99,19 @@ fn parse_host_port(hp: &str) -> Result<(String, u16), String> {
 }
 
 impl NbdAddress {
+    /// The name qemu shows for the export (`nbd://host:port[/export]`,
+    /// `nbd+unix://[/export]?socket=path`).
+    pub fn canonical(&self) -> String {
+        match (&self.server, self.export.is_empty()) {
+            (Server::Unix { path }, true) => format!("nbd+unix://?socket={path}"),
+            (Server::Unix { path }, false) => format!("nbd+unix:///{}?socket={path}", self.export),
+            (Server::Tcp { host, port }, true) => format!("nbd://{host}:{port}"),
+            (Server::Tcp { host, port }, false) => {
+                format!("nbd://{host}:{port}/{}", self.export)
+            }
+        }
+    }
+
     /// Parses `nbd://host[:port]/export`, `nbd+unix:///export?socket=/path`, and qemu's
     /// legacy `nbd:host:port[:exportname=NAME]` and `nbd:unix:/path[:exportname=NAME]`.
     pub fn parse(name: &str) -> Result<NbdAddress, String> {
