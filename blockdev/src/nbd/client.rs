@@ -129,7 +129,9 @@ impl Conn {
                 SIMPLE_REPLY_MAGIC => {
                     let error = read_u32(r)?;
                     let cookie = read_u64(r)?;
-                    let slot = self.slot(cookie, true)?;
+                    // The slot stays registered until its reply is read whole, so that a
+                    // failure on the way fails it too.
+                    let slot = self.slot(cookie, false)?;
                     if slot.kind == CMD_READ && error == 0 {
                         if self.info.structured {
                             return Err(protocol_error(
@@ -141,6 +143,7 @@ impl Conn {
                         s.covered = slot.len as u64;
                         drop(s);
                     }
+                    self.slot(cookie, true)?;
                     slot.finish(|s| {
                         if error != 0 {
                             s.error = Some((error, String::new()));
@@ -153,9 +156,10 @@ impl Conn {
                     let cookie = read_u64(r)?;
                     let length = read_u32(r)?;
                     let done = flags & REPLY_FLAG_DONE != 0;
-                    let slot = self.slot(cookie, done)?;
+                    let slot = self.slot(cookie, false)?;
                     self.read_chunk(r, &slot, kind, length)?;
                     if done {
+                        self.slot(cookie, true)?;
                         slot.finish(|_| {});
                     }
                 }
@@ -201,7 +205,7 @@ impl Conn {
                 s.covered += n;
             }
             REPLY_TYPE_BLOCK_STATUS if slot.kind == CMD_BLOCK_STATUS => {
-                if length < 12 || length > MAX_STATUS_CHUNK || (length - 4) % 8 != 0 {
+                if !(12..=MAX_STATUS_CHUNK).contains(&length) || !(length - 4).is_multiple_of(8) {
                     return Err(protocol_error(format!(
                         "bad block status chunk length {length}"
                     )));

@@ -276,8 +276,7 @@ pub fn run(args: &[String]) -> CmdResult {
         // A streamOptimized vmdk holds nothing but compressed grains.
         compress: a.compress || writes_only_compressed(&target),
         // A target with a backing file reads what its backing file holds, not zeros.
-        target_is_zero: ((!a.no_create && !nbd_target) || a.target_is_zero)
-            && a.backing.is_none(),
+        target_is_zero: ((!a.no_create && !nbd_target) || a.target_is_zero) && a.backing.is_none(),
         parallel: a.parallel,
         out_of_order: a.out_of_order,
         copy_offload: a.copy_offload,
