@@ -35,11 +35,45 @@ struct ExportInfo {
     allocation_context: Option<u32>,
 }
 
+/// The caller's buffer a READ reply lands in: read straight from the socket into it, with
+/// no copy.
+struct Dest {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is only dereferenced (by the reader thread) under the slot's lock while
+// the slot is not done; the caller that owns the buffer blocks until it sees the slot done
+// under the same lock, so the buffer outlives every access and is never accessed from two
+// threads at once.
+unsafe impl Send for Dest {}
+
+impl Default for Dest {
+    fn default() -> Self {
+        Dest {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
+    }
+}
+
+impl Dest {
+    /// The bytes `at..at + n` of the caller's buffer (bounds checked).
+    fn slice(&mut self, at: usize, n: usize) -> io::Result<&mut [u8]> {
+        if at.checked_add(n).is_none_or(|e| e > self.len) {
+            return Err(protocol_error("reply outside the read buffer"));
+        }
+        // SAFETY: in bounds of a live buffer (see the Send impl), and the returned borrow of
+        // `self` keeps this the only reference to it.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), n) })
+    }
+}
+
 /// The state of one request in flight.
 #[derive(Default)]
 struct SlotState {
-    /// READ: the data (zeros where the server sent holes).
-    buf: Vec<u8>,
+    /// READ: where the data goes (zeros where the server sent holes).
+    buf: Dest,
     /// Bytes of `buf` covered by data and hole chunks.
     covered: u64,
     /// The server's error, with its message if it gave one.
@@ -139,7 +173,11 @@ impl Conn {
                             ));
                         }
                         let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-                        r.read_exact(&mut s.buf)?;
+                        if s.done {
+                            return Err(protocol_error("reply to a finished request"));
+                        }
+                        let len = s.buf.len;
+                        r.read_exact(s.buf.slice(0, len)?)?;
                         s.covered = slot.len as u64;
                         drop(s);
                     }
@@ -170,6 +208,10 @@ impl Conn {
 
     fn read_chunk(&self, r: &mut Stream, slot: &Slot, kind: u16, length: u32) -> io::Result<()> {
         let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.done {
+            // Failed meanwhile (its caller may have gone): its buffer must not be touched.
+            return Err(protocol_error("reply to a finished request"));
+        }
         let start = slot.offset;
         let end = slot.offset + slot.len as u64;
         match kind {
@@ -186,7 +228,7 @@ impl Conn {
                     )));
                 }
                 let at = (off - start) as usize;
-                r.read_exact(&mut s.buf[at..at + n as usize])?;
+                r.read_exact(s.buf.slice(at, n as usize)?)?;
                 s.covered += n;
             }
             REPLY_TYPE_OFFSET_HOLE if slot.kind == CMD_READ => {
@@ -201,7 +243,7 @@ impl Conn {
                     )));
                 }
                 let at = (off - start) as usize;
-                s.buf[at..at + n as usize].fill(0);
+                s.buf.slice(at, n as usize)?.fill(0);
                 s.covered += n;
             }
             REPLY_TYPE_BLOCK_STATUS if slot.kind == CMD_BLOCK_STATUS => {
@@ -488,7 +530,9 @@ impl NbdStorage {
         }
     }
 
-    /// Sends one request and waits for its reply.
+    /// Sends one request and waits for its reply; a READ's data lands in `dest` (of `len`
+    /// bytes).
+    #[allow(clippy::too_many_arguments)]
     fn request(
         &self,
         op: &'static str,
@@ -497,17 +541,24 @@ impl NbdStorage {
         offset: u64,
         len: u32,
         payload: Option<&[u8]>,
+        dest: Option<&mut [u8]>,
     ) -> Result<SlotState> {
+        let buf = match dest {
+            Some(d) => Dest {
+                len: d.len(),
+                ptr: d.as_mut_ptr(),
+            },
+            None => Dest::default(),
+        };
+        // The borrow of `dest` ends here for the compiler, but this function does not return
+        // before the reader thread is done with the buffer (the slot is done), which is what
+        // the Dest contract needs.
         let slot = Arc::new(Slot {
             kind,
             offset,
             len,
             state: Mutex::new(SlotState {
-                buf: if kind == CMD_READ {
-                    vec![0u8; len as usize]
-                } else {
-                    Vec::new()
-                },
+                buf,
                 ..Default::default()
             }),
             ready: Condvar::new(),
@@ -627,7 +678,8 @@ impl Storage for NbdStorage {
         while done < buf.len() {
             let n = (buf.len() - done).min(max);
             let at = offset + done as u64;
-            let s = self.request("read", CMD_READ, 0, at, n as u32, None)?;
+            let dest = &mut buf[done..done + n];
+            let s = self.request("read", CMD_READ, 0, at, n as u32, None, Some(dest))?;
             if s.covered != n as u64 {
                 return Err(self.io_error(
                     "read",
@@ -635,7 +687,6 @@ impl Storage for NbdStorage {
                     protocol_error("server reply did not cover the whole read"),
                 ));
             }
-            buf[done..done + n].copy_from_slice(&s.buf);
             done += n;
         }
         Ok(())
@@ -647,7 +698,15 @@ impl Storage for NbdStorage {
         let max = self.conn.info.max_payload as usize;
         for (i, chunk) in buf.chunks(max).enumerate() {
             let at = offset + (i * max) as u64;
-            self.request("write", CMD_WRITE, 0, at, chunk.len() as u32, Some(chunk))?;
+            self.request(
+                "write",
+                CMD_WRITE,
+                0,
+                at,
+                chunk.len() as u32,
+                Some(chunk),
+                None,
+            )?;
         }
         Ok(())
     }
@@ -656,7 +715,8 @@ impl Storage for NbdStorage {
         if self.read_only || !self.has(TFLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.request("flush", CMD_FLUSH, 0, 0, 0, None).map(drop)
+        self.request("flush", CMD_FLUSH, 0, 0, 0, None, None)
+            .map(drop)
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
@@ -696,6 +756,7 @@ impl Storage for NbdStorage {
                 offset + done,
                 n as u32,
                 None,
+                None,
             )?;
             done += n;
         }
@@ -712,7 +773,7 @@ impl Storage for NbdStorage {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(step);
-            self.request("discard", CMD_TRIM, 0, offset + done, n as u32, None)?;
+            self.request("discard", CMD_TRIM, 0, offset + done, n as u32, None, None)?;
             done += n;
         }
         Ok(())
@@ -725,7 +786,15 @@ impl Storage for NbdStorage {
             return Ok((Allocation::Data, len));
         }
         let n = len.min(MAX_RANGE);
-        let s = self.request("block status", CMD_BLOCK_STATUS, 0, offset, n as u32, None)?;
+        let s = self.request(
+            "block status",
+            CMD_BLOCK_STATUS,
+            0,
+            offset,
+            n as u32,
+            None,
+            None,
+        )?;
         // A range reads as zeros (our Hole) when the server says so; HOLE alone only says
         // it is unallocated, which may still read as data from elsewhere.
         let kind = |flags: u32| {
