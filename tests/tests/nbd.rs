@@ -540,6 +540,22 @@ fn img_reads_from_qemu_nbd() {
             );
         }
     }
+    // --image-opts with qemu's nbd driver options, as a protocol node and under qcow2.
+    let sock = srv.sock.display().to_string();
+    for spec in [
+        format!("driver=nbd,server.type=unix,server.path={sock}"),
+        format!("driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path={sock}"),
+        format!("driver=nbd,path={sock},bogus=1"),
+    ] {
+        for cmd in ["info", "map"] {
+            let args = [cmd, "--image-opts", spec.as_str()];
+            assert_eq!(
+                common::Run::from(img(&args)),
+                common::Run::from(run("qemu-img", &args)),
+                "{args:?}"
+            );
+        }
+    }
     let out = dir.path().join("o.qcow2");
     img_ok(&["convert", "-O", "qcow2", &url, &p(&out)]);
     common::assert_qemu_compare_identical(&out, "qcow2", &a, "qcow2");

@@ -486,7 +486,11 @@ impl NbdStorage {
         })?;
         let info = match handshake(&mut s, &addr.export) {
             Ok(Ok(info)) => info,
-            Ok(Err(msg)) => return Err(open_error(name, msg)),
+            Ok(Err(msg)) => {
+                // Leave politely, as qemu does, so the server logs no broken negotiation.
+                let _ = write_option(&mut s, OPT_ABORT, &[]);
+                return Err(open_error(name, msg));
+            }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(open_error(
                 name,
                 "Failed to read initial magic: Unexpected end-of-file before all data were read"
