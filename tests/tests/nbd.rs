@@ -891,3 +891,68 @@ fn client_survives_hostile_servers() {
     let e = st.read_at(&mut buf, 1 << 20).unwrap_err().to_string();
     assert!(e.contains("past the end"), "{e}");
 }
+
+#[test]
+fn overlay_and_internal_snapshot_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = qcow2_fixture(dir.path(), "o.qcow2");
+    qemu_img(&["snapshot", "-c", "before", &p(&path)]);
+    qemu_io("qcow2", &path, &["write -P 0x42 0 1M".into()]);
+    let before = std::fs::read(&path).unwrap();
+    // -s: writes land in a temporary overlay; the image stays as it was.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = Command::new(img_bin())
+        .env("TMPDIR", &tmp)
+        .args(["nbd", "--fork", "-t", "-s", "-k"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--pid-file")
+        .arg(dir.path().join("s.pid"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out_text(&out));
+    let pid: i32 = std::fs::read_to_string(dir.path().join("s.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let srv = Server {
+        pid,
+        sock: dir.path().join("s.sock"),
+    };
+    let url = srv.url();
+    qemu_io(
+        "raw",
+        Path::new(&url),
+        &[
+            "write -P 0x43 64k 64k".into(),
+            "read -P 0x43 64k 64k".into(),
+            "read -P 0x42 0 64k".into(),
+            "read -P 0xbb 3M 64k".into(),
+        ],
+    );
+    // The overlay was unlinked as soon as it was open.
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    srv.stop();
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "-s wrote the image"
+    );
+    // -l: the internal snapshot, read-only.
+    let srv = Server::img(dir.path(), &["-t", "-l", "before", &p(&path)]);
+    let url = srv.url();
+    let o = run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0xaa 0 1M", &url],
+    );
+    let text = out_text(&o);
+    assert!(
+        o.status.success() && text.contains("read 1048576/1048576") && !text.contains("fail"),
+        "{text}"
+    );
+    let json = run("nbdinfo", &["--json", &url]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["exports"][0]["is_read_only"], true);
+    srv.stop();
+}

@@ -61,6 +61,8 @@ struct Args {
     format: Option<String>,
     read_only: bool,
     snapshot: Option<img_core::qcow2::SnapshotSelector>,
+    /// `-s`: writes go to a temporary qcow2 overlay, the image itself stays untouched.
+    overlay: bool,
     cache: CacheMode,
     aio: Aio,
     discard: DiscardMode,
@@ -85,6 +87,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
         format: None,
         read_only: false,
         snapshot: None,
+        overlay: false,
         cache: CacheMode::Writeback,
         aio: Aio::Threads,
         discard: DiscardMode::Ignore,
@@ -123,12 +126,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
             "description" => a.description = Some(v),
             "format" => a.format = Some(v),
             "read-only" => a.read_only = true,
-            "snapshot" => {
-                return Err(CliError::new(
-                    "-s/--snapshot is not supported by img nbd (serve a new qcow2 overlay \
-                     created with 'img create -b FILE' instead)",
-                ))
-            }
+            "snapshot" => a.overlay = true,
             "load-snapshot" => {
                 a.snapshot = Some(super::snapshot::parse_snapshot_param(&v)?);
                 a.read_only = true;
@@ -182,6 +180,11 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
         ));
     }
     a.file = files[0].clone();
+    if a.overlay && a.image_opts {
+        return Err(CliError::new(
+            "-s/--snapshot cannot be combined with --image-opts in img nbd",
+        ));
+    }
     Ok(Some(a))
 }
 
@@ -207,6 +210,9 @@ fn print_help() {
          Block device options:\n\
          \x20 -f, --format=FORMAT       set image format (raw, qcow2, vmdk)\n\
          \x20 -r, --read-only           export read-only\n\
+         \x20 -s, --snapshot            use FILE as an external snapshot, create a temporary\n\
+         \x20                           file with backing_file=FILE, redirect the write to\n\
+         \x20                           the temporary one\n\
          \x20 -l, --load-snapshot=SNAPSHOT_PARAM\n\
          \x20                           load an internal snapshot inside FILE and export it\n\
          \x20                           as a read-only device ('snapshot.id=[ID],snapshot.name=[NAME]'\n\
@@ -293,14 +299,69 @@ fn fork_and_serve(a: &Args) -> CmdResult {
     std::process::exit(code as i32);
 }
 
+/// `-s`: a temporary qcow2 over the image (as qemu-nbd: in $TMPDIR or /var/tmp), opened
+/// read-write with the image as its read-only backing file, and unlinked at once so that it
+/// disappears with the server.
+fn open_overlay(a: &Args) -> Result<img_core::Image, CliError> {
+    let fail = |m: String| CliError::new(format!("Failed to blk_new_open '{}': {m}", a.file));
+    let base = open_with_aio(
+        &ImageSpec::file(&a.file, a.format.as_deref()),
+        true,
+        a.cache,
+        a.aio,
+    )
+    .map_err(|e| fail(e.message))?;
+    let (size, format) = (base.size(), base.format().driver().to_string());
+    drop(base);
+    let full = std::fs::canonicalize(&a.file).map_err(|e| fail(e.to_string()))?;
+    let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
+    let mut template = format!("{dir}/vl.XXXXXX\0").into_bytes();
+    // SAFETY: the template is a writable NUL-terminated buffer that mkstemp fills in.
+    let fd = unsafe { libc::mkstemp(template.as_mut_ptr().cast()) };
+    if fd < 0 {
+        return Err(fail(format!(
+            "Could not create temporary overlay: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd was just opened by mkstemp and is ours to close.
+    unsafe { libc::close(fd) };
+    template.pop();
+    let temp = String::from_utf8(template).map_err(|e| fail(e.to_string()))?;
+    let created = img_core::qcow2::create(
+        std::path::Path::new(&temp),
+        &img_core::qcow2::Qcow2CreateOptions {
+            size,
+            backing_file: Some(full.display().to_string()),
+            backing_format: Some(format),
+            ..Default::default()
+        },
+    );
+    let opened = created.map_err(|e| fail(e.to_string())).and_then(|()| {
+        open_with_aio(
+            &ImageSpec::file(&temp, Some("qcow2")),
+            false,
+            a.cache,
+            a.aio,
+        )
+        .map_err(|e| fail(e.message))
+    });
+    let _ = std::fs::remove_file(&temp);
+    opened
+}
+
 fn serve(a: &Args, ready_fd: Option<libc::c_int>) -> CmdResult {
     let spec = ImageSpec::from_args(&a.file, a.image_opts, a.format.as_deref())?;
-    let mut image = open_with_aio(&spec, a.read_only, a.cache, a.aio).map_err(|e| {
-        CliError::new(format!(
-            "Failed to blk_new_open '{}': {}",
-            a.file, e.message
-        ))
-    })?;
+    let mut image = if a.overlay {
+        open_overlay(a)?
+    } else {
+        open_with_aio(&spec, a.read_only, a.cache, a.aio).map_err(|e| {
+            CliError::new(format!(
+                "Failed to blk_new_open '{}': {}",
+                a.file, e.message
+            ))
+        })?
+    };
     if let Some(sel) = &a.snapshot {
         img_core::qcow2::snapshot_load::load_snapshot(&mut image, sel)
             .map_err(|e| CliError::new(format!("Failed to load snapshot: {}", e.reason())))?;
