@@ -5,13 +5,16 @@ use blockdev::nbd::proto::*;
 use blockdev::nbd::Stream;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// Worker threads per connection: requests run in parallel up to this many.
 const WORKERS: usize = 8;
-/// Requests read ahead of the workers. With the workers' own, this bounds the memory a
-/// connection holds to (WORKERS + QUEUE) write payloads of at most [`MAX_PAYLOAD`].
+/// Requests read ahead of the workers.
 const QUEUE: usize = 8;
+/// Write payload bytes a connection may hold at once (read but not yet written). One
+/// request of up to [`MAX_PAYLOAD`] is always let through, so this bounds a connection's
+/// payload memory to `PAYLOAD_BUDGET + MAX_PAYLOAD` whatever the client sends.
+const PAYLOAD_BUDGET: u64 = 64 << 20;
 /// Preferred block size advertised.
 const PREFERRED_BLOCK: u32 = 4096;
 /// Context id of base:allocation.
@@ -239,6 +242,9 @@ struct Shared<'a> {
     writer: Mutex<Stream>,
     structured: bool,
     allocation: bool,
+    /// Write payload bytes held (see [`PAYLOAD_BUDGET`]).
+    held: Mutex<u64>,
+    released: Condvar,
 }
 
 fn transmission(mut r: Stream, w: Stream, export: &Export, session: &Session) -> io::Result<()> {
@@ -247,6 +253,8 @@ fn transmission(mut r: Stream, w: Stream, export: &Export, session: &Session) ->
         writer: Mutex::new(w),
         structured: session.structured,
         allocation: session.allocation,
+        held: Mutex::new(0),
+        released: Condvar::new(),
     };
     let (tx, rx) = sync_channel::<Job>(QUEUE);
     let rx = Mutex::new(rx);
@@ -271,7 +279,13 @@ fn worker(rx: &Mutex<Receiver<Job>>, shared: &Shared) {
             rx.recv()
         };
         let Ok(job) = job else { return };
-        if run(shared, job, &mut scratch).is_err() {
+        let bytes = job.payload.len() as u64;
+        let sent = run(shared, job, &mut scratch);
+        if bytes > 0 {
+            *shared.held.lock().unwrap_or_else(|e| e.into_inner()) -= bytes;
+            shared.released.notify_all();
+        }
+        if sent.is_err() {
             // The reply could not be sent: the connection is gone. Shut it so the reader
             // stops too.
             if let Ok(w) = shared.writer.lock() {
@@ -301,6 +315,16 @@ fn read_requests(
                 skip(r, req.length as u64)?;
                 send_error(shared, &req, EINVAL, "request too large")?;
                 continue;
+            }
+            {
+                let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
+                while *held > 0 && *held + req.length as u64 > PAYLOAD_BUDGET {
+                    held = shared
+                        .released
+                        .wait(held)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                *held += req.length as u64;
             }
             // Read into spare capacity: no zeroing of what the socket overwrites anyway.
             payload = Vec::with_capacity(req.length as usize);
