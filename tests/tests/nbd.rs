@@ -956,3 +956,43 @@ fn overlay_and_internal_snapshot_exports() {
     assert_eq!(v["exports"][0]["is_read_only"], true);
     srv.stop();
 }
+
+#[test]
+fn errors_are_worded_as_qemu_nbd_words_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = qcow2_fixture(dir.path(), "e.qcow2");
+    let missing = p(&dir.path().join("missing.qcow2"));
+    let file = p(&path);
+    let cases: Vec<Vec<&str>> = vec![
+        vec![&missing],
+        vec!["-f", "foo", &file],
+        vec!["-e", "-1", &file],
+        vec![],
+        vec![&file, &file],
+        vec!["--discard=bad", &file],
+        vec!["--detect-zeroes=unmap", &file],
+        vec!["--cache=bad", &file],
+        vec!["--aio=bad", &file],
+        vec!["-l", "nosuch", &file],
+    ];
+    for args in cases {
+        let sock = dir.path().join("e.sock");
+        let mut full = vec!["nbd", "-k", sock.to_str().unwrap()];
+        full.extend(&args);
+        let ours = img(&full);
+        let theirs = run("qemu-nbd", &full[1..]);
+        let norm = |o: &std::process::Output, prog: &str, help: &str| {
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr)
+                    .replace(&format!("{prog}:"), "PROG:")
+                    .replace(&format!("`{help} --help'"), "`PROG --help'"),
+            )
+        };
+        assert_eq!(
+            norm(&ours, "img", "img nbd"),
+            norm(&theirs, "qemu-nbd", "qemu-nbd"),
+            "{args:?}"
+        );
+    }
+}

@@ -134,11 +134,11 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
             "nocache" => a.cache = CacheMode::None,
             "cache" => {
                 a.cache = CacheMode::parse(&v)
-                    .ok_or_else(|| CliError::new(format!("Invalid cache mode '{v}'")))?
+                    .ok_or_else(|| CliError::new(format!("Invalid cache mode `{v}'")))?
             }
             "aio" => {
                 a.aio = Aio::parse(&v)
-                    .ok_or_else(|| CliError::new(format!("invalid aio mode '{v}'")))?
+                    .ok_or_else(|| CliError::new(format!("Invalid aio mode '{v}'")))?
             }
             "discard" => {
                 a.discard = DiscardMode::parse(&v)
@@ -241,6 +241,14 @@ pub fn run(args: &[String]) -> CmdResult {
 
 /// Forks; the parent returns once the child listens (or relays its error and fails), as
 /// qemu-nbd does, so a script may connect as soon as the parent exited.
+/// qemu-nbd's "Failed to blk_new_open 'FILE': reason", where `img`'s open says
+/// "Could not open 'FILE': reason".
+fn open_failed(file: &str, e: CliError) -> CliError {
+    let prefix = format!("Could not open '{file}': ");
+    let reason = e.message.strip_prefix(&prefix).unwrap_or(&e.message);
+    CliError::new(format!("Failed to blk_new_open '{file}': {reason}"))
+}
+
 fn fork_and_serve(a: &Args) -> CmdResult {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe() to fill.
@@ -310,7 +318,7 @@ fn open_overlay(a: &Args) -> Result<img_core::Image, CliError> {
         a.cache,
         a.aio,
     )
-    .map_err(|e| fail(e.message))?;
+    .map_err(|e| open_failed(&a.file, e))?;
     let (size, format) = (base.size(), base.format().driver().to_string());
     drop(base);
     let full = std::fs::canonicalize(&a.file).map_err(|e| fail(e.to_string()))?;
@@ -355,16 +363,10 @@ fn serve(a: &Args, ready_fd: Option<libc::c_int>) -> CmdResult {
     let mut image = if a.overlay {
         open_overlay(a)?
     } else {
-        open_with_aio(&spec, a.read_only, a.cache, a.aio).map_err(|e| {
-            CliError::new(format!(
-                "Failed to blk_new_open '{}': {}",
-                a.file, e.message
-            ))
-        })?
+        open_with_aio(&spec, a.read_only, a.cache, a.aio).map_err(|e| open_failed(&a.file, e))?
     };
     if let Some(sel) = &a.snapshot {
-        img_core::qcow2::snapshot_load::load_snapshot(&mut image, sel)
-            .map_err(|e| CliError::new(format!("Failed to load snapshot: {}", e.reason())))?;
+        super::snapshot::load(&mut image, sel)?;
     }
     image.set_request_options(a.discard, a.detect_zeroes);
     let listener = match &a.socket {
