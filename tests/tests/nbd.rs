@@ -996,3 +996,39 @@ fn errors_are_worded_as_qemu_nbd_words_them() {
         );
     }
 }
+
+#[test]
+fn img_client_against_img_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2_fixture(dir.path(), "src.qcow2");
+    let target = dir.path().join("t.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &p(&target), "16M"]);
+    qemu_io("qcow2", &target, &["write -P 0x12 0 16M".into()]);
+    let srv = Server::img(
+        dir.path(),
+        &["-t", "--discard=unmap", "-f", "qcow2", &p(&target)],
+    );
+    let url = srv.url();
+    // Parallel writes (8 workers, zeroes as write-zeroes requests) and reads over one
+    // connection each.
+    img_ok(&[
+        "convert",
+        "-n",
+        "-m",
+        "8",
+        "-W",
+        "-O",
+        "raw",
+        &p(&src),
+        &url,
+    ]);
+    img_ok(&["compare", "-f", "raw", "-F", "qcow2", &url, &p(&src)]);
+    let bench = img_ok(&[
+        "bench", "-w", "-d", "32", "-c", "4000", "-s", "4k", "-S", "12288", "-f", "raw", &url,
+    ]);
+    assert!(bench.contains("Run completed"), "{bench}");
+    let map = img_ok(&["map", "--output=json", "-f", "raw", &url]);
+    assert_eq!(map, qemu_img(&["map", "--output=json", "-f", "raw", &url]));
+    srv.stop();
+    common::assert_qemu_check_clean(&target);
+}
