@@ -38,8 +38,15 @@ enum Negotiated {
 }
 
 /// Serves one client on `stream` until it disconnects. Errors are the connection's (a client
-/// that misbehaves is disconnected); requests that fail get NBD errors instead.
-pub fn serve_connection(stream: Stream, export: &Export) -> io::Result<()> {
+/// that misbehaves is disconnected); requests that fail get NBD errors instead. A client that
+/// leaves the server waiting longer than `handshake_limit` for a negotiation message is
+/// disconnected (qemu-nbd's `--handshake-limit`).
+pub fn serve_connection(
+    stream: Stream,
+    export: &Export,
+    handshake_limit: Option<std::time::Duration>,
+) -> io::Result<()> {
+    stream.set_read_timeout(handshake_limit)?;
     let mut r = stream;
     let mut w = r.try_clone()?;
     w.write_all(&NBDMAGIC.to_be_bytes())?;
@@ -56,7 +63,11 @@ pub fn serve_connection(stream: Stream, export: &Export) -> io::Result<()> {
     };
     match negotiate(&mut r, &mut w, export, &mut session)? {
         Negotiated::Close => Ok(()),
-        Negotiated::Go => transmission(r, w, export, &session),
+        Negotiated::Go => {
+            // Transmission may idle as long as the client likes.
+            r.set_read_timeout(None)?;
+            transmission(r, w, export, &session)
+        }
     }
 }
 

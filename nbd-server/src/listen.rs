@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub persistent: bool,
     /// Print a line per connection and error (`-v`).
     pub verbose: bool,
+    /// Longest wait for a negotiation message (`--handshake-limit`; `None`: no limit).
+    pub handshake_limit: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -143,9 +145,10 @@ pub fn serve(
         let export = export.clone();
         let clients2 = clients.clone();
         let verbose = opts.verbose;
+        let limit = opts.handshake_limit;
         threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
         threads.push(std::thread::spawn(move || {
-            if let Err(e) = serve_connection(stream, &export) {
+            if let Err(e) = serve_connection(stream, &export, limit) {
                 if verbose {
                     eprintln!("img: Disconnect client, due to: {e}");
                 }

@@ -1032,3 +1032,34 @@ fn img_client_against_img_server() {
     srv.stop();
     common::assert_qemu_check_clean(&target);
 }
+
+#[test]
+fn silent_clients_are_dropped_after_the_handshake_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = qcow2_fixture(dir.path(), "l.qcow2");
+    let srv = Server::img(
+        dir.path(),
+        &[
+            "-t",
+            "-e",
+            "2",
+            "--handshake-limit=1",
+            "-f",
+            "qcow2",
+            &p(&path),
+        ],
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    // Say nothing: the server hangs up (EOF), rather than our own timeout firing.
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap(), 0);
+    // Transmission has no limit: a negotiated client may idle.
+    let c = raw_client(&srv.sock, b"");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.request(0, 0, 7, 512, None), 0);
+    drop(c);
+    srv.stop();
+}

@@ -209,6 +209,14 @@ impl Stream {
         })
     }
 
+    /// Sets (or with `None` clears) the timeout of reads from the socket.
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
     /// Shuts the socket down in both directions, waking a thread blocked reading it.
     pub fn shutdown(&self) {
         let _ = match self {

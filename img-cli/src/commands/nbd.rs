@@ -70,6 +70,8 @@ struct Args {
     image_opts: bool,
     fork: bool,
     pid_file: Option<String>,
+    /// Seconds a client may take for each negotiation message (0: unlimited).
+    handshake_limit: u64,
     file: String,
 }
 
@@ -95,6 +97,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
         image_opts: false,
         fork: false,
         pid_file: None,
+        handshake_limit: 10,
         file: String::new(),
     };
     for o in opts {
@@ -163,8 +166,11 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, CliError> {
             "list" => return Err(CliError::new("-L/--list is not supported by img nbd")),
             "offset" => return Err(CliError::new("-o/--offset is not supported by img nbd")),
             "object" => return Err(CliError::new("--object is not supported by img nbd")),
-            // Handshakes are not timed here; accepted for compatibility.
-            "handshake-limit" => {}
+            "handshake-limit" => {
+                a.handshake_limit = v
+                    .parse()
+                    .map_err(|_| CliError::new(format!("Invalid handshake limit '{v}'")))?
+            }
             other => return Err(CliError::new(format!("option --{other} is not supported"))),
         }
     }
@@ -202,7 +208,8 @@ fn print_help() {
          \x20 -t, --persistent          don't exit on the last connection\n\
          \x20 -v, --verbose             display extra debugging information\n\
          \x20 -x, --export-name=NAME    expose export by name (default is empty string)\n\
-         \x20 -D, --description=TEXT    export a human-readable description\n\n\
+         \x20 -D, --description=TEXT    export a human-readable description\n\
+         \x20     --handshake-limit=N   limit client's handshake to N seconds (default 10)\n\n\
          General purpose options:\n\
          \x20 --fork                    fork off the server process and exit the parent\n\
          \x20                           once the server is running\n\
@@ -427,6 +434,8 @@ fn serve(a: &Args, ready_fd: Option<libc::c_int>) -> CmdResult {
         shared: a.shared,
         persistent: a.persistent,
         verbose: a.verbose,
+        handshake_limit: (a.handshake_limit > 0)
+            .then(|| std::time::Duration::from_secs(a.handshake_limit)),
     };
     let served = nbd_server::serve(listener, export.clone(), &opts, &STOP);
     if let Some(path) = &a.socket {
