@@ -140,6 +140,53 @@ def chain_cases(img, work, base, out):
         case(label, [img] + args, ["qemu-img"] + args, (), fresh_top)
 
 
+def nbd_cases(img, work, images, out):
+    """NBD read throughput: one client (qemu-img convert, nbdcopy) reading every export from
+    `img nbd` and from qemu-nbd, both serving the same image read-only at the same time."""
+    labels = [f"nbd {fmt} export" for fmt, _ in images]
+    if ONLY and not any(part in label or label.startswith(part) or "nbd" in part
+                        for part in ONLY.split("|") for label in labels):
+        return
+    if not img_can(img, ["nbd", "--help"]):
+        print(f"| {'nbd':58s} | (img cannot do this yet: skipped) |", flush=True)
+        return
+    for fmt, path in images:
+        servers = {}
+        try:
+            for name, prog in (("img", [img, "nbd"]), ("qemu", ["qemu-nbd"])):
+                sock = os.path.join(work, f"{name}-{fmt}.sock")
+                pid = os.path.join(work, f"{name}-{fmt}.pid")
+                subprocess.run(prog + ["--fork", "--pid-file", pid, "-t", "-r", "-e", "0",
+                                       "-k", sock, "-f", fmt, path], check=True)
+                with open(pid) as f:
+                    servers[name] = (int(f.read().strip()), f"nbd+unix:///?socket={sock}")
+            urls = {name: url for name, (_, url) in servers.items()}
+            case(f"nbd {fmt} export: qemu-img convert -O raw (img nbd vs qemu-nbd)",
+                 ["qemu-img", "convert", "-f", "raw", "-O", "raw", urls["img"], out],
+                 ["qemu-img", "convert", "-f", "raw", "-O", "raw", urls["qemu"], out], [out])
+            if shutil.which("nbdcopy"):
+                # One connection each: qemu-nbd does not advertise multi-conn.
+                case(f"nbd {fmt} export: nbdcopy -C 1 to null: (img nbd vs qemu-nbd)",
+                     ["nbdcopy", "-C", "1", urls["img"], "null:"],
+                     ["nbdcopy", "-C", "1", urls["qemu"], "null:"])
+            # img's own client against qemu-nbd, against qemu-img's client: 2 MiB reads, 8 in
+            # flight, over the whole export (the client alone), then a whole convert.
+            count = str(max(1, os.path.getsize(path) // (2 << 20)))
+            bench = ["bench", "-c", count, "-d", "8", "-s", "2M", "-S", "2M", "-f", "raw"]
+            case(f"nbd {fmt} export (qemu-nbd): img vs qemu-img bench 2M reads",
+                 [img] + bench + [urls["qemu"]], ["qemu-img"] + bench + [urls["qemu"]])
+            case(f"nbd {fmt} export (qemu-nbd): img vs qemu-img convert -O raw",
+                 [img, "convert", "-f", "raw", "-O", "raw", urls["qemu"], out],
+                 ["qemu-img", "convert", "-f", "raw", "-O", "raw", urls["qemu"], out], [out])
+        finally:
+            for pid, _ in servers.values():
+                try:
+                    os.kill(pid, 15)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+
+
 def main():
     img = os.environ.get("IMG_BIN") or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "img"
@@ -226,6 +273,7 @@ def main():
         ]:
             case(label, [img] + args, ["qemu-img"] + args)
         chain_cases(img, work, base, out)
+        nbd_cases(img, work, [("qcow2", base), ("raw", src)], out)
         os.unlink(src)
         os.unlink(comp)
 

@@ -24,6 +24,12 @@ if ! command -v fusermount3 >/dev/null 2>&1 || ! command -v debugfs >/dev/null 2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends fuse3 e2fsprogs fdisk
 fi
 
+# nbdinfo (libnbd-bin), a second NBD client for the nbd tests.
+if ! command -v nbdinfo >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libnbd-bin
+fi
+
 # QEMU's system emulator (unpacked, never installed) for the tests that need a real QEMU, such
 # as snapshots holding VM state saved by `savevm`.
 scripts/qemu-system.sh --prepare

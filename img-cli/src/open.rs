@@ -158,9 +158,13 @@ impl ImageSpec {
                 "Cannot find device='{v}' nor node-name='{v}'"
             )));
         }
-        if let Some(v) = get("file.driver").filter(|&v| v != "file") {
+        if let Some(v) = get("file.driver").filter(|&v| v != "file" && v != "nbd") {
             return Err(fail(format!("Unknown protocol driver '{v}'")));
         }
+        if driver.as_deref() == Some("nbd") {
+            return Self::nbd_protocol(arg, &opts);
+        }
+        let file_nbd = get("file.driver") == Some("nbd");
         let protocol_only = driver.as_deref() == Some("file");
         // Flags are parsed before anything is opened, in qemu's order.
         let flag = |key: &str, shown: &str| -> Result<Option<bool>, CliError> {
@@ -229,6 +233,9 @@ impl ImageSpec {
         }
         for (k, v) in &opts {
             if let Some(child) = k.strip_prefix("file.") {
+                if file_nbd && NBD_OPTIONS.contains(&child) {
+                    continue;
+                }
                 let known = [
                     "filename",
                     "driver",
@@ -255,13 +262,47 @@ impl ImageSpec {
                 options.format_options.push((k.clone(), v.clone()));
             }
         }
-        let path = get("file.filename")
-            .ok_or_else(|| fail("A block device must be specified for \"file\"".into()))?;
+        let nbd_url = if file_nbd {
+            Some(nbd_url(&opts, "file.").map_err(fail)?)
+        } else {
+            None
+        };
+        let path = match &nbd_url {
+            Some(u) => u.as_str(),
+            None => get("file.filename")
+                .ok_or_else(|| fail("A block device must be specified for \"file\"".into()))?,
+        };
         Ok(ImageSpec {
             arg: arg.to_string(),
             path: path.to_string(),
             format: driver,
             protocol_only: false,
+            options,
+            force_share: false,
+            usage: Usage::default(),
+            backing: BackingPolicy::default(),
+        })
+    }
+
+    /// `driver=nbd,...`: an NBD export as a protocol node (its bytes, no format).
+    fn nbd_protocol(arg: &str, opts: &[(String, String)]) -> Result<Self, CliError> {
+        let fail = |m: String| CliError::new(format!("Could not open '{arg}': {m}"));
+        let get = |key: &str| opts.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let url = nbd_url(opts, "").map_err(fail)?;
+        let options = ImageOptions {
+            read_only: get("read-only") == Some("on"),
+            unknown_file_option: opts
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .find(|k| !NODE_OPTIONS.contains(k) && *k != "driver" && !NBD_OPTIONS.contains(k))
+                .map(str::to_string),
+            ..Default::default()
+        };
+        Ok(ImageSpec {
+            arg: arg.to_string(),
+            path: url,
+            format: Some("raw".to_string()),
+            protocol_only: true,
             options,
             force_share: false,
             usage: Usage::default(),
@@ -276,6 +317,67 @@ impl ImageSpec {
         } else {
             Ok(Self::file(arg, format))
         }
+    }
+}
+
+/// Options of qemu's nbd protocol driver that img understands.
+const NBD_OPTIONS: &[&str] = &[
+    "server.type",
+    "server.path",
+    "server.host",
+    "server.port",
+    "export",
+    "path",
+    "host",
+    "port",
+];
+
+/// The NBD name for the nbd driver's options (`server.type=inet|unix`, `server.host`,
+/// `server.port`, `server.path`, `export`, or the legacy `host`, `port`, `path`).
+/// `prefix` is "file." for the file node's options.
+fn nbd_url(opts: &[(String, String)], prefix: &str) -> Result<String, String> {
+    let get = |key: &str| {
+        opts.iter()
+            .find(|(k, _)| k.strip_prefix(prefix) == Some(key))
+            .map(|(_, v)| v.as_str())
+    };
+    // The export name goes in the URL path: escape what a URL would read otherwise.
+    let export: String = get("export")
+        .unwrap_or("")
+        .chars()
+        .map(|c| match c {
+            '%' | '?' | '#' => format!("%{:02X}", c as u32),
+            c => c.to_string(),
+        })
+        .collect();
+    let path = get("server.path").or_else(|| get("path"));
+    let kind = get("server.type").unwrap_or(if path.is_some() { "unix" } else { "inet" });
+    match kind {
+        "unix" => {
+            let path = path.ok_or("Parameter 'server.path' is missing")?;
+            Ok(if export.is_empty() {
+                format!("nbd+unix://?socket={path}")
+            } else {
+                format!("nbd+unix:///{export}?socket={path}")
+            })
+        }
+        "inet" => {
+            let host = get("server.host")
+                .or_else(|| get("host"))
+                .ok_or("Parameter 'server.host' is missing")?;
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
+            };
+            let port = get("server.port")
+                .or_else(|| get("port"))
+                .unwrap_or("10809");
+            Ok(format!("nbd://{host}:{port}/{export}"))
+        }
+        other => Err(format!(
+            "Parameter 'server.type' does not accept value '{other}'"
+        )),
     }
 }
 
@@ -395,10 +497,12 @@ pub fn open_with_aio(
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported
     // by open_image below, first, as qemu does.
-    if meta.is_ok() {
+    let nbd = blockdev::nbd::is_nbd_name(&spec.path);
+    if meta.is_ok() || nbd {
         if let Some(k) = &o.unknown_file_option {
+            let proto = if nbd { "nbd" } else { "file" };
             return Err(fail(format!(
-                "Block protocol 'file' doesn't support the option '{k}'"
+                "Block protocol '{proto}' doesn't support the option '{k}'"
             )));
         }
         if let Some(d) = o.discard.as_deref() {
@@ -432,7 +536,13 @@ pub fn open_with_aio(
             }
         }
     }
-    let image = open_image(path, &opts).map_err(|e| fail(open_reason(&e)))?;
+    let image = open_image(path, &opts).map_err(|e| match e {
+        // An NBD connection failure is worded once, as qemu words it.
+        img_core::Error::Storage(blockdev::Error::Open { source, .. }) if nbd => {
+            fail(blockdev::os_message(&source))
+        }
+        e => fail(open_reason(&e)),
+    })?;
     if !read_only && opts.format.is_none() && image.format().driver() == "raw" {
         warn_probed_raw(&spec.path);
     }
@@ -444,7 +554,8 @@ pub fn open_with_aio(
         .find(|(k, _)| !(qcow2 && QCOW2_OPTIONS.contains(&k.as_str())))
     {
         let what = if spec.protocol_only {
-            format!("Block protocol 'file' doesn't support the option '{k}'")
+            let proto = if nbd { "nbd" } else { "file" };
+            format!("Block protocol '{proto}' doesn't support the option '{k}'")
         } else {
             format!(
                 "Block format '{}' does not support the option '{k}'",

@@ -118,6 +118,11 @@ pub fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
 
 /// Opens the image at `path`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
+    // NBD names (nbd://, nbd+unix://, nbd:...) open the export; image locking does not apply.
+    if let Some(name) = path.to_str().filter(|n| blockdev::nbd::is_nbd_name(n)) {
+        let storage = blockdev::nbd::NbdStorage::open(name, opts.read_only)?;
+        return open_storage(Arc::new(storage), opts);
+    }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
         path,
         FileOptions {

@@ -182,6 +182,23 @@ pub fn run(args: &[String]) -> CmdResult {
             return Err(could_not_open(format!("Unknown driver '{f}'")));
         }
     }
+    if blockdev::nbd::is_nbd_name(&target.path) {
+        // An NBD export: no file locks; the format is looked at over the network.
+        let storage = blockdev::nbd::NbdStorage::open(&target.path, !repair).map_err(|e| {
+            could_not_open(match &e {
+                blockdev::Error::Open { source, .. } => blockdev::os_message(source),
+                e => e.to_string(),
+            })
+        })?;
+        let storage: Arc<dyn Storage> = Arc::new(storage);
+        let driver = match &target.format {
+            Some(f) => f.clone(),
+            None => img_core::probe_format(storage.as_ref())
+                .map_err(|e| could_not_open(e.to_string()))?
+                .to_string(),
+        };
+        return check_storage(storage, &driver, &target, fix, json, quiet, &could_not_open);
+    }
     let storage = match FileStorage::open(
         &target.path,
         FileOptions {
@@ -223,6 +240,20 @@ pub fn run(args: &[String]) -> CmdResult {
         .set_permissions(file_permissions(&driver, &access))
         .map_err(|e| could_not_open(e.to_string()))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
+    check_storage(storage, &driver, &target, fix, json, quiet, &could_not_open)
+}
+
+/// Checks the image of `driver` on opened storage and prints the report.
+fn check_storage(
+    storage: Arc<dyn Storage>,
+    driver: &str,
+    target: &Target,
+    fix: Fix,
+    json: bool,
+    quiet: bool,
+    could_not_open: &dyn Fn(String) -> CliError,
+) -> CmdResult {
+    let repair = fix != Fix::NONE;
     if driver == "vmdk" {
         return crate::commands::check_vmdk::run(storage, repair, json, quiet, &target.display)
             .map_err(|m| m.unwrap_or_else(&could_not_open));

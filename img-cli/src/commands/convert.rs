@@ -224,7 +224,30 @@ pub fn run(args: &[String]) -> CmdResult {
         snapshot::load(&mut sources[0], selector)?;
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
-    if !a.no_create {
+    // An NBD export is not created: as qemu, only its size is checked, and it does not
+    // read as zeros beforehand.
+    let nbd_target = blockdev::nbd::is_nbd_name(out);
+    if nbd_target && !a.no_create {
+        if a.out_fmt != "raw" {
+            return Err(CliError::new(format!(
+                "{out}: error while converting {}: img creates only raw images on NBD exports",
+                a.out_fmt
+            )));
+        }
+        let export = blockdev::nbd::NbdStorage::open(out, false).map_err(|e| {
+            CliError::new(match &e {
+                blockdev::Error::Open { source, .. } => {
+                    format!("Could not open '{out}': {}", blockdev::os_message(source))
+                }
+                e => e.to_string(),
+            })
+        })?;
+        if blockdev::Storage::size(&export)? < total {
+            return Err(CliError::new(format!(
+                "{out}: error while converting raw: Cannot grow NBD nodes"
+            )));
+        }
+    } else if !a.no_create {
         create::CreatePlan::new(
             &a.out_fmt,
             out,
@@ -253,7 +276,7 @@ pub fn run(args: &[String]) -> CmdResult {
         // A streamOptimized vmdk holds nothing but compressed grains.
         compress: a.compress || writes_only_compressed(&target),
         // A target with a backing file reads what its backing file holds, not zeros.
-        target_is_zero: (!a.no_create || a.target_is_zero) && a.backing.is_none(),
+        target_is_zero: ((!a.no_create && !nbd_target) || a.target_is_zero) && a.backing.is_none(),
         parallel: a.parallel,
         out_of_order: a.out_of_order,
         copy_offload: a.copy_offload,

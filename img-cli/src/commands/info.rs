@@ -72,8 +72,12 @@ impl NodeInfo {
         let mut d: Vec<(String, QValue)> = vec![
             ("filename".into(), self.filename.clone().into()),
             ("format".into(), self.format.clone().into()),
-            ("dirty-flag".into(), self.dirty.into()),
         ];
+        // qemu's nbd driver reports no dirty flag, nor does raw over it (raw asks its file).
+        let nbd = blockdev::nbd::is_nbd_name(&self.filename);
+        if !(nbd && matches!(self.format.as_str(), "nbd" | "raw")) {
+            d.push(("dirty-flag".into(), self.dirty.into()));
+        }
         if let Some(a) = self.actual_size {
             d.push(("actual-size".into(), a.into()));
         }
@@ -235,7 +239,14 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         .file()
         .size()
         .map_err(|e| CliError::new(format!("Could not open '{}': {e}", spec.arg)))?;
-    let file = file_node(&spec.path, file_len);
+    let mut file = file_node(&spec.path, file_len);
+    let nbd = blockdev::nbd::is_nbd_name(&spec.path);
+    if nbd {
+        // An NBD export: qemu names it canonically and shows no file facts.
+        file.filename = fmt.file().name().to_string();
+        file.format = "nbd".to_string();
+        file.specific = None;
+    }
     if spec.protocol_only {
         return Ok(file);
     }
@@ -277,7 +288,11 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
     }
     children.push(("file".to_string(), file));
     Ok(NodeInfo {
-        filename: spec.path.clone(),
+        filename: if nbd {
+            fmt.file().name().to_string()
+        } else {
+            spec.path.clone()
+        },
         format: fmt.driver().to_string(),
         virtual_size,
         actual_size,

@@ -13,6 +13,7 @@ mod info;
 mod map;
 mod measure;
 mod mount;
+mod nbd;
 mod partitions;
 mod rebase;
 mod resize;
@@ -28,7 +29,7 @@ const COMMANDS: &[&str] = &[
 ];
 
 /// The commands that serve or export images, and the partition lister.
-const EXPORT_COMMANDS: &[&str] = &["mount", "unmount", "partitions", "serve"];
+const EXPORT_COMMANDS: &[&str] = &["mount", "unmount", "partitions", "serve", "nbd"];
 
 /// Whether `name` is a subcommand (error hints then name it).
 pub fn is_command(name: &str) -> bool {
@@ -53,6 +54,7 @@ pub fn dispatch(args: &[String]) -> CmdResult {
         "commit" => commit::run(rest),
         "rebase" => rebase::run(rest),
         "measure" => measure::run(rest),
+        "nbd" => nbd::run(rest),
         "resize" => resize::run(rest),
         "serve" => serve::run(rest),
         "snapshot" => snapshot::run(rest),
@@ -83,6 +85,8 @@ fn print_help() {
          convert [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename\n  \
          create [-q] [-f fmt] [-o options] filename [size]\n  \
          info [-f fmt] [--output=ofmt] [-U] [--backing-chain] filename\n  \
+         nbd [-p port] [-b addr] [-k socket] [-x name] [-e shared] [-t] [-r] [-f fmt] [--fork] [--pid-file=file] filename
+  \
          rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-c] -b backing_file [-F backing_fmt] filename\n  \
          map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename\n  \
          measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]\n  \
