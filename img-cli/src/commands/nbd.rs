@@ -1,5 +1,6 @@
 //! `img nbd`: serves an image over NBD, with qemu-nbd's options.
 
+use crate::daemon::{self, PidFile};
 use crate::getopt::{opt, parse};
 use crate::open::{open_with_aio, ImageSpec};
 use crate::{CliError, CmdResult};
@@ -44,10 +45,6 @@ const SPECS: &[crate::getopt::OptSpec] = &[
 
 /// Set by SIGTERM/SIGINT/SIGHUP: stop serving, flush and close the image.
 static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 struct Args {
     port: u16,
@@ -240,78 +237,21 @@ pub fn run(args: &[String]) -> CmdResult {
     let Some(a) = parse_args(args)? else {
         return Ok(0);
     };
-    if a.fork {
-        return fork_and_serve(&a);
-    }
-    serve(&a, None)
+    // With --fork, the parent returns once the child listens (or fails), as qemu-nbd does, so
+    // a script may connect as soon as the parent exited. Forking comes before anything starts
+    // a thread.
+    let mut readiness = daemon::fork_when_ready(a.fork)?;
+    daemon::block_stop_signals();
+    daemon::on_stop_signal(|_| STOP.store(true, Ordering::SeqCst));
+    serve(&a, &mut readiness)
 }
 
-/// Forks; the parent returns once the child listens (or relays its error and fails), as
-/// qemu-nbd does, so a script may connect as soon as the parent exited.
 /// qemu-nbd's "Failed to blk_new_open 'FILE': reason", where `img`'s open says
 /// "Could not open 'FILE': reason".
 fn open_failed(file: &str, e: CliError) -> CliError {
     let prefix = format!("Could not open '{file}': ");
     let reason = e.message.strip_prefix(&prefix).unwrap_or(&e.message);
     CliError::new(format!("Failed to blk_new_open '{file}': {reason}"))
-}
-
-fn fork_and_serve(a: &Args) -> CmdResult {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe() to fill.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(CliError::new(format!(
-            "Failed to create pipe: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: nothing but this thread runs yet (no image is open, no thread spawned), so
-    // the child starts from a consistent state.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(CliError::new(format!(
-            "Failed to fork: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    if pid > 0 {
-        // SAFETY: fds[1] is our copy of the write end, closed once.
-        unsafe { libc::close(fds[1]) };
-        use std::io::Read;
-        use std::os::unix::io::FromRawFd;
-        // SAFETY: fds[0] is an open descriptor this File now owns.
-        let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        let mut msg = Vec::new();
-        let _ = r.read_to_end(&mut msg);
-        if msg.is_empty() {
-            return Ok(0);
-        }
-        eprint!("{}", String::from_utf8_lossy(&msg));
-        return Ok(1);
-    }
-    // The child: its own session, stdin/stdout on /dev/null, stderr into the pipe until the
-    // server listens.
-    // SAFETY: plain descriptor calls on descriptors we own; the path is a valid C string.
-    let saved_err = unsafe {
-        libc::close(fds[0]);
-        libc::setsid();
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        libc::dup2(null, 0);
-        libc::dup2(null, 1);
-        let saved = libc::dup(null);
-        libc::close(null);
-        libc::dup2(fds[1], 2);
-        libc::close(fds[1]);
-        saved
-    };
-    let code = match serve(a, Some(saved_err)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("img: {}", e.message);
-            1
-        }
-    };
-    std::process::exit(code as i32);
 }
 
 /// `-s`: a temporary qcow2 over the image (as qemu-nbd: in $TMPDIR or /var/tmp), opened
@@ -365,7 +305,7 @@ fn open_overlay(a: &Args) -> Result<img_core::Image, CliError> {
     opened
 }
 
-fn serve(a: &Args, ready_fd: Option<libc::c_int>) -> CmdResult {
+fn serve(a: &Args, readiness: &mut daemon::Readiness) -> CmdResult {
     let spec = ImageSpec::from_args(&a.file, a.image_opts, a.format.as_deref())?;
     let mut image = if a.overlay {
         open_overlay(a)?
@@ -403,26 +343,14 @@ fn serve(a: &Args, ready_fd: Option<libc::c_int>) -> CmdResult {
             })?)
         }
     };
-    if let Some(p) = &a.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {e}")))?;
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        let h = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::signal(libc::SIGTERM, h);
-        libc::signal(libc::SIGINT, h);
-        libc::signal(libc::SIGHUP, h);
-        // A client hanging up mid-reply must fail the write, not kill the server.
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
-    if let Some(fd) = ready_fd {
-        // Listening: let the parent go, and send our stderr where it pointed at first.
-        // SAFETY: fd is the saved descriptor, moved onto stderr (which closes the pipe).
-        unsafe {
-            libc::dup2(fd, 2);
-            libc::close(fd);
-        }
+    let pid_file = a.pid_file.as_deref().map(PidFile::create).transpose()?;
+    // SAFETY: ignoring a signal installs no handler. A client hanging up mid-reply must fail
+    // the write, not kill the server.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // Listening: let a --fork parent go.
+    readiness.ready();
+    if a.fork {
+        daemon::detach_stdio();
     }
     let export = Arc::new(Export {
         name: a.export.clone(),
@@ -441,9 +369,7 @@ fn serve(a: &Args, ready_fd: Option<libc::c_int>) -> CmdResult {
     if let Some(path) = &a.socket {
         let _ = std::fs::remove_file(path);
     }
-    if let Some(p) = &a.pid_file {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(pid_file);
     served.map_err(|e| CliError::new(format!("NBD server failed: {e}")))?;
     let export = Arc::try_unwrap(export)
         .map_err(|_| CliError::new("NBD connections still running at exit"))?;
