@@ -22,9 +22,10 @@ impl Readiness {
 }
 
 /// With `background`, forks: the parent waits until the child calls [`Readiness::ready`]
-/// (then exits 0) or dies or gives up (then exits 1, the child having printed why); the
-/// child detaches into its own session and carries on. Without it, nothing happens. Must be
-/// called before any thread is started, since only the calling thread survives a fork.
+/// (then exits 0) or ends without being ready (then exits with the child's exit code, at
+/// least 1, the child having printed why on the shared stderr); the child detaches into its
+/// own session and carries on. Without it, nothing happens. Must be called before any
+/// thread is started, since only the calling thread survives a fork.
 pub fn fork_when_ready(background: bool) -> Result<Readiness, CliError> {
     if !background {
         return Ok(Readiness { pipe: None });
@@ -55,11 +56,21 @@ pub fn fork_when_ready(background: bool) -> Result<Readiness, CliError> {
                 pipe: Some(std::fs::File::from(write_end)),
             })
         }
-        _child => {
+        child => {
             drop(write_end);
             let mut byte = [0u8; 1];
-            let ok = matches!(std::fs::File::from(read_end).read(&mut byte), Ok(1));
-            std::process::exit(if ok { 0 } else { 1 });
+            if matches!(std::fs::File::from(read_end).read(&mut byte), Ok(1)) {
+                std::process::exit(0);
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child, with a valid place for its status.
+            let waited = unsafe { libc::waitpid(child, &mut status, 0) } == child;
+            let code = if waited && libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status).max(1)
+            } else {
+                1
+            };
+            std::process::exit(code);
         }
     }
 }
@@ -126,14 +137,23 @@ pub fn block_stop_signals() {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
-/// Runs `f` (with the signal's number) on a thread of its own when a stop signal arrives.
-/// [`block_stop_signals`] must have been called first.
-pub fn on_stop_signal(f: impl FnOnce(libc::c_int) + Send + 'static) {
-    std::thread::spawn(move || {
-        let set = stop_set();
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is initialised and `sig` is a valid place for the signal number.
-        while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
-        f(sig);
-    });
+/// Calls `f` with the number of each stop signal that arrives, on a thread of its own, until
+/// `f` returns true (the stop is under way). [`block_stop_signals`] must have been called
+/// first.
+pub fn on_stop_signal(
+    mut f: impl FnMut(libc::c_int) -> bool + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("img-signals".into())
+        .spawn(move || {
+            let set = stop_set();
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is initialised and `sig` is a valid place for the number.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 && f(sig) {
+                    return;
+                }
+            }
+        })
+        .map(drop)
 }

@@ -2,11 +2,10 @@
 //! (see the `fuse-export` crate), as qemu-storage-daemon's FUSE export does.
 //!
 //! By default `img mount` returns once the file is live, leaving a daemon that serves it: the
-//! command starts itself again in the foreground as a new session, and waits until that
-//! process reports the mount done (over a pipe) or fails (the pipe closes; its exit code and
-//! messages are the command's). A re-executed process, unlike a fork of this one, starts
-//! with no threads and no locks held.
+//! command forks before anything else (no thread or lock exists yet), and waits until the
+//! child reports the mount done or fails (its exit code and messages are the command's).
 
+use crate::daemon;
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
 use crate::options::parse_kv;
@@ -14,9 +13,6 @@ use crate::{CliError, CmdResult};
 use blockdev::{Aio, CacheMode};
 use fuse_export::{unmount_path, Export, ExportOptions, Log};
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,10 +80,6 @@ from the file, an open file) is refused with EBUSY, as umount(8) does.
 
   -h, --help              show this help
 ";
-
-/// Environment variable naming the descriptor on which a re-executed `img mount` reports
-/// that the mount is live.
-const READY_FD_ENV: &str = "IMG_MOUNT_READY_FD";
 
 /// The parsed command line of `img mount`.
 struct MountArgs {
@@ -206,21 +198,12 @@ pub fn run(args: &[String]) -> CmdResult {
         threads,
         name,
     };
-    if let Ok(fd) = std::env::var(READY_FD_ENV) {
-        // The daemon started by a `img mount` without --foreground.
-        let fd: i32 = fd
-            .parse()
-            .map_err(|_| CliError::new(format!("Invalid {READY_FD_ENV}")))?;
-        std::env::remove_var(READY_FD_ENV);
-        // SAFETY: the parent passed this descriptor, open and ours alone, for us to own.
-        let ready = unsafe { OwnedFd::from_raw_fd(fd) };
-        return serve(&args, Some(ready));
+    if !args.foreground {
+        // Checked before forking, so that the error is the command's own.
+        check_mountpoint(&args.mountpoint)?;
     }
-    if args.foreground {
-        return serve(&args, None);
-    }
-    check_mountpoint(&args.mountpoint)?;
-    spawn_daemon()
+    let mut readiness = daemon::fork_when_ready(!args.foreground)?;
+    serve(&args, &mut readiness)
 }
 
 /// Runs `img unmount` with its arguments.
@@ -261,71 +244,12 @@ fn os_message(e: &std::io::Error) -> String {
     }
 }
 
-/// Starts this command again in the foreground as a daemon and waits until it reports the
-/// mount live (exit 0) or dies (its exit code; it printed its own error).
-fn spawn_daemon() -> CmdResult {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill. The read end is
-    // close-on-exec; the write end is inherited by the daemon.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CliError::new(format!(
-            "Could not create a pipe: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: pipe2 just returned these descriptors, owned by nobody else.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::new(format!("Cannot find the img executable: {e}")))?;
-    let mut cmd = std::process::Command::new(exe);
-    // The same command line: argv[1] is "mount".
-    cmd.args(std::env::args_os().skip(1))
-        .env(READY_FD_ENV, fds[1].to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    let inherit = fds[1];
-    // SAFETY: the closure only makes async-signal-safe system calls (setsid, fcntl) between
-    // fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Its own session, so the terminal's signals do not reach the daemon.
-            libc::setsid();
-            // The write end must survive exec in the daemon.
-            let flags = libc::fcntl(inherit, libc::F_GETFD);
-            if flags >= 0 {
-                libc::fcntl(inherit, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| CliError::new(format!("Could not start the mount daemon: {e}")))?;
-    drop(write_end);
-    let mut pipe = std::fs::File::from(read_end);
-    let mut byte = [0u8; 1];
-    let ready = matches!(pipe.read(&mut byte), Ok(1));
-    if ready {
-        return Ok(0);
-    }
-    // The daemon failed before mounting; its messages are on our stderr already.
-    let status = child
-        .wait()
-        .map_err(|e| CliError::new(format!("Could not wait for the mount daemon: {e}")))?;
-    Ok(status
-        .code()
-        .and_then(|c| u8::try_from(c).ok())
-        .unwrap_or(1)
-        .max(1))
-}
-
 /// Opens the image, mounts it, reports readiness, and serves until unmounted.
-fn serve(args: &MountArgs, ready: Option<OwnedFd>) -> CmdResult {
-    let daemon = ready.is_some();
+fn serve(args: &MountArgs, readiness: &mut daemon::Readiness) -> CmdResult {
+    let daemon = !args.foreground;
     // Signals that end the export are taken by a thread of their own; every other thread,
     // created later, inherits the mask and never sees them.
-    let signals = block_signals();
+    daemon::block_stop_signals();
     let image = open::open_with_aio(&args.spec, args.read_only, args.cache, args.aio)?;
     let read_only = args.read_only || image.is_read_only();
     let log: Log = if daemon {
@@ -349,28 +273,19 @@ fn serve(args: &MountArgs, ready: Option<OwnedFd>) -> CmdResult {
     )
     .map_err(|e| CliError::new(e.to_string()))?;
     let unmounter = export.unmounter();
-    std::thread::Builder::new()
-        .name("img-signals".into())
-        .spawn(move || loop {
-            let mut sig = 0i32;
-            // SAFETY: `signals` is an initialized set and `sig` a valid place for the result.
-            if unsafe { libc::sigwait(&signals, &mut sig) } != 0 {
-                return;
-            }
-            match unmounter.unmount() {
-                Ok(()) => return,
-                Err(e) => log(&format!(
-                    "img mount: unmounting after signal {sig} failed: {e}"
-                )),
-            }
-        })
-        .map_err(|e| CliError::new(format!("Could not start the signal thread: {e}")))?;
-    if let Some(fd) = ready {
-        detach_stdio();
-        let mut f = std::fs::File::from(fd);
-        // The parent reads one byte; if it is gone, nobody waits for it.
-        let _ = f.write_all(b"1");
-        drop(f);
+    daemon::on_stop_signal(move |sig| match unmounter.unmount() {
+        Ok(()) => true,
+        Err(e) => {
+            log(&format!(
+                "img mount: unmounting after signal {sig} failed: {e}"
+            ));
+            false
+        }
+    })
+    .map_err(|e| CliError::new(format!("Could not start the signal thread: {e}")))?;
+    readiness.ready();
+    if daemon {
+        daemon::detach_stdio();
         // The daemon keeps no directory busy.
         let _ = std::env::set_current_dir("/");
     }
@@ -381,37 +296,6 @@ fn serve(args: &MountArgs, ready: Option<OwnedFd>) -> CmdResult {
         CliError::new(e.to_string())
     })?;
     Ok(0)
-}
-
-/// Blocks the signals that unmount the export in the calling thread and returns their set.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initializes it before any other use, and
-    // pthread_sigmask only reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Points stdin, stdout and stderr at /dev/null, so the daemon holds no terminal or pipe of
-/// the process that started it.
-fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
-        use std::os::fd::AsRawFd;
-        for fd in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors, which stay open (now /dev/null).
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
-        }
-    }
 }
 
 /// Logs a message of the daemon to syslog.

@@ -242,7 +242,11 @@ pub fn run(args: &[String]) -> CmdResult {
     // a thread.
     let mut readiness = daemon::fork_when_ready(a.fork)?;
     daemon::block_stop_signals();
-    daemon::on_stop_signal(|_| STOP.store(true, Ordering::SeqCst));
+    daemon::on_stop_signal(|_| {
+        STOP.store(true, Ordering::SeqCst);
+        true
+    })
+    .map_err(|e| CliError::new(format!("Could not start the signal thread: {e}")))?;
     serve(&a, &mut readiness)
 }
 

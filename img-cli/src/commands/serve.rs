@@ -144,7 +144,8 @@ pub fn run(args: &[String]) -> CmdResult {
                 p.remove();
             }
             std::process::exit(code);
-        });
+        })
+        .map_err(|e| CliError::new(format!("Could not start the signal thread: {e}")))?;
     }
     serve_blk(&socket, Arc::clone(&device), workers, &stopper, || {
         readiness.ready();
