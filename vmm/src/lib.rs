@@ -4,6 +4,8 @@
 //! - [`vhost_user`]: vhost-user-blk, serving that model to a VMM in another process.
 //! - [`executor`]: the worker threads that keep many requests in flight.
 
+mod bounce;
 pub mod executor;
+pub mod scsi;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -3,19 +3,11 @@
 use super::config::{BlockConfig, DeviceOptions};
 use super::request::{Request, RequestKind, SgList, SEGMENT_LEN};
 use super::{SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use crate::bounce::with_bounce;
 use img_core::Image;
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 use vm_memory::GuestMemory;
-
-/// Data moves between guest memory and the image through a per-thread buffer of at most this
-/// many bytes, so memory stays bounded whatever length a request claims.
-const CHUNK: usize = 1 << 20;
-
-thread_local! {
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// The outcome of one request, for the used ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,16 +314,4 @@ fn parse_ranges<M: GuestMemory + ?Sized>(
             flags: u32::from_le_bytes(s[12..16].try_into().unwrap()),
         })
         .collect())
-}
-
-/// Runs `f` with this thread's bounce buffer, sized for `len` bytes but at most [`CHUNK`].
-fn with_bounce<T>(len: u64, f: impl FnOnce(&mut [u8]) -> T) -> T {
-    BOUNCE.with(|b| {
-        let mut b = b.borrow_mut();
-        let want = (len as usize).clamp(1, CHUNK);
-        if b.len() < want {
-            b.resize(want, 0);
-        }
-        f(&mut b[..want])
-    })
 }
