@@ -2,10 +2,15 @@
 //!
 //! - [`virtio_blk`]: the virtio-blk device model, independent of its transport.
 //! - [`vhost_user`]: vhost-user-blk, serving that model to a VMM in another process.
+//! - [`scsi`]: SCSI target emulation (disks and CD-ROMs) over images.
+//! - [`virtio_scsi`]: the virtio-scsi controller model, independent of its transport.
+//! - [`sg_list`]: guest buffers as byte streams.
 //! - [`executor`]: the worker threads that keep many requests in flight.
 
 mod bounce;
 pub mod executor;
 pub mod scsi;
+pub mod sg_list;
 pub mod vhost_user;
 pub mod virtio_blk;
+pub mod virtio_scsi;

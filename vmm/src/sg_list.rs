@@ -1,0 +1,185 @@
+//! Guest buffers as byte streams: the device-readable and device-writable parts of a
+//! descriptor chain, whatever way the driver split them across descriptors.
+
+use std::ops::Deref;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+/// Why a chain is not a request the device can even answer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// The descriptor chain itself is broken (a loop, an address outside guest memory, a bad
+    /// indirect table).
+    #[error("malformed descriptor chain")]
+    Malformed,
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// Too few readable bytes for the request header.
+    #[error("request header missing ({0} readable bytes)")]
+    ShortHeader(u64),
+    /// No room for the device's answer (the status byte or response).
+    #[error("no writable room for the request status")]
+    NoStatus,
+}
+
+/// Splits a chain into its device-readable bytes and the device-writable bytes that follow
+/// them (the spec requires that order).
+pub fn split_chain<M>(chain: DescriptorChain<M>) -> Result<(SgList, SgList), ChainError>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut readable = SgList::default();
+    let mut writable = SgList::default();
+    let mut count = 0usize;
+    for desc in chain {
+        count += 1;
+        if desc.is_write_only() {
+            writable.push(desc.addr(), u64::from(desc.len()));
+        } else if !writable.is_empty() {
+            return Err(ChainError::ReadableAfterWritable);
+        } else {
+            readable.push(desc.addr(), u64::from(desc.len()));
+        }
+    }
+    if count == 0 {
+        return Err(ChainError::Malformed);
+    }
+    Ok((readable, writable))
+}
+
+/// A scatter-gather list: guest buffers making up one byte stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SgList {
+    segments: Vec<(GuestAddress, u64)>,
+    len: u64,
+}
+
+impl SgList {
+    /// Appends `len` bytes at `addr`.
+    pub fn push(&mut self, addr: GuestAddress, len: u64) {
+        if len > 0 {
+            self.segments.push((addr, len));
+            self.len += len;
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the list holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Splits off the first `n` bytes (at most all of them) into a list of their own.
+    pub fn split_front(&mut self, n: u64) -> SgList {
+        let mut front = SgList::default();
+        let mut rest = SgList::default();
+        let mut left = n;
+        for &(addr, len) in &self.segments {
+            let take = left.min(len);
+            front.push(addr, take);
+            // Guest addresses may wrap; such a segment fails when it is accessed.
+            rest.push(GuestAddress(addr.0.wrapping_add(take)), len - take);
+            left -= take;
+        }
+        *self = rest;
+        front
+    }
+
+    /// Splits off the last `n` bytes (at most all of them) into a list of their own.
+    pub fn split_back(&mut self, n: u64) -> SgList {
+        let keep = self.len.saturating_sub(n);
+        let front = self.split_front(keep);
+        std::mem::replace(self, front)
+    }
+
+    /// Copies `buf.len()` bytes starting `offset` bytes into the list out of guest memory.
+    pub fn read_into<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        self.walk(offset, buf.len() as u64, |addr, at, n| {
+            mem.read_slice(&mut buf[at..at + n], addr)
+        })
+    }
+
+    /// Copies `buf` into guest memory, starting `offset` bytes into the list.
+    pub fn write_from<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), vm_memory::GuestMemoryError> {
+        self.walk(offset, buf.len() as u64, |addr, at, n| {
+            mem.write_slice(&buf[at..at + n], addr)
+        })
+    }
+
+    /// Calls `f(guest address, offset in the caller's buffer, length)` for each piece of the
+    /// `len` bytes starting `offset` bytes into the list.
+    fn walk<F>(&self, offset: u64, len: u64, mut f: F) -> Result<(), vm_memory::GuestMemoryError>
+    where
+        F: FnMut(GuestAddress, usize, usize) -> Result<(), vm_memory::GuestMemoryError>,
+    {
+        let mut skip = offset;
+        let mut done = 0u64;
+        for &(addr, seg_len) in &self.segments {
+            if done == len {
+                break;
+            }
+            if skip >= seg_len {
+                skip -= seg_len;
+                continue;
+            }
+            let n = (seg_len - skip).min(len - done);
+            let start = addr
+                .0
+                .checked_add(skip)
+                .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(addr))?;
+            f(GuestAddress(start), done as usize, n as usize)?;
+            done += n;
+            skip = 0;
+        }
+        if done < len {
+            return Err(vm_memory::GuestMemoryError::PartialBuffer {
+                expected: len as usize,
+                completed: done as usize,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(parts: &[(u64, u64)]) -> SgList {
+        let mut l = SgList::default();
+        for &(a, n) in parts {
+            l.push(GuestAddress(a), n);
+        }
+        l
+    }
+
+    #[test]
+    fn splits_keep_every_byte_once() {
+        let mut l = list(&[(0x1000, 10), (0x2000, 6), (0x3000, 1)]);
+        let front = l.split_front(12);
+        assert_eq!(front, list(&[(0x1000, 10), (0x2000, 2)]));
+        assert_eq!(l, list(&[(0x2002, 4), (0x3000, 1)]));
+        let back = l.split_back(1);
+        assert_eq!(back, list(&[(0x3000, 1)]));
+        assert_eq!(l, list(&[(0x2002, 4)]));
+        let mut short = list(&[(0, 3)]);
+        assert_eq!(short.split_back(5), list(&[(0, 3)]));
+        assert!(short.is_empty());
+    }
+}
