@@ -2,6 +2,7 @@
 //!
 //! - [`virtio_blk`]: the virtio-blk device model, independent of its transport.
 //! - [`vhost_user`]: vhost-user-blk, serving that model to a VMM in another process.
+//! - [`qmp`]: the QEMU Machine Protocol server and its block commands.
 //! - [`scsi`]: SCSI target emulation (disks and CD-ROMs) over images.
 //! - [`virtio_scsi`]: the virtio-scsi controller model, independent of its transport.
 //! - [`sg_list`]: guest buffers as byte streams.
@@ -9,8 +10,10 @@
 
 mod bounce;
 pub mod executor;
+pub mod qmp;
 pub mod scsi;
 pub mod sg_list;
+pub mod stats;
 pub mod vhost_user;
 pub mod virtio_blk;
 pub mod virtio_scsi;

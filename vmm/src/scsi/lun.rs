@@ -3,7 +3,9 @@
 use super::cdb::{self, *};
 use super::{DataIn, DataOut, Outcome, Sense};
 use crate::bounce::with_bounce;
+use crate::stats::BlockStats;
 use img_core::Image;
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock};
 
 /// What the LUN is.
@@ -66,6 +68,7 @@ pub struct Lun {
     /// Commands hold the read side while they run; changing the medium takes the write side.
     medium: RwLock<Option<Image>>,
     state: Mutex<State>,
+    stats: BlockStats,
 }
 
 /// Why an eject was refused.
@@ -98,6 +101,7 @@ impl Lun {
                 tray_open,
                 ..State::default()
             }),
+            stats: BlockStats::default(),
         }
     }
 
@@ -106,11 +110,38 @@ impl Lun {
         &self.options
     }
 
+    /// What the LUN has done so far.
+    pub fn stats(&self) -> &BlockStats {
+        &self.stats
+    }
+
+    /// Runs `f` on the medium with every command quiesced (the write side of the medium's
+    /// lock), e.g. to take an internal snapshot; `None` without a medium.
+    pub fn with_medium_mut<T>(&self, f: impl FnOnce(&mut Image) -> T) -> Option<T> {
+        self.medium
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(f)
+    }
+
     /// The medium's image name, if there is a medium.
     pub fn medium_name(&self) -> Option<String> {
         self.read_medium()
             .as_ref()
             .map(|i| i.file_name().to_string())
+    }
+
+    /// The medium's file name, format driver, backing depth and size, if there is one.
+    pub fn describe(&self) -> Option<(String, String, usize, u64)> {
+        self.read_medium().as_ref().map(|i| {
+            (
+                i.file_name().to_string(),
+                i.format().driver().to_string(),
+                i.chain().count() - 1,
+                i.size(),
+            )
+        })
     }
 
     /// Whether the tray is open.
@@ -276,7 +307,10 @@ impl Lun {
                 }
             }
             SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => match image.flush() {
-                Ok(()) => Outcome::good(0),
+                Ok(()) => {
+                    self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    Outcome::good(0)
+                }
                 Err(e) => self.failed(Sense::TARGET_FAILURE, "flush", 0, &e),
             },
             UNMAP if !self.is_cdrom() => self.unmap(image, cdb, out),
@@ -296,6 +330,7 @@ impl Lun {
     }
 
     fn failed(&self, sense: Sense, what: &str, offset: u64, e: &img_core::Error) -> Outcome {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let name = self.medium_name().unwrap_or_default();
         eprintln!("img: {name}: guest SCSI {what} at byte {offset} failed: {e}");
         Outcome::check(sense)
@@ -321,6 +356,8 @@ impl Lun {
                 }
                 done += n as u64;
             }
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.stats.read_bytes.fetch_add(len, Ordering::Relaxed);
             Outcome::good(len)
         })
     }
@@ -359,6 +396,8 @@ impl Lun {
                 return self.failed(Sense::WRITE_ERROR, "flush", offset, &e);
             }
         }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
         Outcome::good(0)
     }
 
@@ -402,6 +441,7 @@ impl Lun {
             if let Err(e) = image.discard(offset, len) {
                 return self.failed(Sense::TARGET_FAILURE, "unmap", offset, &e);
             }
+            self.stats.discards.fetch_add(1, Ordering::Relaxed);
         }
         Outcome::good(0)
     }

@@ -7,7 +7,7 @@
 //! data moves through [`DataOut`] and [`DataIn`] in bounded chunks.
 
 mod cdb;
-mod lun;
+pub mod lun;
 mod sense;
 
 pub use lun::{Lun, LunKind, LunOptions};
@@ -134,24 +134,24 @@ impl Outcome {
 /// The LUNs of one target.
 #[derive(Debug, Default)]
 pub struct Target {
-    luns: Vec<(u16, Lun)>,
+    luns: Vec<(u16, std::sync::Arc<Lun>)>,
 }
 
 impl Target {
     /// Adds `lun` at number `n` (replacing one there).
     pub fn insert(&mut self, n: u16, lun: Lun) {
         self.luns.retain(|(m, _)| *m != n);
-        self.luns.push((n, lun));
+        self.luns.push((n, std::sync::Arc::new(lun)));
         self.luns.sort_by_key(|(m, _)| *m);
     }
 
     /// The LUN numbered `n`.
-    pub fn lun(&self, n: u16) -> Option<&Lun> {
+    pub fn lun(&self, n: u16) -> Option<&std::sync::Arc<Lun>> {
         self.luns.iter().find(|(m, _)| *m == n).map(|(_, l)| l)
     }
 
     /// Every LUN with its number.
-    pub fn luns(&self) -> impl Iterator<Item = (u16, &Lun)> {
+    pub fn luns(&self) -> impl Iterator<Item = (u16, &std::sync::Arc<Lun>)> {
         self.luns.iter().map(|(n, l)| (*n, l))
     }
 

@@ -4,8 +4,9 @@ use super::config::{BlockConfig, DeviceOptions};
 use super::request::{Request, RequestKind, SgList, SEGMENT_LEN};
 use super::{SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use crate::bounce::with_bounce;
+pub use crate::stats::BlockStats;
 use img_core::Image;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 use vm_memory::GuestMemory;
 
@@ -18,25 +19,6 @@ pub struct Completion {
     pub status: u8,
     /// Bytes written into the chain's device-writable buffers, status byte included.
     pub used_len: u32,
-}
-
-/// Counters of what the device did, as QEMU's query-blockstats reports them.
-#[derive(Debug, Default)]
-pub struct BlockStats {
-    /// Completed reads.
-    pub reads: AtomicU64,
-    /// Bytes read.
-    pub read_bytes: AtomicU64,
-    /// Completed writes (zeroing included).
-    pub writes: AtomicU64,
-    /// Bytes written.
-    pub write_bytes: AtomicU64,
-    /// Completed flushes.
-    pub flushes: AtomicU64,
-    /// Completed discards.
-    pub discards: AtomicU64,
-    /// Requests that ended with an I/O error.
-    pub failed: AtomicU64,
 }
 
 /// A virtio-blk disk backed by an image.
@@ -98,6 +80,33 @@ impl BlockDevice {
     /// What the device has done so far.
     pub fn stats(&self) -> &BlockStats {
         &self.stats
+    }
+
+    /// Runs `f` on the image with every request quiesced (the write side of the image's
+    /// lock), e.g. to take an internal snapshot; `None` once closed.
+    pub fn with_image_mut<T>(&self, f: impl FnOnce(&mut Image) -> T) -> Option<T> {
+        self.image
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(f)
+    }
+
+    /// Whether the device refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.config.options.read_only
+    }
+
+    /// The image's format driver name and backing depth, when open.
+    pub fn describe(&self) -> Option<(String, usize, u64)> {
+        let guard = self.image.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|i| {
+            (
+                i.format().driver().to_string(),
+                i.chain().count() - 1,
+                i.size(),
+            )
+        })
     }
 
     /// Makes every completed write durable.
