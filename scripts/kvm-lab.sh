@@ -9,13 +9,15 @@
 # root to run the command. So any binary built on the host (target/release/img, a VMM) runs
 # unchanged in L1 and can start "L2" guests under KVM.
 #
-#   scripts/kvm-lab.sh run [--] CMD [ARGS...]
+#   scripts/kvm-lab.sh run [--share DIR]... [--] CMD [ARGS...]
 #       Boots L1 and runs CMD (a path or command name as the host would resolve it; relative
 #       paths are relative to the caller's working directory, which is also CMD's working
 #       directory) chrooted into the host's root, with /dev (holding /dev/kvm), /proc, /sys,
 #       a fresh tmpfs on /tmp and on /run, and stdin from /dev/null. The root filesystem is
 #       read-only; CMD can write to /tmp (L1's memory, lost at power-off) and to $KVM_LAB_WORK,
-#       the run's work dir, which is the same path on the host and in L1. CMD's stdout and
+#       the run's work dir, which is the same path on the host and in L1, and to every
+#       --share DIR, a host directory shared writable at its own path (e.g. a test's temp dir
+#       holding disk images; DIR is shared with its subdirectories). CMD's stdout and
 #       stderr are written to files there and copied to this script's stdout and stderr when
 #       CMD ends (not while it runs); then L1 powers off. Exits with CMD's exit status.
 #   scripts/kvm-lab.sh check
@@ -31,8 +33,9 @@
 #       Only fetch and build what the lab needs (QEMU 7.2, kernel, busybox) into the cache.
 #
 # Exit status: CMD's for `run`; 0 or 1 for check and bench-qemu-boot; 125 when the lab itself
-# failed (L1 did not boot, found no /dev/kvm, could not mount the shares, or the run timed out)
-# - the reason and the tail of L1's console are printed.
+# failed (bad arguments, preparation failed, L1 did not boot, found no /dev/kvm, could not
+# mount the shares, or the run timed out) - the reason and the tail of L1's console are
+# printed.
 #
 # Lab lines on stderr start with "kvm-lab:"; they give the timings: L1's boot to a usable
 # /dev/kvm as the host saw it, the command's run time, L1's power-off and the total.
@@ -41,10 +44,14 @@
 #   KVM_LAB_TIMEOUT  seconds the whole L1 run may take (default 900); on expiry L1 is stopped
 #   KVM_LAB_MEM      L1's memory in MiB (default 2048; TCG allocates it only as it is touched)
 #   KVM_LAB_SMP      L1's vCPUs (default 1)
+#   KVM_LAB_L1_CPU   L1's CPU model (default EPYC: SVM with nested paging; a model without
+#                    SVM, e.g. qemu64,-svm, gives an L1 without /dev/kvm, to see the lab fail)
 #   KVM_LAB_ENV      names of host environment variables to pass to CMD (space-separated);
 #                    CMD otherwise gets only PATH, HOME=/root, LANG=C.UTF-8, TERM=dumb,
 #                    KVM_LAB=1 and KVM_LAB_WORK
 #   KVM_LAB_RUNS     bench-qemu-boot's number of boots (default 5)
+#   KVM_LAB_L2_QEMU_ARGS  more QEMU options for L2 in check and bench-qemu-boot (e.g.
+#                    "-machine q35"; split on white space)
 #   IMG_LAB_DIR      cache dir (default /var/cache/img-lab, shared with the other lab scripts)
 #   KEEP=1           keep the work dir (console logs, CMD's output) even on success
 #
@@ -64,6 +71,8 @@ LAB_NAME=kvm-lab
 KVM_LAB_TIMEOUT=${KVM_LAB_TIMEOUT:-900}
 KVM_LAB_MEM=${KVM_LAB_MEM:-2048}
 KVM_LAB_SMP=${KVM_LAB_SMP:-1}
+KVM_LAB_L1_CPU=${KVM_LAB_L1_CPU:-EPYC}
+SHARES=()
 KVM_LAB_RUNS=${KVM_LAB_RUNS:-5}
 KVMDIR="$LAB/kvm"
 LAB_FAILURE=125
@@ -72,6 +81,8 @@ lab_fail() {
     log "error: $*"
     exit $LAB_FAILURE
 }
+# Whatever goes wrong before CMD runs is the lab's failure, never to be taken for CMD's status.
+die() { lab_fail "$@"; }
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", b - a}'; }
@@ -133,6 +144,17 @@ mount -t sysfs sys /host/sys || fail "cannot mount /sys"
 # The work dir at the path it has on the host (under /tmp it is in the new tmpfs).
 mkdir -p "/host$WORK" 2>/dev/null
 mount -t 9p -o "$P9" labwork "/host$WORK" || fail "cannot mount the work dir (9p labwork)"
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+    kvmlab.share*=*)
+        tag=${w%%=*}
+        tag=${tag#kvmlab.}
+        dir=${w#*=}
+        mkdir -p "/host$dir" 2>/dev/null
+        mount -t 9p -o "$P9" "$tag" "/host$dir" || fail "cannot mount $dir (9p $tag)"
+        ;;
+    esac
+done
 [ -c /dev/kvm ] || fail "no /dev/kvm (kvm_amd: $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null || echo not loaded))"
 read -r up _ </proc/uptime
 echo "uptime=$up npt=$(cat /sys/module/kvm_amd/parameters/npt) nested=$(cat /sys/module/kvm_amd/parameters/nested) cpu=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" >"/host$WORK/l1-ready"
@@ -158,7 +180,10 @@ nonce=none
 for w in $(/bin/busybox cat /proc/cmdline); do
     case "$w" in kvmlab.nonce=*) nonce=${w#kvmlab.nonce=} ;; esac
 done
-echo "KVM-LAB-L2-UP $nonce uptime=$up"
+# L2's wall clock comes from kvmclock, that is from L1's: L1 subtracts its own time at QEMU's
+# start to get QEMU's start to L2's /init. (busybox date has no sub-second format.)
+rt=$(/bin/busybox adjtimex | /bin/busybox awk '/tv_sec/ {s = $2} /tv_usec/ {u = $2} END {printf "%d.%06d", s, u}')
+echo "KVM-LAB-L2-UP $nonce uptime=$up realtime=$rt"
 /bin/busybox poweroff -f
 EOF
     chmod 755 "$1"
@@ -232,11 +257,16 @@ console_tail() {
 # boot_l1 CMD [ARGS...]: runs CMD in L1; sets CMD_RC and the timings T_READY, T_CMD, T_OFF
 # (seconds, as the host measured them). Fails the script (status 125) when the lab failed.
 boot_l1() {
-    local v t0 t_ready='' t_done='' rc=0
+    local v t0 t_ready='' t_done='' rc=0 i append shares=()
+    append="console=ttyS0 panic=-1 quiet loglevel=1 kvmlab.work=$WORK"
+    for i in "${!SHARES[@]}"; do
+        shares+=(-virtfs "local,path=${SHARES[$i]},mount_tag=share$i,security_model=none")
+        append+=" kvmlab.share$i=${SHARES[$i]}"
+    done
     {
         printf 'export PATH=%q\n' "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         printf 'export HOME=/root LANG=C.UTF-8 TERM=dumb KVM_LAB=1 KVM_LAB_WORK=%q\n' "$WORK"
-        for v in ${KVM_LAB_ENV:-}; do
+        for v in ${KVM_LAB_ENV:-} KVM_LAB_L2_QEMU_ARGS; do
             if [ -n "${!v+set}" ]; then printf 'export %s=%q\n' "$v" "${!v}"; fi
         done
         printf 'cd %q || exit 125\n' "$CALLER_PWD"
@@ -246,13 +276,13 @@ boot_l1() {
     } >"$WORK/cmd"
     t0=$(now)
     timeout -k 10 "$KVM_LAB_TIMEOUT" "$TOP/scripts/qemu-system.sh" \
-        -accel tcg -cpu EPYC -m "$KVM_LAB_MEM" -smp "$KVM_LAB_SMP" \
+        -accel tcg -cpu "$KVM_LAB_L1_CPU" -m "$KVM_LAB_MEM" -smp "$KVM_LAB_SMP" \
         -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -serial "file:$WORK/l1-console" \
         -kernel "$KDIR/vmlinux" -initrd "$WORK/l1-initrd" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=1 kvmlab.work=$WORK" \
+        -append "$append" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-        -virtfs "local,path=$WORK,mount_tag=labwork,security_model=none" \
+        -virtfs "local,path=$WORK,mount_tag=labwork,security_model=none" "${shares[@]}" \
         </dev/null >"$WORK/qemu.log" 2>&1 &
     QEMU_PID=$!
     # Poll (cheaply) for the milestones L1 leaves in the work dir, for the timings.
@@ -299,9 +329,12 @@ boot_l1() {
 # in seconds, or fails.
 l2_boot() {
     local t0 t1 rc=0
+    local extra=()
+    # shellcheck disable=SC2206 # a list of options, split on purpose
+    extra=(${KVM_LAB_L2_QEMU_ARGS:-})
     t0=$(now)
     timeout -k 5 120 "$TOP/scripts/qemu-system.sh" \
-        -accel kvm -cpu host -m 256 -smp 1 \
+        -accel kvm -cpu host -m 256 -smp 1 "${extra[@]}" \
         -nodefaults -no-user-config -display none -monitor none -no-reboot \
         -serial "file:$4" \
         -kernel "$1" -initrd "$2" \
@@ -320,8 +353,14 @@ l2_boot() {
         cat "$4.qemu" >&2
         return 1
     fi
-    L2_UPTIME=$(tr -d '\r' <"$4" | sed -n "s/^KVM-LAB-L2-UP $3 uptime=//p")
+    local marker rt
+    marker=$(tr -d '\r' <"$4" | grep -m1 "^KVM-LAB-L2-UP $3 ")
+    L2_UPTIME=$(echo "$marker" | sed -n 's/.* uptime=\([0-9.]*\).*/\1/p')
+    rt=$(echo "$marker" | sed -n 's/.* realtime=\([0-9.]*\).*/\1/p')
     L2_WALL=$(elapsed "$t0" "$t1")
+    # QEMU's start to L2's /init, on L2's clock against L1's; only if it is plausible.
+    L2_INIT=$(awk -v a="$t0" -v b="${rt:-0}" -v w="$L2_WALL" \
+        'BEGIN {d = b - a; if (d > 0 && d <= w + 0.05) printf "%.1f", d; else print "n/a"}')
 }
 
 kvm_ioctl_check() {
@@ -351,25 +390,28 @@ l1_check() {
     }
     echo "KVM-LAB-IOCTLS $out"
     l2_boot "$vmlinux" "$initrd" "$nonce" /tmp/l2-console || return 1
-    echo "KVM-LAB-L2 booted: wall=$L2_WALL s (QEMU start to L2 power-off), L2 uptime at /init=$L2_UPTIME s"
+    echo "KVM-LAB-L2 booted: $L2_INIT s from QEMU's start to L2's /init (L2's kernel: $L2_UPTIME s), $L2_WALL s to L2's power-off and QEMU's exit"
 }
 
 l1_bench() {
-    local vmlinux=$1 initrd=$2 runs=$3 i walls=() ups=()
+    local vmlinux=$1 initrd=$2 runs=$3 i walls=() ups=() inits=()
+    printf '%-8s %14s %14s %14s\n' "" "QEMU->/init s" "L2 kernel s" "QEMU->exit s"
     for i in $(seq 1 "$runs"); do
         l2_boot "$vmlinux" "$initrd" "run$i" /tmp/l2-console || return 1
-        echo "run $i: wall $L2_WALL s (QEMU start to L2 power-off), L2 uptime at /init $L2_UPTIME s"
+        printf '%-8s %14s %14s %14s\n' "run $i" "$L2_INIT" "$L2_UPTIME" "$L2_WALL"
         walls+=("$L2_WALL")
         ups+=("$L2_UPTIME")
+        inits+=("$L2_INIT")
     done
-    echo "median of $runs: wall $(printf '%s\n' "${walls[@]}" | median) s, L2 uptime at /init $(printf '%s\n' "${ups[@]}" | median) s"
+    printf '%-8s %14s %14s %14s\n' median "$(printf '%s\n' "${inits[@]}" | grep -v n/a | median)" \
+        "$(printf '%s\n' "${ups[@]}" | median)" "$(printf '%s\n' "${walls[@]}" | median)"
 }
 
 # ---------------------------------------------------------------------------------------------
 
 usage() {
     sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//' >&2
-    exit 2
+    exit $LAB_FAILURE
 }
 
 main() {
@@ -380,7 +422,27 @@ main() {
         prepare
         ;;
     run)
-        [ "${1:-}" = -- ] && shift
+        local dir
+        while [ $# -gt 0 ]; do
+            case "$1" in
+            --share)
+                [ $# -ge 2 ] || usage
+                dir=$(realpath -e "$2") || die "--share $2: no such directory"
+                [ -d "$dir" ] || die "--share $2: not a directory"
+                case "$dir" in
+                / | *[!A-Za-z0-9/._-]*) die "--share $2: $dir cannot be shared (the root, or characters the kernel command line cannot carry)" ;;
+                esac
+                SHARES+=("$dir")
+                shift 2
+                ;;
+            --)
+                shift
+                break
+                ;;
+            -*) usage ;;
+            *) break ;;
+            esac
+        done
         [ $# -gt 0 ] || usage
         setup
         boot_l1 "$@"
@@ -411,6 +473,8 @@ main() {
         cat "$WORK/stderr" >&2
         echo "L2 boot under QEMU 7.2 -accel kvm -cpu host (256 MiB, 1 vCPU, PVH vmlinux $KVER, busybox"
         echo "initramfs whose /init powers off) inside L1 (QEMU TCG, -cpu EPYC, $KVM_LAB_SMP vCPU):"
+        echo "QEMU->/init: QEMU's start to L2's /init (L2's kvmclock time against L1's); L2 kernel:"
+        echo "L2's uptime at /init; QEMU->exit: QEMU's start to its exit after L2's power-off."
         cat "$WORK/stdout"
         [ "$CMD_RC" = 0 ] || return 1
         LAB_OK=1
