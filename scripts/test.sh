@@ -35,7 +35,7 @@ fi
 scripts/qemu-system.sh --prepare
 # The guest lab (tests/tests/guest_lab.rs): e2fsprogs, kmod, fio, a Debian kernel and busybox.
 scripts/guest-lab.sh --prepare
-# The KVM lab (tests/tests/kvm_lab.rs): the same kernel and busybox, L1 modules for kvm-amd and 9p.
+# The KVM lab (tests/tests/kvm_lab.rs): the guest lab's kernel and busybox, and QEMU.
 scripts/kvm-lab.sh --prepare
 
 # Release builds: the interop and property tests move hundreds of MiB through the engine.
