@@ -228,12 +228,16 @@ cleanup() {
 
 # setup: the cache, the run lock, the work dir and the initramfs images.
 setup() {
+    local t0
+    t0=$(now)
     prepare
-    exec 8>"$KVMDIR/.run.lock"
+    # Opened for appending, so that a waiter does not erase the holder's note in the file.
+    exec 8>>"$KVMDIR/.run.lock"
     if ! flock -n 8; then
-        log "waiting for another kvm-lab run to finish"
+        log "waiting for another kvm-lab run to finish ($(cat "$KVMDIR/.run.lock" 2>/dev/null))"
         flock -w "$KVM_LAB_TIMEOUT" 8 || lab_fail "another kvm-lab run held the lock for $KVM_LAB_TIMEOUT s"
     fi
+    printf 'pid %s since %s: %s\n' "$$" "$(date +%T)" "$SELF $MODE_ARGS" >"$KVMDIR/.run.lock"
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvm-lab.XXXXXX")
     WORK=$(realpath "$WORK")
     export KVM_LAB_WORK=$WORK
@@ -242,6 +246,7 @@ setup() {
     trap cleanup EXIT
     trap 'exit 130' INT TERM
     build_initramfs
+    log "prepared in $(elapsed "$t0" "$(now)") s (kernel $KVER)"
 }
 
 # console_tail: L1's console and QEMU's messages, for a post-mortem.
@@ -416,6 +421,7 @@ usage() {
 
 main() {
     local mode=${1:-}
+    MODE_ARGS="$*"
     [ $# -gt 0 ] && shift
     case "$mode" in
     --prepare)

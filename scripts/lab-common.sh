@@ -27,7 +27,10 @@ apt_install() {
 lab_lock() {
     mkdir -p "$GUEST"
     exec 9>"$GUEST/.lock"
-    flock 9
+    if ! flock -n 9; then
+        log "waiting for another lab script to finish preparing the cache ($GUEST/.lock)"
+        flock 9
+    fi
 }
 lab_unlock() {
     flock -u 9
