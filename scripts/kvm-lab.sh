@@ -330,8 +330,11 @@ boot_l1() {
 # ---------------------------------------------------------------------------------------------
 # Inside L1 (chrooted into the host's root).
 
-# l2_boot VMLINUX INITRD NONCE CONSOLE: one L2 boot under QEMU -accel kvm; prints its wall time
-# in seconds, or fails.
+# l2_boot VMLINUX INITRD NONCE CONSOLE: one L2 boot under QEMU -accel kvm; sets L2_WALL (QEMU's
+# start to its exit), L2_INIT (QEMU's start to L2's /init) and L2_UPTIME (L2's kernel to /init),
+# or fails. Where the time goes (strace in L1, about 10 s in all): 2-3 s for QEMU's start (its
+# libraries over 9p, under TCG), about 4 s of QEMU loading the 65 MB vmlinux (copies, which TCG
+# runs slowly), then 2-3 s of L2 running: the kernel's boot to /init and the power-off.
 l2_boot() {
     local t0 t1 rc=0
     local extra=()
