@@ -17,9 +17,12 @@
 #       read-only; CMD can write to /tmp (L1's memory, lost at power-off) and to $KVM_LAB_WORK,
 #       the run's work dir, which is the same path on the host and in L1, and to every
 #       --share DIR, a host directory shared writable at its own path (e.g. a test's temp dir
-#       holding disk images; DIR is shared with its subdirectories). CMD's stdout and
-#       stderr are written to files there and copied to this script's stdout and stderr when
-#       CMD ends (not while it runs); then L1 powers off. Exits with CMD's exit status.
+#       holding disk images; DIR is shared with its subdirectories; its path may hold only
+#       letters, digits and . _ - /). The host's own /tmp is not visible in L1: share what CMD
+#       needs from there (a working directory there must be shared too). CMD's stdout and
+#       stderr are written to files in the work dir and copied to this script's stdout and
+#       stderr when CMD ends (not while it runs); then L1 powers off. Exits with CMD's exit
+#       status.
 #   scripts/kvm-lab.sh check
 #       The lab's self-test: in L1, KVM_CREATE_VM and KVM_CREATE_VCPU on /dev/kvm (ioctls from
 #       python3), then an L2 Linux guest (the same kernel, PVH entry, a tiny initramfs whose
@@ -34,8 +37,8 @@
 #
 # Exit status: CMD's for `run`; 0 or 1 for check and bench-qemu-boot; 125 when the lab itself
 # failed (bad arguments, preparation failed, L1 did not boot, found no /dev/kvm, could not
-# mount the shares, or the run timed out) - the reason and the tail of L1's console are
-# printed.
+# mount the shares, or the run timed out) - the reason ("kvm-lab: error: ...") and the tail
+# of L1's console are printed, which tells it from a CMD that itself exits with 125.
 #
 # Lab lines on stderr start with "kvm-lab:"; they give the timings: L1's boot to a usable
 # /dev/kvm as the host saw it, the command's run time, L1's power-off and the total.
@@ -274,7 +277,7 @@ boot_l1() {
         for v in ${KVM_LAB_ENV:-} KVM_LAB_L2_QEMU_ARGS; do
             if [ -n "${!v+set}" ]; then printf 'export %s=%q\n' "$v" "${!v}"; fi
         done
-        printf 'cd %q || exit 125\n' "$CALLER_PWD"
+        printf 'cd %q 2>/dev/null || { : >%q; exit 125; }\n' "$CALLER_PWD" "$WORK/no-cwd"
         printf 'exec'
         printf ' %q' "$@"
         printf '\n'
@@ -320,6 +323,9 @@ boot_l1() {
     [ -n "$t_ready" ] || t_ready=$t0
     [ -n "$t_done" ] || t_done=$t_end
     CMD_RC=$(cat "$WORK/rc")
+    if [ -e "$WORK/no-cwd" ]; then
+        lab_fail "the working directory $CALLER_PWD is not visible in L1 (under the host's /tmp? --share it)"
+    fi
     T_READY=$(elapsed "$t0" "$t_ready")
     T_CMD=$(elapsed "$t_ready" "$t_done")
     T_OFF=$(elapsed "$t_done" "$t_end")
