@@ -26,31 +26,18 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 TOP=$PWD
-LAB=${IMG_LAB_DIR:-/var/cache/img-lab}
-export IMG_LAB_DIR=$LAB
+LAB_NAME=guest-lab
+# shellcheck source=scripts/lab-common.sh
+. "$TOP/scripts/lab-common.sh"
 SERVER=${SERVER:-img}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-180}
 BENCH_RUNS=${BENCH_RUNS:-3}
 BENCH_SECS=${BENCH_SECS:-5}
 BENCH_SIZE_MB=${BENCH_SIZE_MB:-256}
 BENCH_QUEUES=${BENCH_QUEUES:-1}
-GUEST="$LAB/guest"
-BUSYBOX="$GUEST/busybox"
-
-log() { printf 'guest-lab: %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
 
 # ---------------------------------------------------------------------------------------------
 # Preparation (idempotent; a lock keeps concurrent runs from building the same thing twice).
-
-apt_install() {
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
 
 prepare_tools() {
     local missing=()
@@ -69,60 +56,6 @@ prepare_tools() {
     fi
 }
 
-# Debian's kernel: the image package that linux-image-amd64 names, unpacked, with its modules'
-# dependency data (depmod), and vmlinux pulled out of the bzImage for QEMU's fast PVH boot.
-prepare_kernel() {
-    local pkg
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
-    if [ -z "$pkg" ]; then
-        apt-get update -qq >/dev/null
-        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
-    fi
-    [ -n "$pkg" ] || die "apt-cache depends linux-image-amd64 names no kernel package"
-    KVER=${pkg#linux-image-}
-    KDIR="$GUEST/$KVER"
-    if [ ! -f "$KDIR/vmlinux" ]; then
-        log "preparing kernel $KVER"
-        local tmp="$GUEST/tmp.$$"
-        rm -rf "$GUEST"/tmp.*
-        mkdir -p "$tmp"
-        (cd "$tmp" && apt-get download -qq "$pkg" 2>/dev/null) || die "apt-get download $pkg failed"
-        dpkg -x "$tmp"/*.deb "$tmp/root"
-        rm -f "$tmp"/*.deb
-        depmod -b "$tmp/root" "$KVER"
-        python3 - "$tmp/root/boot/vmlinuz-$KVER" "$tmp/vmlinux" <<'EOF'
-import lzma, sys
-data = open(sys.argv[1], "rb").read()
-# The bzImage carries the kernel as one xz stream; decompressing it gives the ELF vmlinux, whose
-# PVH note lets QEMU start it directly, skipping the BIOS and the in-guest decompressor.
-at = data.find(b"\xfd7zXZ\x00")
-if at < 0:
-    sys.exit("no xz stream in " + sys.argv[1])
-elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[at:])
-if elf[:4] != b"\x7fELF":
-    sys.exit("the xz stream is not an ELF kernel")
-open(sys.argv[2], "wb").write(elf)
-EOF
-        rm -rf "$KDIR"
-        mv "$tmp" "$KDIR"
-    fi
-}
-
-prepare_busybox() {
-    if [ ! -x "$BUSYBOX" ]; then
-        log "preparing busybox-static"
-        local tmp="$GUEST/bb.$$"
-        rm -rf "$GUEST"/bb.*
-        mkdir -p "$tmp"
-        (cd "$tmp" && apt-get download -qq busybox-static 2>/dev/null) ||
-            die "apt-get download busybox-static failed"
-        dpkg -x "$tmp"/*.deb "$tmp/root"
-        cp "$tmp/root/bin/busybox" "$BUSYBOX.new"
-        mv "$BUSYBOX.new" "$BUSYBOX"
-        rm -rf "$tmp"
-    fi
-}
-
 prepare_img() {
     if [ -z "${IMG_BIN:-}" ]; then
         IMG_BIN="$TOP/target/release/img"
@@ -138,15 +71,12 @@ prepare_img() {
 # prepare [bench]: everything but the img binary, under a lock (apt and the cache are shared by
 # concurrent runs).
 prepare() {
-    mkdir -p "$GUEST"
-    exec 9>"$GUEST/.lock"
-    flock 9
+    lab_lock
     prepare_tools "${1:-}"
     "$TOP/scripts/qemu-system.sh" --prepare
     prepare_kernel
     prepare_busybox
-    flock -u 9
-    exec 9>&-
+    lab_unlock
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -334,28 +264,9 @@ EOF
 # fio and every shared library ldd names for it, at the same paths.
 build_initramfs() {
     local out=$1 root="$WORK/initramfs"
-    rm -rf "$root"
-    mkdir -p "$root"/{bin,dev,proc,sys,tmp,mnt,lib/modules}
-    cp "$BUSYBOX" "$root/bin/busybox"
+    initramfs_skeleton "$root"
     write_init "$root/init"
-    local n=0 line ko
-    : >"$root/modules.order"
-    # The .ko files in the order modprobe would load them (dependencies first).
-    while read -r line; do
-        case "$line" in
-        insmod\ *)
-            ko=$(echo "$line" | awk '{print $2}')
-            n=$((n + 1))
-            name=$(printf '%02d-%s' "$n" "$(basename "$ko")")
-            grep -qx "[0-9]*-$(basename "$ko")" "$root/modules.order" 2>/dev/null && continue
-            cp "$ko" "$root/lib/modules/$name"
-            echo "$name" >>"$root/modules.order"
-            ;;
-        esac
-    done < <(for m in virtio_pci virtio_blk ext4; do
-        # One module a call: modprobe takes any further words as module parameters.
-        modprobe -d "$KDIR/root" -S "$KVER" --show-depends "$m"
-    done)
+    add_modules "$root" virtio_pci virtio_blk ext4
     if [ "${2:-}" = fio ]; then
         # util-linux's blkdiscard too: busybox's cannot zero (-z, the BLKZEROOUT ioctl that
         # becomes virtio-blk WRITE_ZEROES).
@@ -370,7 +281,7 @@ build_initramfs() {
         done
         mv "$root/bin/fio.host" "$root/bin/fio"
     fi
-    (cd "$root" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null) >"$out"
+    pack_initramfs "$root" "$out"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -807,8 +718,6 @@ run_case() {
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark: fio inside the guest on the raw disk, alternating servers over fresh copies.
-
-median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 bench() {
     local d="$WORK/bench" run srv

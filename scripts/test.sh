@@ -35,6 +35,8 @@ fi
 scripts/qemu-system.sh --prepare
 # The guest lab (tests/tests/guest_lab.rs): e2fsprogs, kmod, fio, a Debian kernel and busybox.
 scripts/guest-lab.sh --prepare
+# The KVM lab (tests/tests/kvm_lab.rs): the guest lab's kernel and busybox, and QEMU.
+scripts/kvm-lab.sh --prepare
 
 # Release builds: the interop and property tests move hundreds of MiB through the engine.
 cargo build --release --workspace --all-targets
