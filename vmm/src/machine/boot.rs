@@ -62,13 +62,13 @@ pub enum KernelFormat {
 
 /// Identifies a kernel image by its magic numbers.
 pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat> {
-    let mut head = [0u8; 0x206];
+    let mut head = Vec::with_capacity(0x206);
     file.seek(SeekFrom::Start(0))
-        .and_then(|_| file.read_exact(&mut head))
+        .and_then(|_| file.by_ref().take(0x206).read_to_end(&mut head))
         .map_err(|e| Error::Io(path.display().to_string(), e))?;
-    if head[..4] == *b"\x7fELF" {
+    if head.starts_with(b"\x7fELF") {
         Ok(KernelFormat::Elf)
-    } else if head[0x202..0x206] == *b"HdrS" {
+    } else if head.get(0x202..0x206) == Some(b"HdrS") {
         Ok(KernelFormat::BzImage)
     } else {
         Err(Error::Boot(format!(
@@ -425,7 +425,8 @@ mod tests {
         let e = load_kernel(&mem, &p).unwrap_err().to_string();
         assert!(e.contains("not an ELF vmlinux or a bzImage"), "{e}");
         std::fs::write(&p, b"short").unwrap();
-        assert!(load_kernel(&mem, &p).is_err());
+        let e = load_kernel(&mem, &p).unwrap_err().to_string();
+        assert!(e.contains("not an ELF vmlinux or a bzImage"), "{e}");
     }
 
     #[test]
