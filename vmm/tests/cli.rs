@@ -262,3 +262,45 @@ fn usage_errors() {
         );
     }
 }
+
+#[test]
+fn sigterm_stops_a_running_guest_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Files::new();
+    // A guest that never stops: jmp $.
+    let k = f.write("kernel", &elf(&[0xeb, 0xfe], true));
+    let pid = f.path("pid");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "-kernel",
+            &k,
+            "-serial",
+            "none",
+            "-pidfile",
+            pid.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pid file appears once the machine is built.
+    let mut waited = 0;
+    while !pid.exists() && waited < 6000 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    let id: i32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(id as u32, child.id());
+    // SAFETY: signalling our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(id, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmm: terminating on signal 15"), "{err}");
+    assert!(!pid.exists());
+}

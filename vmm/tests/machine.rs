@@ -32,11 +32,24 @@ fn kvm_available() -> bool {
 /// Runs `code` at `addr` in `mode` on a machine with `vcpus` CPUs; returns the exit and COM1's
 /// output.
 fn run(code: &[u8], addr: u64, mode: EntryMode, vcpus: u8) -> (ExitReason, String) {
+    run_with_input(code, addr, mode, vcpus, None)
+}
+
+/// [`run`] with `input` for the guest to read from COM1.
+fn run_with_input(
+    code: &[u8],
+    addr: u64,
+    mode: EntryMode,
+    vcpus: u8,
+    input: Option<&'static [u8]>,
+) -> (ExitReason, String) {
     let out = SharedBuf::default();
+    let serial_in = input.map(|i| Box::new(i) as Box<dyn std::io::Read + Send>);
     let mut m = Machine::new(Config {
         ram: 16 << 20,
         vcpus,
         serial_out: Box::new(out.clone()),
+        serial_in,
         kvm_path: "/dev/kvm".into(),
     })
     .unwrap();
@@ -130,5 +143,29 @@ fn secondary_vcpus_waiting_for_sipi_are_stopped_on_power_off() {
     assert_eq!(
         run(REAL_HELLO_POWEROFF, 0x1000, EntryMode::Real, 2),
         (ExitReason::PowerOff, "Hi\n".to_string())
+    );
+}
+
+#[test]
+fn guest_reads_stdin_through_com1() {
+    if !kvm_available() {
+        return;
+    }
+    // 16-bit: poll LSR.DR, read RBR, echo it, until a newline; then power off.
+    let code = [
+        0xba, 0xfd, 0x03, // mov dx, 0x3fd
+        0xec, 0xa8, 0x01, 0x74, 0xfb, // wait: in al, dx; test al, 1; jz wait
+        0xba, 0xf8, 0x03, 0xec, 0xee, // mov dx, 0x3f8; in al, dx; out dx, al
+        0x3c, 0x0a, 0x75, 0xef, // cmp al, '\n'; jne start
+        0xba, 0x04, 0x06, 0xb8, 0x00, 0x34, 0xef, 0xf4, // power off
+    ];
+    // Longer than the 64-byte FIFO, so the input thread must wait for the guest.
+    const INPUT: &[u8] =
+        b"0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ\nnot read\n";
+    let (reason, text) = run_with_input(&code, 0x1000, EntryMode::Real, 1, Some(INPUT));
+    assert_eq!(reason, ExitReason::PowerOff);
+    assert_eq!(
+        text,
+        "0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
     );
 }

@@ -13,7 +13,9 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vmm::machine::{Config, ExitReason, Machine};
+use std::sync::Arc;
+
+use vmm::machine::{Config, ExitReason, ExitSignal, Machine};
 
 const USAGE: &str = "usage: vmm -kernel FILE [-initrd FILE] [-append CMDLINE] [-m SIZE] [-smp N]
            [-serial stdio|file:PATH|none] [-pidfile FILE] [-daemonize]
@@ -126,9 +128,11 @@ fn parse(args: &[String]) -> Result<Option<Options>, Fail> {
                     "none" | "null" => Serial::None,
                     _ => match v.strip_prefix("file:") {
                         Some(p) if !p.is_empty() => Serial::File(p.into()),
-                        _ => return Err(Fail(format!(
+                        _ => {
+                            return Err(Fail(format!(
                             "-serial {v}: unsupported character device (stdio, file:PATH, none)"
-                        ))),
+                        )))
+                        }
                     },
                 });
             }
@@ -184,10 +188,14 @@ fn serial_out(s: &Serial) -> Result<Box<dyn Write + Send>, Fail> {
 
 /// Sets the machine up (everything that can fail because of the user's input).
 fn build(o: &Options) -> Result<Machine, Fail> {
+    // The guest reads stdin only when the console is stdio, as with QEMU's `-serial stdio`.
+    let serial_in = matches!(o.serial, Serial::Stdio)
+        .then(|| Box::new(std::io::stdin()) as Box<dyn Read + Send>);
     let config = Config {
         ram: o.ram,
         vcpus: o.vcpus,
         serial_out: serial_out(&o.serial)?,
+        serial_in,
         kvm_path: "/dev/kvm".into(),
     };
     let mut m = Machine::new(config).map_err(|e| Fail(e.to_string()))?;
@@ -229,6 +237,41 @@ fn daemonize() -> Result<File, Fail> {
             std::process::exit(1);
         }
     }
+}
+
+/// Turns SIGTERM, SIGINT and SIGHUP into a clean stop (the pid file is removed, the exit status
+/// is 0, as QEMU does). The signals are blocked here, before any other thread exists, so every
+/// thread inherits the mask and only the waiting thread receives them.
+fn stop_on_signals(exit: Arc<ExitSignal>) -> Result<(), Fail> {
+    // SAFETY: sigset_t is a plain bitmask that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Fail(format!(
+            "pthread_sigmask: {}",
+            std::io::Error::from_raw_os_error(rc)
+        )));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` and `sig` are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                eprintln!("vmm: terminating on signal {sig}");
+                exit.raise(ExitReason::Terminated);
+            }
+        })
+        .map_err(|e| Fail(format!("signal thread: {e}")))?;
+    Ok(())
 }
 
 /// Points stdin, stdout and stderr at /dev/null (a daemon has no terminal).
@@ -277,6 +320,7 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
         }
         (Err(e), None) => return Err(e),
     };
+    stop_on_signals(m.exit_signal())?;
     let result = m.run().map_err(|e| Fail(e.to_string()));
     if let Some(p) = &o.pidfile {
         let _ = std::fs::remove_file(p);
@@ -287,7 +331,9 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
-        Ok(ExitReason::PowerOff | ExitReason::Reset | ExitReason::Halted) => ExitCode::SUCCESS,
+        Ok(
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Halted | ExitReason::Terminated,
+        ) => ExitCode::SUCCESS,
         Ok(ExitReason::Crashed) => ExitCode::from(1),
         Err(Fail(msg)) => {
             eprintln!("vmm: {msg}");

@@ -32,7 +32,7 @@ use bus::Bus;
 use cpu::EntryMode;
 use exits::ExitContext;
 pub use power::ExitReason;
-use power::ExitSignal;
+pub use power::ExitSignal;
 
 /// Machine errors. Every message names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,8 @@ pub struct Config {
     pub vcpus: u8,
     /// Where COM1's output goes.
     pub serial_out: serial::SerialOut,
+    /// What the guest reads from COM1 (the VMM's stdin), if anything.
+    pub serial_in: Option<Box<dyn std::io::Read + Send>>,
     /// The KVM device (normally `/dev/kvm`).
     pub kvm_path: PathBuf,
 }
@@ -86,6 +88,8 @@ pub struct Machine {
     mmio: Bus,
     exit: Arc<ExitSignal>,
     rsdp: GuestAddress,
+    com1: Arc<Mutex<serial::SerialDevice>>,
+    serial_in: Option<Box<dyn std::io::Read + Send>>,
 }
 
 impl Machine {
@@ -118,15 +122,12 @@ impl Machine {
             .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
         vm.register_irqfd(&irq, serial::COM1_IRQ)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let com1 = Arc::new(Mutex::new(serial::SerialDevice::new(
+            irq,
+            config.serial_out,
+        )));
         let devices: Vec<(bus::SharedDevice, u64, u64)> = vec![
-            (
-                Arc::new(Mutex::new(serial::SerialDevice::new(
-                    irq,
-                    config.serial_out,
-                ))),
-                serial::COM1_PORT,
-                serial::COM1_LEN,
-            ),
+            (com1.clone(), serial::COM1_PORT, serial::COM1_LEN),
             (
                 Arc::new(Mutex::new(power::Pm1Event::default())),
                 power::PM1A_EVT_PORT,
@@ -184,6 +185,8 @@ impl Machine {
             mmio: Bus::new(),
             exit,
             rsdp,
+            com1,
+            serial_in: config.serial_in,
         })
     }
 
@@ -205,6 +208,11 @@ impl Machine {
     /// The PIO bus, to register more devices before [`Machine::run`].
     pub fn pio_bus(&mut self) -> &mut Bus {
         &mut self.pio
+    }
+
+    /// The machine's stop request, for whoever else may end it (a signal handler, QMP `quit`).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
     }
 
     /// The MMIO bus, to register more devices before [`Machine::run`].
@@ -236,6 +244,10 @@ impl Machine {
     /// other vCPUs and returns why the machine ended.
     pub fn run(self) -> Result<ExitReason> {
         install_kick_handler()?;
+        if let Some(input) = self.serial_in {
+            serial::spawn_input(self.com1.clone(), input)
+                .map_err(|e| Error::Device(format!("serial input thread: {e}")))?;
+        }
         let ctx = ExitContext {
             pio: Arc::new(self.pio),
             mmio: Arc::new(self.mmio),

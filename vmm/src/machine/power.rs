@@ -52,6 +52,8 @@ pub enum ExitReason {
     Halted,
     /// A vCPU failed (KVM error, emulation failure); the cause was reported on stderr.
     Crashed,
+    /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP).
+    Terminated,
 }
 
 /// Shared by every device and vCPU: the first exit request wins; the main thread waits on `event`.
@@ -76,6 +78,7 @@ impl ExitSignal {
             ExitReason::Reset => 2,
             ExitReason::Halted => 3,
             ExitReason::Crashed => 4,
+            ExitReason::Terminated => 5,
         };
         if self
             .state
@@ -94,6 +97,7 @@ impl ExitSignal {
             2 => Some(ExitReason::Reset),
             3 => Some(ExitReason::Halted),
             4 => Some(ExitReason::Crashed),
+            5 => Some(ExitReason::Terminated),
             _ => None,
         }
     }
