@@ -272,7 +272,7 @@ fn sigterm_stops_a_running_guest_cleanly() {
     // A guest that never stops: jmp $.
     let k = f.write("kernel", &elf(&[0xeb, 0xfe], true));
     let pid = f.path("pid");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "-kernel",
             &k,
