@@ -3,7 +3,7 @@
 //! off through ACPI, run on the host's /dev/kvm.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 const LOAD: u64 = 0x10_0000;
 
@@ -16,11 +16,35 @@ fn kvm_available() -> bool {
     }
 }
 
+/// Runs vmm; kills it after two minutes so that a guest that never stops fails the test
+/// instead of hanging it.
 fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(args)
-        .output()
-        .unwrap()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..1200 {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            // SAFETY: `id` is our child, not yet reaped (wait_with_output has not returned).
+            unsafe { libc::kill(id, libc::SIGKILL) };
+        })
+    };
+    let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    out
 }
 
 /// Powers off: SLP_TYP=5|SLP_EN to PM1a_CNT (the same bytes in 32- and 64-bit code).

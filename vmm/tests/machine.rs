@@ -54,6 +54,13 @@ fn run_with_input(
     })
     .unwrap();
     m.load_program(addr, code, mode).unwrap();
+    // A broken machine would leave the guest halted forever: end it instead, so the test fails
+    // (the assertions expect another exit reason) rather than hangs.
+    let exit = m.exit_signal();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        exit.raise(ExitReason::Terminated);
+    });
     let reason = m.run().unwrap();
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     (reason, text)

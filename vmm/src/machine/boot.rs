@@ -186,16 +186,24 @@ pub fn build_boot_params(
 ) -> Result<boot_params> {
     let mut params = boot_params::default();
     if let Some(h) = header {
+        // `cmdline_size` is the kernel's limit (protocol 2.06+), not ours to change.
+        let max = h.cmdline_size;
+        if cmdline_len as u64 >= u64::from(max) {
+            return Err(Error::Boot(format!(
+                "kernel command line of {cmdline_len} bytes is too long: the kernel accepts at most {}",
+                max.saturating_sub(1)
+            )));
+        }
         params.hdr = h;
     } else {
         // An ELF kernel entered at startup_64 only reads these from the header.
         params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
         params.hdr.header = KERNEL_HDR_MAGIC;
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+        params.hdr.cmdline_size = cmdline_len as u32 + 1;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
-    params.hdr.cmdline_size = cmdline_len as u32 + 1;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -380,15 +388,25 @@ mod tests {
     #[test]
     fn bzimage_header_is_kept() {
         let h = setup_header {
+            cmdline_size: 2048,
             version: 0x020f,
             xloadflags: 1,
             initrd_addr_max: 0x7fff_ffff,
             kernel_alignment: 0x20_0000,
             ..Default::default()
         };
-        let p = build_boot_params(Some(h), 0, None, &memory::memory_map(64 << 20), 0).unwrap();
-        let (v, a, rd) = (p.hdr.version, p.hdr.kernel_alignment, p.hdr.ramdisk_image);
-        assert_eq!((v, a, rd), (0x020f, 0x20_0000, 0));
+        let map = memory::memory_map(64 << 20);
+        let p = build_boot_params(Some(h), 2047, None, &map, 0).unwrap();
+        let (v, a, rd, max) = (
+            p.hdr.version,
+            p.hdr.kernel_alignment,
+            p.hdr.ramdisk_image,
+            p.hdr.cmdline_size,
+        );
+        assert_eq!((v, a, rd, max), (0x020f, 0x20_0000, 0, 2048));
+        // The kernel's limit on the command line is enforced, NUL included.
+        let e = build_boot_params(Some(h), 2048, None, &map, 0).unwrap_err();
+        assert!(e.to_string().contains("at most 2047"), "{e}");
     }
 
     #[test]
