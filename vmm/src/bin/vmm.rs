@@ -116,7 +116,12 @@ fn parse(args: &[String]) -> Result<Option<Options>, Fail> {
                 println!("vmm version {}", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
             }
-            "-m" => ram = parse_size(&value()?)?,
+            "-m" => {
+                // Like QEMU, round the size up to a multiple of 8 KiB.
+                ram = parse_size(&value()?)?
+                    .checked_next_multiple_of(8192)
+                    .ok_or_else(|| Fail("-m: size too large".into()))?;
+            }
             "-smp" => vcpus = parse_smp(&value()?)?,
             "-kernel" => kernel = Some(PathBuf::from(value()?)),
             "-initrd" => initrd = Some(PathBuf::from(value()?)),

@@ -75,6 +75,12 @@ pub fn create_guest_memory(ram: u64) -> Result<GuestMemoryMmap> {
             MIN_RAM >> 20
         )));
     }
+    if ram % 4096 != 0 {
+        // KVM memory slots are made of whole pages.
+        return Err(Error::Config(format!(
+            "guest RAM size {ram} is not a multiple of 4 KiB"
+        )));
+    }
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(ram)
         .into_iter()
         .map(|(a, l)| (a, l as usize))
@@ -236,6 +242,7 @@ mod tests {
     #[test]
     fn too_little_ram_is_refused() {
         assert!(create_guest_memory(4096).is_err());
+        assert!(create_guest_memory(MIN_RAM + 512).is_err());
         assert!(create_guest_memory(MIN_RAM).is_ok());
     }
 }
