@@ -89,8 +89,9 @@ pub fn create_guest_memory(ram: u64) -> Result<GuestMemoryMmap> {
         .map_err(|e| Error::Memory(format!("cannot allocate {ram} bytes of guest RAM: {e}")))
 }
 
-/// Registers every region of `mem` with KVM as a memory slot.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+/// Registers every region of `mem` with KVM as a memory slot. Crate-private: the caller must
+/// keep `mem` mapped for as long as `vm` exists, which `Machine` guarantees by owning both.
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
