@@ -7,9 +7,11 @@
 //! - [`virtio_scsi`]: the virtio-scsi controller model, independent of its transport.
 //! - [`sg_list`]: guest buffers as byte streams.
 //! - [`executor`]: the worker threads that keep many requests in flight.
+//! - [`machine`]: an x86-64 KVM machine (the `vmm` binary).
 
 mod bounce;
 pub mod executor;
+pub mod machine;
 pub mod qmp;
 pub mod scsi;
 pub mod sg_list;

@@ -1,0 +1,301 @@
+//! An x86-64 KVM machine: guest RAM, the in-kernel irqchip and PIT, a PIO and an MMIO bus with
+//! the legacy devices a Linux guest needs (COM1, ACPI power management, reset, CMOS), ACPI tables,
+//! direct kernel boot, and one thread per vCPU.
+//!
+//! Modules, one job each: [`memory`] (layout and RAM), [`cpu`] (CPUID, MSRs, FPU, entry
+//! registers), [`boot`] (kernel, initrd, command line, zero page / PVH), [`acpi`] (tables),
+//! [`irqchip`], [`bus`], [`serial`], [`power`] (power off and reset), [`rtc`], [`exits`] (the run
+//! loop). Disks (virtio) will be registered on the buses like the devices here.
+
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod cpu;
+pub mod exits;
+pub mod irqchip;
+pub mod memory;
+pub mod power;
+pub mod rtc;
+pub mod serial;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use bus::Bus;
+use cpu::EntryMode;
+use exits::ExitContext;
+pub use power::ExitReason;
+pub use power::ExitSignal;
+
+/// Machine errors. Every message names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed.
+    #[error("{0}: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory could not be allocated or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// A bad machine configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error("{0}")]
+    Boot(String),
+    /// A file could not be read.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// A device could not be set up.
+    #[error("{0}")]
+    Device(String),
+    /// A vCPU stopped on an error.
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+/// Result of machine operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What to build.
+pub struct Config {
+    /// Guest RAM in bytes.
+    pub ram: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Where COM1's output goes.
+    pub serial_out: serial::SerialOut,
+    /// What the guest reads from COM1 (the VMM's stdin), if anything.
+    pub serial_in: Option<Box<dyn std::io::Read + Send>>,
+    /// The KVM device (normally `/dev/kvm`).
+    pub kvm_path: PathBuf,
+}
+
+/// A created machine, before or while it runs.
+pub struct Machine {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    ram: u64,
+    pio: Bus,
+    mmio: Bus,
+    exit: Arc<ExitSignal>,
+    rsdp: GuestAddress,
+    com1: Arc<Mutex<serial::SerialDevice>>,
+    serial_in: Option<Box<dyn std::io::Read + Send>>,
+}
+
+impl Machine {
+    /// Creates the VM, its RAM, irqchip, legacy devices, ACPI tables and vCPUs.
+    pub fn new(config: Config) -> Result<Self> {
+        if config.vcpus == 0 {
+            return Err(Error::Config("at least one vCPU is needed".into()));
+        }
+        let path = std::ffi::CString::new(config.kvm_path.as_os_str().as_encoded_bytes()).map_err(
+            |_| Error::Config(format!("bad KVM device path {}", config.kvm_path.display())),
+        )?;
+        let kvm = Kvm::new_with_path(path).map_err(|e| Error::Kvm("opening the KVM device", e))?;
+        let max = kvm.get_max_vcpus().min(u8::MAX as usize);
+        if usize::from(config.vcpus) > max {
+            return Err(Error::Config(format!(
+                "KVM supports at most {max} vCPUs, {} requested",
+                config.vcpus
+            )));
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let mem = memory::create_guest_memory(config.ram)?;
+        memory::register_memory(&vm, &mem)?;
+        irqchip::setup_irqchip(&vm)?;
+
+        let exit = ExitSignal::new().map_err(|e| Error::Device(format!("exit eventfd: {e}")))?;
+        let mut pio = Bus::new();
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
+        vm.register_irqfd(&irq, serial::COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let com1 = Arc::new(Mutex::new(serial::SerialDevice::new(
+            irq,
+            config.serial_out,
+        )));
+        let devices: Vec<(bus::SharedDevice, u64, u64)> = vec![
+            (com1.clone(), serial::COM1_PORT, serial::COM1_LEN),
+            (
+                Arc::new(Mutex::new(power::Pm1Event::default())),
+                power::PM1A_EVT_PORT,
+                power::PM1A_EVT_LEN,
+            ),
+            (
+                Arc::new(Mutex::new(power::Pm1Control::new(exit.clone()))),
+                power::PM1A_CNT_PORT,
+                power::PM1A_CNT_LEN,
+            ),
+            (
+                Arc::new(Mutex::new(power::PmTimer::default())),
+                power::PM_TMR_PORT,
+                power::PM_TMR_LEN,
+            ),
+            (
+                Arc::new(Mutex::new(power::ResetPort::new(exit.clone()))),
+                power::RESET_PORT,
+                1,
+            ),
+            (
+                Arc::new(Mutex::new(power::I8042::new(exit.clone()))),
+                power::I8042_PORT,
+                power::I8042_LEN,
+            ),
+            (
+                Arc::new(Mutex::new(rtc::Cmos::default())),
+                rtc::CMOS_PORT,
+                rtc::CMOS_LEN,
+            ),
+        ];
+        for (dev, base, len) in devices {
+            pio.insert(dev, base, len)
+                .map_err(|e| Error::Device(e.to_string()))?;
+        }
+        let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            cpu::setup_cpuid(&kvm, &fd, id, config.vcpus)?;
+            cpu::setup_msrs(&fd)?;
+            cpu::setup_fpu(&fd)?;
+            vcpus.push(fd);
+        }
+        Ok(Self {
+            kvm,
+            vm,
+            mem,
+            vcpus,
+            ram: config.ram,
+            pio,
+            mmio: Bus::new(),
+            exit,
+            rsdp,
+            com1,
+            serial_in: config.serial_in,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The VM fd (for devices that register irqfds or ioeventfds).
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The PIO bus, to register more devices before [`Machine::run`].
+    pub fn pio_bus(&mut self) -> &mut Bus {
+        &mut self.pio
+    }
+
+    /// The machine's stop request, for whoever else may end it (a signal handler, QMP `quit`).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// The MMIO bus, to register more devices before [`Machine::run`].
+    pub fn mmio_bus(&mut self) -> &mut Bus {
+        &mut self.mmio
+    }
+
+    /// Loads a Linux kernel (vmlinux through PVH or the 64-bit entry, or a bzImage), an optional
+    /// initramfs and the command line, and points the boot vCPU at it.
+    pub fn load_linux(
+        &mut self,
+        kernel: &std::path::Path,
+        initrd: Option<&std::path::Path>,
+        append: &str,
+    ) -> Result<()> {
+        let (k, arg) = boot::load_linux(&self.mem, self.ram, kernel, initrd, append, self.rsdp.0)?;
+        cpu::setup_boot_regs(&self.vcpus[0], &self.mem, k.mode, k.entry, arg)
+    }
+
+    /// Copies `code` to `addr` and starts the boot vCPU there in `mode` (for test programs).
+    pub fn load_program(&mut self, addr: u64, code: &[u8], mode: EntryMode) -> Result<()> {
+        self.mem
+            .write_slice(code, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("program: {e}")))?;
+        cpu::setup_boot_regs(&self.vcpus[0], &self.mem, mode, addr, 0)
+    }
+
+    /// Runs every vCPU on its own thread until the guest powers off, resets or fails; stops the
+    /// other vCPUs and returns why the machine ended.
+    pub fn run(self) -> Result<ExitReason> {
+        install_kick_handler()?;
+        if let Some(input) = self.serial_in {
+            serial::spawn_input(self.com1.clone(), input)
+                .map_err(|e| Error::Device(format!("serial input thread: {e}")))?;
+        }
+        let ctx = ExitContext {
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            exit: self.exit.clone(),
+        };
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, mut fd) in self.vcpus.into_iter().enumerate() {
+            let ctx = ctx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    if let Err(e) = exits::run_vcpu(&mut fd, &ctx) {
+                        eprintln!("vmm: vCPU {id}: {e}");
+                        ctx.exit.raise(ExitReason::Crashed);
+                    }
+                })
+                .map_err(|e| Error::Vcpu(format!("starting vCPU thread {id}: {e}")))?;
+            threads.push(t);
+        }
+        let reason = self.exit.wait();
+        // The other vCPUs may be inside KVM_RUN: interrupt them until each has seen the request.
+        // A kick can land just before a thread enters KVM_RUN and be lost, hence the retries.
+        while threads.iter().any(|t| !t.is_finished()) {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        // Keep RAM mapped until no vCPU can touch it.
+        drop(self.vm);
+        drop(self.mem);
+        Ok(reason)
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal's only purpose is to make KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| Error::Device(format!("vCPU kick signal: {e}")));
+    });
+    result
+}

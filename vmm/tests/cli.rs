@@ -1,0 +1,330 @@
+//! The `vmm` binary end to end: synthetic kernels (an ELF with a PVH note, an ELF without one,
+//! a bzImage) whose code prints the command line and the initrd's first byte on COM1 and powers
+//! off through ACPI, run on the host's /dev/kvm.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const LOAD: u64 = 0x10_0000;
+
+fn kvm_available() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("skipped: /dev/kvm is absent");
+        false
+    }
+}
+
+/// Runs vmm; kills it after two minutes so that a guest that never stops fails the test
+/// instead of hanging it.
+fn vmm(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..1200 {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            // SAFETY: `id` is our child, not yet reaped (wait_with_output has not returned).
+            unsafe { libc::kill(id, libc::SIGKILL) };
+        })
+    };
+    let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    out
+}
+
+/// Powers off: SLP_TYP=5|SLP_EN to PM1a_CNT (the same bytes in 32- and 64-bit code).
+const POWEROFF: &[u8] = &[
+    0xba, 0x04, 0x06, 0x00, 0x00, 0x66, 0xb8, 0x00, 0x34, 0x66, 0xef, 0xf4,
+];
+
+/// 32-bit PVH entry: `ebx` = hvm_start_info. Prints the command line (cmdline_paddr at +24),
+/// the first byte of module 0 (modlist_paddr at +16) and a newline.
+fn pvh_code() -> Vec<u8> {
+    let mut c = vec![
+        0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
+        0x8b, 0x73, 0x18, // mov esi, [ebx+24]
+        0x8a, 0x06, 0x84, 0xc0, 0x74, 0x04, 0xee, 0x46, 0xeb, 0xf6, // print the string at esi
+        0x8b, 0x7b, 0x10, // mov edi, [ebx+16]
+        0x8b, 0x3f, // mov edi, [edi]
+        0x8a, 0x07, 0xee, // mov al, [edi]; out dx, al
+        0xb0, b'\n', 0xee,
+    ];
+    c.extend_from_slice(POWEROFF);
+    c
+}
+
+/// 64-bit entry: `rsi` = the zero page. Prints the command line (cmd_line_ptr at 0x228), the
+/// first byte of the initrd (ramdisk_image at 0x218) and a newline.
+fn zero_page_code() -> Vec<u8> {
+    let mut c = vec![
+        0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
+        0x8b, 0xbe, 0x18, 0x02, 0x00, 0x00, // mov edi, [rsi+0x218]
+        0x8b, 0xb6, 0x28, 0x02, 0x00, 0x00, // mov esi, [rsi+0x228]
+        0x8a, 0x06, 0x84, 0xc0, 0x74, 0x06, 0xee, 0x48, 0xff, 0xc6, 0xeb,
+        0xf4, // print [rsi..]
+        0x8a, 0x07, 0xee, // mov al, [rdi]; out dx, al
+        0xb0, b'\n', 0xee,
+    ];
+    c.extend_from_slice(POWEROFF);
+    c
+}
+
+/// A minimal ELF64 executable: one PT_LOAD of `code` at 1 MiB, and (if `pvh`) a PT_NOTE with
+/// XEN_ELFNOTE_PHYS32_ENTRY pointing at it.
+fn elf(code: &[u8], pvh: bool) -> Vec<u8> {
+    let mut f = vec![0u8; 0x1000];
+    f[..16].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let put = |f: &mut Vec<u8>, off: usize, b: &[u8]| f[off..off + b.len()].copy_from_slice(b);
+    put(&mut f, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut f, 18, &0x3eu16.to_le_bytes()); // x86-64
+    put(&mut f, 20, &1u32.to_le_bytes());
+    put(&mut f, 24, &LOAD.to_le_bytes()); // e_entry
+    put(&mut f, 32, &64u64.to_le_bytes()); // e_phoff
+    put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut f, 56, &(if pvh { 2u16 } else { 1 }).to_le_bytes());
+    let phdr = |p_type: u32, off: u64, addr: u64, len: u64| {
+        let mut h = Vec::new();
+        h.extend_from_slice(&p_type.to_le_bytes());
+        h.extend_from_slice(&5u32.to_le_bytes());
+        for v in [off, addr, addr, len, len, 0x1000] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h
+    };
+    put(&mut f, 64, &phdr(1, 0x1000, LOAD, code.len() as u64));
+    if pvh {
+        let mut note = Vec::new();
+        for v in [4u32, 4, 18] {
+            note.extend_from_slice(&v.to_le_bytes());
+        }
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&(LOAD as u32).to_le_bytes());
+        put(&mut f, 120, &phdr(4, 0x200, 0, note.len() as u64));
+        put(&mut f, 0x200, &note);
+    }
+    f.extend_from_slice(code);
+    f
+}
+
+/// A minimal bzImage (boot protocol 2.12): one setup sector, then the protected-mode part,
+/// whose 64-bit entry is at +0x200.
+fn bzimage(code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 1024];
+    let put = |f: &mut Vec<u8>, off: usize, b: &[u8]| f[off..off + b.len()].copy_from_slice(b);
+    put(&mut f, 0x1f1, &[1]); // setup_sects
+    put(&mut f, 0x1fe, &0xaa55u16.to_le_bytes());
+    put(&mut f, 0x202, b"HdrS");
+    put(&mut f, 0x206, &0x020cu16.to_le_bytes());
+    put(&mut f, 0x211, &[1]); // LOADED_HIGH
+    put(&mut f, 0x214, &(LOAD as u32).to_le_bytes()); // code32_start
+    put(&mut f, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    put(&mut f, 0x236, &1u16.to_le_bytes()); // XLF_KERNEL_64
+    put(&mut f, 0x238, &0x7ffu32.to_le_bytes()); // cmdline_size
+    f.extend_from_slice(&[0u8; 0x200]);
+    f.extend_from_slice(code);
+    f
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+impl Files {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn write(&self, name: &str, data: &[u8]) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn boot(kernel: &[u8], extra: &[&str]) -> (Output, String) {
+    let f = Files::new();
+    let k = f.write("kernel", kernel);
+    let rd = f.write("initrd", b"Zinitrd");
+    let mut args = vec![
+        "-m",
+        "64",
+        "-kernel",
+        &k,
+        "-initrd",
+        &rd,
+        "-append",
+        "hello world",
+    ];
+    args.extend_from_slice(extra);
+    let out = vmm(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, stdout)
+}
+
+#[test]
+fn pvh_elf_boots_with_cmdline_and_initrd() {
+    if !kvm_available() {
+        return;
+    }
+    let (out, stdout) = boot(&elf(&pvh_code(), true), &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout, "hello worldZ\n");
+}
+
+#[test]
+fn elf_without_pvh_note_boots_through_the_zero_page() {
+    if !kvm_available() {
+        return;
+    }
+    let (out, stdout) = boot(&elf(&zero_page_code(), false), &["-smp", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout, "hello worldZ\n");
+}
+
+#[test]
+fn bzimage_boots_through_the_64_bit_entry() {
+    if !kvm_available() {
+        return;
+    }
+    let (out, stdout) = boot(&bzimage(&zero_page_code()), &["-m", "1G"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout, "hello worldZ\n");
+}
+
+#[test]
+fn serial_to_a_file_and_daemonize_with_a_pidfile() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Files::new();
+    let k = f.write("kernel", &elf(&pvh_code(), true));
+    let rd = f.write("initrd", b"Q");
+    let console = f.path("console");
+    let pid = f.path("pid");
+    let serial = format!("file:{}", console.display());
+    let out = vmm(&[
+        "-kernel",
+        &k,
+        "-initrd",
+        &rd,
+        "-append",
+        "daemon",
+        "-serial",
+        &serial,
+        "-daemonize",
+        "-pidfile",
+        pid.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty());
+    // The daemon powers off right away and removes its pid file on the way out.
+    let mut waited = 0;
+    while pid.exists() && waited < 6000 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    assert!(!pid.exists(), "the daemon did not exit");
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "daemonQ\n");
+}
+
+#[test]
+fn daemonize_reports_setup_errors_from_the_child() {
+    let f = Files::new();
+    let k = f.write("kernel", b"not a kernel");
+    let out = vmm(&["-kernel", &k, "-daemonize"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not an ELF vmlinux or a bzImage"), "{err}");
+}
+
+#[test]
+fn usage_errors() {
+    for (args, msg) in [
+        (&[][..], "-kernel is required"),
+        (&["-kernel", "k", "-bogus"][..], "-bogus: invalid option"),
+        (&["-kernel", "k", "-m", "12Q"][..], "Parameter 'size'"),
+        (&["-kernel", "k", "-smp", "0"][..], "Invalid SMP CPUs 0"),
+        (
+            &["-kernel", "k", "-serial", "pty"][..],
+            "unsupported character device",
+        ),
+        (
+            &["-kernel", "k", "-serial", "stdio", "-daemonize"][..],
+            "incompatible with -daemonize",
+        ),
+        (&["-kernel"][..], "requires an argument"),
+        (
+            &["-kernel", "/nonexistent/kernel"][..],
+            "/nonexistent/kernel: No such file",
+        ),
+    ] {
+        let out = vmm(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("vmm: ") && err.contains(msg),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Files::new();
+    // A guest that never stops: jmp $.
+    let k = f.write("kernel", &elf(&[0xeb, 0xfe], true));
+    let pid = f.path("pid");
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "-kernel",
+            &k,
+            "-serial",
+            "none",
+            "-pidfile",
+            pid.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pid file appears once the machine is built.
+    let mut waited = 0;
+    while !pid.exists() && waited < 6000 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        waited += 1;
+    }
+    let id: i32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(id as u32, child.id());
+    // SAFETY: signalling our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(id, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmm: terminating on signal 15"), "{err}");
+    assert!(!pid.exists());
+}
