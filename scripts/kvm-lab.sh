@@ -19,7 +19,7 @@
 #       --share DIR, a host directory shared writable at its own path (e.g. a test's temp dir
 #       holding disk images; DIR is shared with its subdirectories; its path may hold only
 #       letters, digits and . _ - /). The host's own /tmp is not visible in L1: share what CMD
-#       needs from there (a working directory there must be shared too). CMD's stdout and
+#       needs from there (a working directory there is shared automatically). CMD's stdout and
 #       stderr are written to files in the work dir and copied to this script's stdout and
 #       stderr when CMD ends (not while it runs); then L1 powers off. Exits with CMD's exit
 #       status.
@@ -428,6 +428,28 @@ usage() {
     exit $LAB_FAILURE
 }
 
+# share_hidden_cwd: L1 mounts fresh tmpfs on /tmp, /run and /dev/shm, so a checkout or a
+# caller's working directory there (a clone under /tmp, as on CI) would not be found; share
+# the project (this script runs from it in L1) and the working directory writable at their
+# own paths, unless a --share already covers them.
+share_hidden_cwd() {
+    local d s covered
+    for d in "$TOP" "$CALLER_PWD"; do
+        case "$d/" in
+        /tmp/* | /run/* | /dev/shm/*) ;;
+        *) continue ;;
+        esac
+        covered=
+        for s in "${SHARES[@]}"; do
+            case "$d/" in "$s"/*) covered=1 ;; esac
+        done
+        case "$d" in
+        *[!A-Za-z0-9/._-]*) covered=1 ;; # cannot be carried on L1's command line: reported later
+        esac
+        [ -n "$covered" ] || SHARES+=("$d")
+    done
+}
+
 main() {
     local mode=${1:-}
     MODE_ARGS="$*"
@@ -459,6 +481,7 @@ main() {
             esac
         done
         [ $# -gt 0 ] || usage
+        share_hidden_cwd
         setup
         boot_l1 "$@"
         LAB_OK=1
@@ -471,6 +494,7 @@ main() {
         t0=$(now)
         setup
         nonce=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+        share_hidden_cwd
         boot_l1 bash "$SELF" l1-check "$KDIR/vmlinux" "$WORK/l2-initrd" "$nonce"
         cat "$WORK/stdout"
         cat "$WORK/stderr" >&2
