@@ -4,14 +4,62 @@
 use super::*;
 use crate::virtio_blk::{features, DeviceOptions, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use img_core::{open_image, OpenOptions};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const MIB: u64 = 1 << 20;
 const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 const ACKNOWLEDGE: u32 = 1;
+const QUEUE_SIZE: u16 = 16;
+
+/// The driver's split queue, laid out by hand (virtio-queue's mock lays its rings out
+/// overlapping when event indexes are used).
+struct Layout {
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+}
+
+impl Layout {
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        let l = Layout {
+            desc: GuestAddress(0x1000),
+            avail: GuestAddress(0x2000),
+            used: GuestAddress(0x3000),
+        };
+        mem.write_slice(&[0u8; 0x3000], l.desc).unwrap();
+        l
+    }
+    fn desc_table_addr(&self) -> GuestAddress {
+        self.desc
+    }
+    fn avail_addr(&self) -> GuestAddress {
+        self.avail
+    }
+    fn used_addr(&self) -> GuestAddress {
+        self.used
+    }
+    /// Writes descriptor `i`.
+    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&d, self.desc.unchecked_add(16 * u64::from(i)))
+            .unwrap();
+    }
+    /// Makes the chain at `head` available.
+    fn publish(&self, mem: &GuestMemoryMmap, head: u16) {
+        let idx: u16 = mem.read_obj(self.avail.unchecked_add(2)).unwrap();
+        let slot = self
+            .avail
+            .unchecked_add(4 + 2 * u64::from(idx % QUEUE_SIZE));
+        mem.write_obj(head, slot).unwrap();
+        mem.write_obj(idx.wrapping_add(1), self.avail.unchecked_add(2))
+            .unwrap();
+    }
+}
 const DRIVER: u32 = 2;
 
 struct Rig {
@@ -80,7 +128,7 @@ fn device_features(dev: &mut MmioTransport) -> u64 {
 }
 
 /// The driver's start-up: negotiate `wanted` features, set queue 0 up on `q`, DRIVER_OK.
-fn bring_up(dev: &mut MmioTransport, q: &MockSplitQueue<GuestMemoryMmap>, wanted: u64) {
+fn bring_up(dev: &mut MmioTransport, q: &Layout, wanted: u64) {
     wr(dev, 0x70, 0);
     wr(dev, 0x70, ACKNOWLEDGE);
     wr(dev, 0x70, ACKNOWLEDGE | DRIVER);
@@ -95,7 +143,7 @@ fn bring_up(dev: &mut MmioTransport, q: &MockSplitQueue<GuestMemoryMmap>, wanted
     wr(dev, 0x30, 0);
     assert_eq!(rd(dev, 0x44), 0, "queue not ready before set-up");
     assert_eq!(rd(dev, 0x34), 256, "QueueNumMax");
-    wr(dev, 0x38, 16);
+    wr(dev, 0x38, u32::from(QUEUE_SIZE));
     let split = |a: GuestAddress| (a.0 as u32, (a.0 >> 32) as u32);
     for (reg, addr) in [
         (0x80, q.desc_table_addr()),
@@ -115,14 +163,10 @@ fn bring_up(dev: &mut MmioTransport, q: &MockSplitQueue<GuestMemoryMmap>, wanted
     );
 }
 
-fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-}
-
 /// Puts the request `kind` at `sector` with one 4 KiB data buffer at `data` as the chain
 /// starting at descriptor `first`; the header goes at `at`, the status byte at `at + 0x100`.
 fn request(
-    q: &MockSplitQueue<GuestMemoryMmap>,
+    q: &Layout,
     mem: &GuestMemoryMmap,
     first: u16,
     at: u64,
@@ -136,23 +180,18 @@ fn request(
     mem.write_slice(&h, GuestAddress(at)).unwrap();
     mem.write_slice(&[0xff], GuestAddress(at + 0x100)).unwrap();
     let data_flags = if kind == VIRTIO_BLK_T_IN { WRITE } else { 0 };
-    q.add_desc_chains(
-        &[
-            desc(at, 16, NEXT, first + 1),
-            desc(data, 4096, data_flags | NEXT, first + 2),
-            desc(at + 0x100, 1, WRITE, 0),
-        ],
-        first,
-    )
-    .unwrap();
+    q.set_desc(mem, first, at, 16, NEXT, first + 1);
+    q.set_desc(mem, first + 1, data, 4096, data_flags | NEXT, first + 2);
+    q.set_desc(mem, first + 2, at + 0x100, 1, WRITE, 0);
+    q.publish(mem, first);
 }
 
-fn used_idx(mem: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+fn used_idx(mem: &GuestMemoryMmap, q: &Layout) -> u16 {
     mem.read_obj::<u16>(q.used_addr().unchecked_add(2)).unwrap()
 }
 
 /// Waits for the interrupt, acknowledges it, and returns the used ring's index.
-fn wait_interrupt(r: &mut Rig, q: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+fn wait_interrupt(r: &mut Rig, q: &Layout) -> u16 {
     r.irq.read().unwrap();
     assert_eq!(rd(&mut r.dev, 0x60) & INT_VRING, INT_VRING);
     wr(&mut r.dev, 0x64, INT_VRING);
@@ -200,7 +239,7 @@ fn features_not_offered_are_refused() {
 fn write_then_read_through_the_queue_with_event_idx() {
     let mut r = rig();
     let mem = r.mem.clone();
-    let q = MockSplitQueue::new(&*mem, 16);
+    let q = Layout::new(&mem);
     bring_up(&mut r.dev, &q, u64::MAX);
     r.dev.spawn_io_thread("test-io").unwrap();
 
@@ -221,7 +260,7 @@ fn write_then_read_through_the_queue_with_event_idx() {
 
     // With EVENT_IDX the driver asks to be interrupted at the next completion (used_event is
     // the u16 after the avail ring of 16 entries).
-    let used_event = q.avail_addr().unchecked_add(4 + 2 * 16);
+    let used_event = q.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
     mem.write_obj::<u16>(1, used_event).unwrap();
     request(&q, &mem, 3, 0x11_0000, VIRTIO_BLK_T_IN, 8, 0x30_0000);
     wr(&mut r.dev, QUEUE_NOTIFY, 0);
@@ -231,7 +270,7 @@ fn write_then_read_through_the_queue_with_event_idx() {
     mem.read_slice(&mut back, GuestAddress(0x30_0000)).unwrap();
     assert_eq!(back, pattern, "read returns what was written");
     // The device asks for a kick at the next request (avail_event, after the used ring).
-    let avail_event = q.used_addr().unchecked_add(4 + 8 * 16);
+    let avail_event = q.used_addr().unchecked_add(4 + 8 * u64::from(QUEUE_SIZE));
     assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
 
     // Reset: the queue is no longer ready and the interrupt status is clear.
@@ -245,7 +284,7 @@ fn write_then_read_through_the_queue_with_event_idx() {
 fn queue_registers_are_frozen_while_ready_and_ignored_out_of_range() {
     let mut r = rig();
     let mem = r.mem.clone();
-    let q = MockSplitQueue::new(&*mem, 16);
+    let q = Layout::new(&mem);
     bring_up(&mut r.dev, &q, u64::MAX);
     wr(&mut r.dev, 0x80, 0x1234_0000);
     assert_eq!(
