@@ -454,3 +454,40 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_options_parse_into_a_typed_drive() {
+        let d = parse_drive("file=/x/d.qcow2,format=qcow2,if=virtio,readonly=on,cache=none")
+            .ok()
+            .unwrap();
+        assert_eq!(
+            d,
+            Drive {
+                file: "/x/d.qcow2".into(),
+                format: Some("qcow2".into()),
+                read_only: true,
+                cache: CacheMode::None,
+            }
+        );
+        let d = parse_drive("file=a.img").ok().unwrap();
+        assert_eq!(
+            (d.format, d.read_only, d.cache),
+            (None, false, CacheMode::Writeback)
+        );
+        for bad in [
+            "format=raw",
+            "file=a,format=vpc",
+            "file=a,if=ide",
+            "file=a,cache=sometimes",
+            "file=a,readonly=maybe",
+            "file=a,bogus=1",
+            "file=a,novalue",
+        ] {
+            assert!(parse_drive(bad).is_err(), "{bad}");
+        }
+    }
+}

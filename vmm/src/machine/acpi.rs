@@ -5,11 +5,11 @@
 //! or an MP table. With these tables:
 //! - the FADT points at PM1a event/control blocks and a PM timer in port I/O (`power.rs`), and at
 //!   the reset register 0xcf9; its SMI command port is 0, so the OS is in ACPI mode from the start;
-//! - the DSDT holds only `Name (_S5_, Package () {5, 5, 0, 0})`, so `poweroff` writes
+//! - the DSDT holds `Name (_S5_, Package () {5, 5, 0, 0})`, so `poweroff` writes
 //!   `SLP_TYP=5|SLP_EN` to PM1a_CNT, which the VMM turns into a clean exit;
-//! - the MADT lists one local APIC per vCPU and the in-kernel IOAPIC.
-//!
-//! The DSDT is where virtio-mmio devices (`_HID LNRO0005`) and a PCI host bridge will be added.
+//! - the MADT lists one local APIC per vCPU and the in-kernel IOAPIC;
+//! - the DSDT also declares each virtio-mmio device (`_HID LNRO0005`) under `\_SB` (a PCI host
+//!   bridge would go there too).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
