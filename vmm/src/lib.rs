@@ -5,6 +5,7 @@
 //! - [`qmp`]: the QEMU Machine Protocol server and its block commands.
 //! - [`scsi`]: SCSI target emulation (disks and CD-ROMs) over images.
 //! - [`virtio_scsi`]: the virtio-scsi controller model, independent of its transport.
+//! - [`virtio_mmio`]: the virtio-mmio transport of the `vmm` machine.
 //! - [`sg_list`]: guest buffers as byte streams.
 //! - [`executor`]: the worker threads that keep many requests in flight.
 //! - [`machine`]: an x86-64 KVM machine (the `vmm` binary).
@@ -18,4 +19,5 @@ pub mod sg_list;
 pub mod stats;
 pub mod vhost_user;
 pub mod virtio_blk;
+pub mod virtio_mmio;
 pub mod virtio_scsi;

@@ -3,6 +3,7 @@
 //! ```text
 //! vmm -kernel vmlinux [-initrd initrd.cpio.gz] [-append 'console=ttyS0'] [-m 512M] [-smp 2]
 //!     [-serial stdio|file:PATH|none] [-pidfile PATH] [-daemonize]
+//!     [-drive file=PATH,format=raw|qcow2|vmdk,if=virtio[,readonly=on][,cache=MODE]]...
 //! ```
 //! The process exits 0 when the guest powers off or resets (like QEMU with `-no-reboot`), and 1
 //! with a message on stderr on any error.
@@ -15,10 +16,16 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
+use blockdev::CacheMode;
+use img_core::{open_image, OpenOptions};
+use vmm::executor::Executor;
 use vmm::machine::{Config, ExitReason, ExitSignal, Machine};
+use vmm::virtio_blk::{BlockDevice, DeviceOptions};
+use vmm::virtio_mmio::BlockBackend;
 
 const USAGE: &str = "usage: vmm -kernel FILE [-initrd FILE] [-append CMDLINE] [-m SIZE] [-smp N]
            [-serial stdio|file:PATH|none] [-pidfile FILE] [-daemonize]
+           [-drive file=PATH[,format=raw|qcow2|vmdk][,if=virtio][,readonly=on][,cache=MODE]]...
 
   -m SIZE          guest RAM; a number in MiB or with a suffix K, M, G, T (default 128M)
   -smp N           number of vCPUs (also cpus=N[,...]) (default 1)
@@ -28,6 +35,8 @@ const USAGE: &str = "usage: vmm -kernel FILE [-initrd FILE] [-append CMDLINE] [-
   -serial DEV      where COM1 goes: stdio (default), file:PATH, none
   -pidfile FILE    write the process id to FILE (removed at exit)
   -daemonize       detach once the machine is set up
+  -drive OPTS      a virtio-blk disk (virtio-mmio, /dev/vda, vdb, ... in order); cache is
+                   writeback (default), none, writethrough, directsync or unsafe
 Accepted for compatibility and ignored: -nographic, -no-reboot, -enable-kvm, -accel kvm,
 -cpu host, -display none.
 ";
@@ -38,7 +47,60 @@ enum Serial {
     None,
 }
 
+/// One `-drive`.
+#[derive(Debug, PartialEq)]
+struct Drive {
+    file: PathBuf,
+    /// `None`: probe, as QEMU does without `format=`.
+    format: Option<String>,
+    read_only: bool,
+    cache: CacheMode,
+}
+
+fn parse_drive(spec: &str) -> Result<Drive, Fail> {
+    let (mut file, mut format, mut read_only, mut cache) =
+        (None, None, false, CacheMode::default());
+    for part in spec.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| Fail(format!("-drive {spec}: '{part}' is not key=value")))?;
+        match k {
+            "file" => file = Some(PathBuf::from(v)),
+            "format" => match v {
+                "raw" | "qcow2" | "vmdk" => format = Some(v.to_string()),
+                _ => {
+                    return Err(Fail(format!(
+                        "-drive {spec}: unsupported format '{v}' (raw, qcow2, vmdk)"
+                    )))
+                }
+            },
+            "if" if v == "virtio" => {}
+            "if" => return Err(Fail(format!("-drive {spec}: only if=virtio is supported"))),
+            "readonly" => {
+                read_only = match v {
+                    "on" | "yes" | "true" => true,
+                    "off" | "no" | "false" => false,
+                    _ => return Err(Fail(format!("-drive {spec}: readonly expects on or off"))),
+                }
+            }
+            "cache" => {
+                cache = CacheMode::parse(v)
+                    .ok_or_else(|| Fail(format!("-drive {spec}: invalid cache option '{v}'")))?
+            }
+            _ => return Err(Fail(format!("-drive {spec}: unsupported option '{k}'"))),
+        }
+    }
+    let file = file.ok_or_else(|| Fail(format!("-drive {spec}: file= is required")))?;
+    Ok(Drive {
+        file,
+        format,
+        read_only,
+        cache,
+    })
+}
+
 struct Options {
+    drives: Vec<Drive>,
     ram: u64,
     vcpus: u8,
     kernel: PathBuf,
@@ -95,6 +157,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, Fail> {
     let (mut kernel, mut initrd, mut append, mut serial, mut pidfile) =
         (None, None, String::new(), None, None);
     let mut daemonize = false;
+    let mut drives = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         // QEMU accepts both -opt and --opt.
@@ -142,6 +205,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, Fail> {
                 });
             }
             "-pidfile" => pidfile = Some(PathBuf::from(value()?)),
+            "-drive" => drives.push(parse_drive(&value()?)?),
             "-daemonize" => daemonize = true,
             "-nographic" | "-no-reboot" | "-enable-kvm" => {}
             "-accel" | "-machine" => {
@@ -170,6 +234,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, Fail> {
         None => Serial::Stdio,
     };
     Ok(Some(Options {
+        drives,
         ram,
         vcpus,
         kernel,
@@ -191,8 +256,42 @@ fn serial_out(s: &Serial) -> Result<Box<dyn Write + Send>, Fail> {
     })
 }
 
+/// Opens the drives' images and plugs a virtio-blk device for each into the machine.
+fn add_drives(m: &mut Machine, drives: &[Drive]) -> Result<Vec<Arc<BlockDevice>>, Fail> {
+    if drives.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Requests block on the engine while they run, so a few workers keep several in flight.
+    let executor = Arc::new(Executor::new("blk", 4).map_err(|e| Fail(format!("workers: {e}")))?);
+    let mut devices = Vec::new();
+    for d in drives {
+        let opts = OpenOptions {
+            format: d.format.clone(),
+            read_only: d.read_only,
+            cache: d.cache,
+            ..Default::default()
+        };
+        let image = open_image(&d.file, &opts)
+            .map_err(|e| Fail(format!("-drive file={}: {e}", d.file.display())))?;
+        let device = Arc::new(BlockDevice::new(
+            image,
+            DeviceOptions {
+                read_only: d.read_only,
+                ..Default::default()
+            },
+        ));
+        m.add_virtio_mmio(Arc::new(BlockBackend::new(
+            device.clone(),
+            executor.clone(),
+        )))
+        .map_err(|e| Fail(e.to_string()))?;
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
 /// Sets the machine up (everything that can fail because of the user's input).
-fn build(o: &Options) -> Result<Machine, Fail> {
+fn build(o: &Options) -> Result<(Machine, Vec<Arc<BlockDevice>>), Fail> {
     // The guest reads stdin only when the console is stdio, as with QEMU's `-serial stdio`.
     let serial_in = matches!(o.serial, Serial::Stdio)
         .then(|| Box::new(std::io::stdin()) as Box<dyn Read + Send>);
@@ -204,9 +303,10 @@ fn build(o: &Options) -> Result<Machine, Fail> {
         kvm_path: "/dev/kvm".into(),
     };
     let mut m = Machine::new(config).map_err(|e| Fail(e.to_string()))?;
+    let disks = add_drives(&mut m, &o.drives)?;
     m.load_linux(&o.kernel, o.initrd.as_deref(), &o.append)
         .map_err(|e| Fail(e.to_string()))?;
-    Ok(m)
+    Ok((m, disks))
 }
 
 /// Forks; the parent waits for the child's verdict on its set-up and exits with it. KVM ties a
@@ -311,7 +411,7 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
         }
         Ok(m)
     })();
-    let m = match (setup, report) {
+    let (m, disks) = match (setup, report) {
         (Ok(m), Some(pipe)) => {
             // Closing the pipe without a message tells the parent we are running.
             drop(pipe);
@@ -326,7 +426,15 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
         (Err(e), None) => return Err(e),
     };
     stop_on_signals(m.exit_signal())?;
-    let result = m.run().map_err(|e| Fail(e.to_string()));
+    let mut result = m.run().map_err(|e| Fail(e.to_string()));
+    // Requests still running finish first (close waits for them); then caches reach the file.
+    for d in disks {
+        if let Err(e) = d.close() {
+            if result.is_ok() {
+                result = Err(Fail(format!("{}: {e}", d.name())));
+            }
+        }
+    }
     if let Some(p) = &o.pidfile {
         let _ = std::fs::remove_file(p);
     }
@@ -343,6 +451,43 @@ fn main() -> ExitCode {
         Err(Fail(msg)) => {
             eprintln!("vmm: {msg}");
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_options_parse_into_a_typed_drive() {
+        let d = parse_drive("file=/x/d.qcow2,format=qcow2,if=virtio,readonly=on,cache=none")
+            .ok()
+            .unwrap();
+        assert_eq!(
+            d,
+            Drive {
+                file: "/x/d.qcow2".into(),
+                format: Some("qcow2".into()),
+                read_only: true,
+                cache: CacheMode::None,
+            }
+        );
+        let d = parse_drive("file=a.img").ok().unwrap();
+        assert_eq!(
+            (d.format, d.read_only, d.cache),
+            (None, false, CacheMode::Writeback)
+        );
+        for bad in [
+            "format=raw",
+            "file=a,format=vpc",
+            "file=a,if=ide",
+            "file=a,cache=sometimes",
+            "file=a,readonly=maybe",
+            "file=a,bogus=1",
+            "file=a,novalue",
+        ] {
+            assert!(parse_drive(bad).is_err(), "{bad}");
         }
     }
 }

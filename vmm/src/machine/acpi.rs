@@ -5,11 +5,11 @@
 //! or an MP table. With these tables:
 //! - the FADT points at PM1a event/control blocks and a PM timer in port I/O (`power.rs`), and at
 //!   the reset register 0xcf9; its SMI command port is 0, so the OS is in ACPI mode from the start;
-//! - the DSDT holds only `Name (_S5_, Package () {5, 5, 0, 0})`, so `poweroff` writes
+//! - the DSDT holds `Name (_S5_, Package () {5, 5, 0, 0})`, so `poweroff` writes
 //!   `SLP_TYP=5|SLP_EN` to PM1a_CNT, which the VMM turns into a clean exit;
-//! - the MADT lists one local APIC per vCPU and the in-kernel IOAPIC.
-//!
-//! The DSDT is where virtio-mmio devices (`_HID LNRO0005`) and a PCI host bridge will be added.
+//! - the MADT lists one local APIC per vCPU and the in-kernel IOAPIC;
+//! - the DSDT also declares each virtio-mmio device (`_HID LNRO0005`) under `\_SB` (a PCI host
+//!   bridge would go there too).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -58,14 +58,89 @@ fn gas_io(port: u64, bits: u8, access_size: u8) -> [u8; 12] {
     g
 }
 
-/// The DSDT's AML: `Name (_S5_, Package (0x04) { 5, 5, 0, 0 })`.
-fn dsdt_aml() -> Vec<u8> {
+/// A virtio-mmio device the DSDT declares: its register window and its interrupt (a GSI of
+/// the IOAPIC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Guest-physical base of the register window.
+    pub base: u32,
+    /// Length of the window.
+    pub len: u32,
+    /// The GSI (IOAPIC pin) the device interrupts on, edge-triggered, active high.
+    pub gsi: u32,
+}
+
+/// An AML PkgLength for `body` bytes that follow it (the encoding counts its own bytes).
+fn pkg_length(body: usize) -> Vec<u8> {
+    // One byte holds up to 63; two bytes hold 12 bits; three bytes 20 bits.
+    for n in 1..=3usize {
+        let total = body + n;
+        let limit = if n == 1 {
+            1 << 6
+        } else {
+            1 << (4 + 8 * (n - 1))
+        };
+        if total < limit {
+            if n == 1 {
+                return vec![total as u8];
+            }
+            let mut v = vec![((n as u8 - 1) << 6) | (total & 0xf) as u8];
+            for i in 1..n {
+                v.push((total >> (4 + 8 * (i - 1))) as u8);
+            }
+            return v;
+        }
+    }
+    unreachable!("AML objects here are far below 1 MiB")
+}
+
+/// `Device (VRnn) { Name (_HID, "LNRO0005") Name (_UID, n) Name (_CRS, ResourceTemplate () {
+/// Memory32Fixed (ReadWrite, base, len) Interrupt (ResourceConsumer, Edge, ActiveHigh,
+/// Exclusive) { gsi } }) }`: what Linux's virtio_mmio driver binds to through ACPI.
+fn virtio_mmio_aml(index: u8, d: &MmioDevice) -> Vec<u8> {
+    let mut crs = vec![0x86, 0x09, 0x00, 0x01]; // Memory32Fixed, length 9, read-write
+    crs.extend_from_slice(&d.base.to_le_bytes());
+    crs.extend_from_slice(&d.len.to_le_bytes());
+    // Extended Interrupt: length 6; flags: consumer (0), edge (1), active high, exclusive.
+    crs.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
+    crs.extend_from_slice(&d.gsi.to_le_bytes());
+    crs.extend_from_slice(&[0x79, 0x00]); // End tag (checksum 0: not checked)
+    let mut buffer = vec![0x0a, crs.len() as u8]; // BufferSize as a ByteConst
+    buffer.extend_from_slice(&crs);
+
+    let mut body = format!("VR{:02X}", index).into_bytes();
+    body.extend_from_slice(&[0x08, b'_', b'H', b'I', b'D', 0x0d]);
+    body.extend_from_slice(b"LNRO0005\0");
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x0a, index]);
+    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S', 0x11]);
+    body.extend_from_slice(&pkg_length(buffer.len()));
+    body.extend_from_slice(&buffer);
+
+    let mut dev = vec![0x5b, 0x82]; // DeviceOp
+    dev.extend_from_slice(&pkg_length(body.len()));
+    dev.extend_from_slice(&body);
+    dev
+}
+
+/// The DSDT's AML: `Name (_S5_, Package (0x04) { 5, 5, 0, 0 })`, and `Scope (_SB) { ... }` with
+/// the virtio-mmio devices.
+fn dsdt_aml(devices: &[MmioDevice]) -> Vec<u8> {
     let s5 = S5_SLP_TYP as u8;
     // NameOp, NameSeg, PackageOp, PkgLength (covers itself and what follows: 8 bytes),
     // NumElements, BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp.
-    vec![
+    let mut aml = vec![
         0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, s5, 0x0a, s5, 0x00, 0x00,
-    ]
+    ];
+    if !devices.is_empty() {
+        let mut body = b"_SB_".to_vec();
+        for (i, d) in devices.iter().enumerate() {
+            body.extend_from_slice(&virtio_mmio_aml(i as u8, d));
+        }
+        aml.push(0x10); // ScopeOp
+        aml.extend_from_slice(&pkg_length(body.len()));
+        aml.extend_from_slice(&body);
+    }
+    aml
 }
 
 fn fadt_body(dsdt: u64) -> Vec<u8> {
@@ -115,11 +190,11 @@ fn madt_body(vcpus: u8) -> Vec<u8> {
 
 /// All tables, laid out from `base`: returns the bytes to write there and the RSDP's address
 /// (which is `base`).
-pub fn build_tables(base: u64, vcpus: u8) -> Vec<u8> {
+pub fn build_tables(base: u64, vcpus: u8, devices: &[MmioDevice]) -> Vec<u8> {
     let align = |v: usize| (v + 15) & !15;
     let rsdp_len = 36;
     let dsdt_off = align(rsdp_len);
-    let dsdt = sdt(b"DSDT", 2, &dsdt_aml());
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(devices));
     let fadt_off = align(dsdt_off + dsdt.len());
     let fadt = sdt(b"FACP", 6, &fadt_body(base + dsdt_off as u64));
     let madt_off = align(fadt_off + fadt.len());
@@ -157,8 +232,12 @@ pub fn build_tables(base: u64, vcpus: u8) -> Vec<u8> {
 }
 
 /// Writes the tables for `vcpus` CPUs into guest memory; returns the RSDP's guest address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress> {
-    let tables = build_tables(ACPI_START, vcpus);
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    devices: &[MmioDevice],
+) -> Result<GuestAddress> {
+    let tables = build_tables(ACPI_START, vcpus, devices);
     if ACPI_START + tables.len() as u64 > HIGH_MEMORY {
         return Err(Error::Config(format!(
             "too many vCPUs for the ACPI tables: {vcpus}"
@@ -195,7 +274,7 @@ mod tests {
     #[test]
     fn tables_chain_from_the_rsdp_with_valid_checksums() {
         let base = 0xe0000;
-        let all = build_tables(base, 3);
+        let all = build_tables(base, 3, &[]);
         assert_eq!(&all[..8], b"RSD PTR ");
         assert_eq!(sum(&all[..20]), 0);
         assert_eq!(sum(&all[..36]), 0);
@@ -238,9 +317,89 @@ mod tests {
         assert_eq!(u32_at(entries, 28) as u64, IOAPIC_BASE);
     }
 
+    /// Decodes an AML PkgLength at `b[0]`: (value, bytes used).
+    fn decode_pkg_length(b: &[u8]) -> (usize, usize) {
+        let n = usize::from(b[0] >> 6) + 1;
+        if n == 1 {
+            return (usize::from(b[0] & 0x3f), 1);
+        }
+        let mut v = usize::from(b[0] & 0xf);
+        for (i, byte) in b[1..n].iter().enumerate() {
+            v |= usize::from(*byte) << (4 + 8 * i);
+        }
+        (v, n)
+    }
+
+    #[test]
+    fn pkg_lengths_count_themselves_in_every_width() {
+        for body in [0, 1, 62, 63, 64, 100, 4000, 4093, 4094, 70_000] {
+            let enc = pkg_length(body);
+            let (v, n) = decode_pkg_length(&enc);
+            assert_eq!(n, enc.len());
+            assert_eq!(v, body + n, "body {body}");
+        }
+        assert_eq!(pkg_length(62), vec![63]);
+        assert_eq!(pkg_length(63).len(), 2);
+    }
+
+    #[test]
+    fn dsdt_declares_each_virtio_mmio_device_under_sb() {
+        let devices = [
+            MmioDevice {
+                base: 0xd000_0000,
+                len: 0x200,
+                gsi: 16,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                len: 0x200,
+                gsi: 17,
+            },
+        ];
+        let base = 0xe0000;
+        let all = build_tables(base, 1, &devices);
+        let xsdt = table(&all, base, u64_at(&all, 24), b"XSDT");
+        let fadt = table(&all, base, u64_at(&xsdt, 36), b"FACP");
+        let dsdt = table(&all, base, u64_at(&fadt, 140), b"DSDT");
+        let aml = &dsdt[36..];
+        // The scope follows _S5_ and its length covers the rest of the table exactly.
+        let scope = aml.iter().position(|&b| b == 0x10).unwrap();
+        let (len, n) = decode_pkg_length(&aml[scope + 1..]);
+        assert_eq!(scope + 1 + len, aml.len());
+        assert_eq!(&aml[scope + 1 + n..scope + 5 + n], b"_SB_");
+        let mut at = scope + 5 + n;
+        for (i, d) in devices.iter().enumerate() {
+            assert_eq!(aml[at..at + 2], [0x5b, 0x82], "DeviceOp");
+            let (len, n) = decode_pkg_length(&aml[at + 2..]);
+            let dev = &aml[at + 2 + n..at + 2 + len];
+            assert_eq!(&dev[..4], format!("VR{i:02X}").as_bytes());
+            let hid = dev.windows(9).position(|w| w == b"LNRO0005\0").unwrap();
+            assert_eq!(&dev[hid - 5..hid], b"_HID\x0d");
+            let crs = dev.windows(4).position(|w| w == b"_CRS").unwrap();
+            // NameOp _CRS BufferOp PkgLength BytePrefix size, then the resources.
+            let res = &dev[crs + 4..];
+            assert_eq!(res[0], 0x11);
+            let (_, n) = decode_pkg_length(&res[1..]);
+            let size = usize::from(res[1 + n + 1]);
+            let r = &res[1 + n + 2..1 + n + 2 + size];
+            assert_eq!(r[0], 0x86, "Memory32Fixed");
+            assert_eq!(u32_at(r, 4), d.base);
+            assert_eq!(u32_at(r, 8), d.len);
+            assert_eq!(r[12], 0x89, "extended interrupt");
+            assert_eq!(r[15] & 0x3, 0x3, "consumer, edge-triggered");
+            assert_eq!(u32_at(r, 17), d.gsi);
+            assert_eq!(r[21..23], [0x79, 0]);
+            at += 2 + len;
+        }
+        assert_eq!(at, aml.len());
+    }
+
     #[test]
     fn tables_fit_in_the_bios_area() {
         let mem = super::super::memory::create_guest_memory(16 << 20).unwrap();
-        assert_eq!(write_tables(&mem, 64).unwrap(), GuestAddress(ACPI_START));
+        assert_eq!(
+            write_tables(&mem, 64, &[]).unwrap(),
+            GuestAddress(ACPI_START)
+        );
     }
 }

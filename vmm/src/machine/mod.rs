@@ -90,7 +90,16 @@ pub struct Machine {
     rsdp: GuestAddress,
     com1: Arc<Mutex<serial::SerialDevice>>,
     serial_in: Option<Box<dyn std::io::Read + Send>>,
+    nr_vcpus: u8,
+    virtio_mmio: Vec<acpi::MmioDevice>,
 }
+
+/// Where the virtio-mmio register windows go: one page each from here, in the MMIO hole.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The first GSI given to virtio-mmio devices: IOAPIC pins 16-23 are not shared with ISA.
+pub const VIRTIO_MMIO_GSI: u32 = 16;
+/// The IOAPIC has 24 pins, so at most 8 virtio-mmio devices.
+pub const VIRTIO_MMIO_MAX: usize = 8;
 
 impl Machine {
     /// Creates the VM, its RAM, irqchip, legacy devices, ACPI tables and vCPUs.
@@ -163,7 +172,7 @@ impl Machine {
             pio.insert(dev, base, len)
                 .map_err(|e| Error::Device(e.to_string()))?;
         }
-        let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+        let rsdp = acpi::write_tables(&mem, config.vcpus, &[])?;
 
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
@@ -187,6 +196,8 @@ impl Machine {
             rsdp,
             com1,
             serial_in: config.serial_in,
+            nr_vcpus: config.vcpus,
+            virtio_mmio: Vec::new(),
         })
     }
 
@@ -218,6 +229,54 @@ impl Machine {
     /// The MMIO bus, to register more devices before [`Machine::run`].
     pub fn mmio_bus(&mut self) -> &mut Bus {
         &mut self.mmio
+    }
+
+    /// Adds a virtio-mmio device serving `backend`: a register window in the MMIO hole, an irqfd
+    /// on its own IOAPIC pin, an ioeventfd on `QueueNotify`, an I/O thread, and its declaration
+    /// in the DSDT (the tables are rewritten). Call before [`Machine::load_linux`].
+    pub fn add_virtio_mmio(
+        &mut self,
+        backend: Arc<dyn crate::virtio_mmio::Backend>,
+    ) -> Result<Arc<Mutex<crate::virtio_mmio::MmioTransport>>> {
+        use crate::virtio_mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
+        let index = self.virtio_mmio.len();
+        if index >= VIRTIO_MMIO_MAX {
+            return Err(Error::Config(format!(
+                "at most {VIRTIO_MMIO_MAX} virtio devices are supported"
+            )));
+        }
+        let base = VIRTIO_MMIO_BASE + index as u64 * 0x1000;
+        let gsi = VIRTIO_MMIO_GSI + index as u32;
+        let dev_err =
+            |what: &str, e: std::io::Error| Error::Device(format!("virtio{index}: {what}: {e}"));
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| dev_err("eventfd", e))?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let transport = MmioTransport::new(backend, Arc::new(self.mem.clone()), irq)
+            .map_err(|e| dev_err("transport", e))?;
+        self.vm
+            .register_ioevent(
+                transport.notify_event(),
+                &kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+        transport
+            .spawn_io_thread(&format!("virtio{index}"))
+            .map_err(|e| dev_err("I/O thread", e))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_LEN)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.virtio_mmio.push(acpi::MmioDevice {
+            base: base as u32,
+            len: MMIO_LEN as u32,
+            gsi,
+        });
+        self.rsdp = acpi::write_tables(&self.mem, self.nr_vcpus, &self.virtio_mmio)?;
+        Ok(transport)
     }
 
     /// Loads a Linux kernel (vmlinux through PVH or the 64-bit entry, or a bzImage), an optional
