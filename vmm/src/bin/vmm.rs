@@ -293,14 +293,26 @@ fn add_drives(m: &mut Machine, drives: &[Drive]) -> Result<Vec<Arc<BlockDevice>>
 /// Sets the machine up (everything that can fail because of the user's input).
 fn build(o: &Options) -> Result<(Machine, Vec<Arc<BlockDevice>>), Fail> {
     // The guest reads stdin only when the console is stdio, as with QEMU's `-serial stdio`.
-    let serial_in = matches!(o.serial, Serial::Stdio)
-        .then(|| Box::new(std::io::stdin()) as Box<dyn Read + Send>);
+    let serial_in = match o.serial {
+        Serial::Stdio => Some(
+            vmm::machine::serial::SerialInput::spawn(
+                Box::new(std::io::stdin()) as Box<dyn Read + Send>
+            )
+            .map_err(|e| Fail(format!("serial input thread: {e}")))?,
+        ),
+        _ => None,
+    };
     let config = Config {
         ram: o.ram,
         vcpus: o.vcpus,
-        serial_out: serial_out(&o.serial)?,
+        serial_out: vmm::machine::serial::serial_out(serial_out(&o.serial)?),
         serial_in,
         kvm_path: "/dev/kvm".into(),
+        // No reboot loop here yet: a reset ends the VMM, as with QEMU's -no-reboot.
+        control: vmm::machine::VmControl::new(vmm::machine::ControlOptions {
+            no_reboot: true,
+            ..Default::default()
+        }),
     };
     let mut m = Machine::new(config).map_err(|e| Fail(e.to_string()))?;
     let disks = add_drives(&mut m, &o.drives)?;

@@ -7,7 +7,9 @@
 //!   the reset register 0xcf9; its SMI command port is 0, so the OS is in ACPI mode from the start;
 //! - the DSDT holds `Name (_S5_, Package () {5, 5, 0, 0})`, so `poweroff` writes
 //!   `SLP_TYP=5|SLP_EN` to PM1a_CNT, which the VMM turns into a clean exit;
-//! - the MADT lists one local APIC per vCPU and the in-kernel IOAPIC;
+//! - the MADT lists one local APIC per vCPU and the in-kernel IOAPIC, and overrides IRQ 9 (the
+//!   SCI) as level-triggered, active high;
+//! - the FADT leaves PWR_BUTTON clear, so the OS uses the fixed-feature power button in PM1;
 //! - the DSDT also declares each virtio-mmio device (`_HID LNRO0005`) under `\_SB` (a PCI host
 //!   bridge would go there too).
 
@@ -20,8 +22,15 @@ use super::power::{
 };
 use super::{Error, Result};
 
-/// The SCI's ISA interrupt (the conventional one; we never raise it).
+/// The SCI's ISA interrupt (the conventional one, QEMU's too). It is level-triggered and
+/// active high, which the MADT says with an interrupt source override; the power button
+/// (`power::Pm1Event`) raises it.
 pub const SCI_IRQ: u16 = 9;
+
+/// MPS INTI flags of the SCI's override: active high (bits 0-1 = 01), level-triggered (bits
+/// 2-3 = 11). Without an override an OS assumes the ACPI default for the SCI, active low,
+/// and would see our line as permanently asserted.
+const SCI_INTI_FLAGS: u16 = 0x000d;
 
 const OEM_ID: &[u8; 6] = b"IMGVMM";
 const OEM_TABLE_ID: &[u8; 8] = b"IMGVMM  ";
@@ -159,9 +168,10 @@ fn fadt_body(dsdt: u64) -> Vec<u8> {
     // IAPC_BOOT_ARCH: no VGA (bit 2); no 8042 advertised, so Linux does not probe a keyboard we
     // do not have (its reboot path still writes the i8042 command port directly).
     put(109, &(1u16 << 2).to_le_bytes());
-    // Flags: WBINVD (0), PWR_BUTTON and SLP_BUTTON are control methods, i.e. absent (4, 5),
-    // RESET_REG_SUP (10).
-    let flags: u32 = 1 | (1 << 4) | (1 << 5) | (1 << 10);
+    // Flags: WBINVD (0), SLP_BUTTON (5: a sleep button would be a control-method device, so
+    // there is none), RESET_REG_SUP (10). PWR_BUTTON (4) stays clear: the power button is the
+    // fixed-feature one in PM1 (Linux then creates its LNXPWRBN device).
+    let flags: u32 = 1 | (1 << 5) | (1 << 10);
     put(112, &flags.to_le_bytes());
     put(116, &gas_io(RESET_PORT, 8, 1));
     put(128, &[RESET_VALUE]);
@@ -185,6 +195,11 @@ fn madt_body(vcpus: u8) -> Vec<u8> {
     m.extend_from_slice(&[1, 12, vcpus, 0]);
     m.extend_from_slice(&(IOAPIC_BASE as u32).to_le_bytes());
     m.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt Source Override: type 2, length 10, bus 0 (ISA), source IRQ 9 -> GSI 9, with
+    // the SCI's polarity and trigger mode.
+    m.extend_from_slice(&[2, 10, 0, SCI_IRQ as u8]);
+    m.extend_from_slice(&u32::from(SCI_IRQ).to_le_bytes());
+    m.extend_from_slice(&SCI_INTI_FLAGS.to_le_bytes());
     m
 }
 
@@ -293,6 +308,12 @@ mod tests {
         assert_eq!(u64_at(&fadt, 116 + 4), RESET_PORT);
         assert_eq!(fadt[128], RESET_VALUE);
         assert_ne!(u32_at(&fadt, 112) & (1 << 10), 0);
+        assert_eq!(
+            u32_at(&fadt, 112) & (1 << 4),
+            0,
+            "PWR_BUTTON clear: the fixed-feature power button"
+        );
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), SCI_IRQ);
         let dsdt = table(&all, base, u64_at(&fadt, 140), b"DSDT");
         assert_eq!(u32_at(&fadt, 40) as u64, u64_at(&fadt, 140));
         let aml = &dsdt[36..];
@@ -315,6 +336,12 @@ mod tests {
         assert_eq!(lapics, vec![0, 1, 2]);
         assert_eq!(entries[24..26], [1, 12]);
         assert_eq!(u32_at(entries, 28) as u64, IOAPIC_BASE);
+        // The SCI's override: ISA IRQ 9 to GSI 9, level-triggered, active high.
+        let iso = &entries[36..];
+        assert_eq!(iso.len(), 10);
+        assert_eq!(iso[..4], [2, 10, 0, 9]);
+        assert_eq!(u32_at(iso, 4), 9);
+        assert_eq!(u16::from_le_bytes([iso[8], iso[9]]), 0x000d);
     }
 
     /// Decodes an AML PkgLength at `b[0]`: (value, bytes used).

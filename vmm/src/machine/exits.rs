@@ -7,6 +7,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::bus::Bus;
+use super::control::VmControl;
 use super::power::{ExitReason, ExitSignal};
 use super::{Error, Result};
 
@@ -19,19 +20,28 @@ pub struct ExitContext {
     pub mmio: Arc<Bus>,
     /// The machine-wide stop request.
     pub exit: Arc<ExitSignal>,
+    /// Pause and resume (QMP `stop`/`cont`).
+    pub control: Arc<VmControl>,
 }
 
-/// Runs `vcpu` until the machine stops; returns why. Errors (a failed `KVM_RUN`, an entry
-/// failure, an emulation failure) are returned to the caller, which raises
+/// Runs `vcpu` (number `id`) until the machine stops; returns why. Errors (a failed `KVM_RUN`,
+/// an entry failure, an emulation failure) are returned to the caller, which raises
 /// [`ExitReason::Crashed`].
-pub fn run_vcpu(vcpu: &mut VcpuFd, ctx: &ExitContext) -> Result<ExitReason> {
+pub fn run_vcpu(vcpu: &mut VcpuFd, id: usize, ctx: &ExitContext) -> Result<ExitReason> {
+    ctx.control.vcpu_started(id);
     loop {
+        if let Some(reason) = ctx.exit.get() {
+            return Ok(reason);
+        }
+        // While the VM is paused, wait here, outside KVM_RUN.
+        ctx.control.park(id, &ctx.exit);
         if let Some(reason) = ctx.exit.get() {
             return Ok(reason);
         }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
-            // A kick from another thread (the machine is stopping), or a signal for us.
+            // A kick from another thread (the machine is stopping or pausing), or a signal for
+            // us.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
         };

@@ -4,12 +4,19 @@
 //!
 //! Modules, one job each: [`memory`] (layout and RAM), [`cpu`] (CPUID, MSRs, FPU, entry
 //! registers), [`boot`] (kernel, initrd, command line, zero page / PVH), [`acpi`] (tables),
-//! [`irqchip`], [`bus`], [`serial`], [`power`] (power off and reset), [`rtc`], [`exits`] (the run
-//! loop). Disks (virtio) will be registered on the buses like the devices here.
+//! [`irqchip`], [`bus`], [`serial`], [`power`] (power off, reset, the power button), [`rtc`],
+//! [`exits`] (the run loop), [`control`] (pause/resume, reset and quit requests, the run state
+//! and its QMP events, across reboots). Disks (virtio) are registered on the buses like the
+//! devices here.
+//!
+//! A machine runs once: a reboot ends [`Machine::run`] with [`ExitReason::Reset`] and the caller
+//! builds a new machine from a clone of the same [`Config`], whose shared parts (console output,
+//! the stdin reader, the [`VmControl`]) carry over.
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
+pub mod control;
 pub mod cpu;
 pub mod exits;
 pub mod irqchip;
@@ -29,6 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use bus::Bus;
+pub use control::{ControlOptions, RunState, ShutdownCause, VmControl};
 use cpu::EntryMode;
 use exits::ExitContext;
 pub use power::ExitReason;
@@ -63,24 +71,30 @@ pub enum Error {
 /// Result of machine operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// What to build.
+/// What to build. Cloning it shares the console and the control, so that the machine built
+/// after a reset continues where the last one stopped.
+#[derive(Clone)]
 pub struct Config {
     /// Guest RAM in bytes.
     pub ram: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// Where COM1's output goes.
+    /// Where COM1's output goes (see [`serial::serial_out`]).
     pub serial_out: serial::SerialOut,
-    /// What the guest reads from COM1 (the VMM's stdin), if anything.
-    pub serial_in: Option<Box<dyn std::io::Read + Send>>,
+    /// What the guest reads from COM1 (the VMM's stdin, see [`serial::SerialInput::spawn`]), if
+    /// anything.
+    pub serial_in: Option<Arc<serial::SerialInput>>,
     /// The KVM device (normally `/dev/kvm`).
     pub kvm_path: PathBuf,
+    /// Pause/resume, reset, power button and quit requests, and the run state.
+    pub control: Arc<VmControl>,
 }
 
 /// A created machine, before or while it runs.
 pub struct Machine {
     kvm: Kvm,
-    vm: VmFd,
+    /// Shared with the SCI's interrupt line ([`power::KvmIrqLine`]).
+    vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     ram: u64,
@@ -89,7 +103,9 @@ pub struct Machine {
     exit: Arc<ExitSignal>,
     rsdp: GuestAddress,
     com1: Arc<Mutex<serial::SerialDevice>>,
-    serial_in: Option<Box<dyn std::io::Read + Send>>,
+    serial_in: Option<Arc<serial::SerialInput>>,
+    pm1: Arc<Mutex<power::Pm1Event>>,
+    control: Arc<VmControl>,
     nr_vcpus: u8,
     virtio_mmio: Vec<acpi::MmioDevice>,
 }
@@ -118,9 +134,10 @@ impl Machine {
                 config.vcpus
             )));
         }
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
+        );
         let mem = memory::create_guest_memory(config.ram)?;
         memory::register_memory(&vm, &mem)?;
         irqchip::setup_irqchip(&vm)?;
@@ -135,13 +152,12 @@ impl Machine {
             irq,
             config.serial_out,
         )));
+        let pm1 = Arc::new(Mutex::new(power::Pm1Event::new(Box::new(
+            power::KvmIrqLine::new(vm.clone(), u32::from(acpi::SCI_IRQ)),
+        ))));
         let devices: Vec<(bus::SharedDevice, u64, u64)> = vec![
             (com1.clone(), serial::COM1_PORT, serial::COM1_LEN),
-            (
-                Arc::new(Mutex::new(power::Pm1Event::default())),
-                power::PM1A_EVT_PORT,
-                power::PM1A_EVT_LEN,
-            ),
+            (pm1.clone(), power::PM1A_EVT_PORT, power::PM1A_EVT_LEN),
             (
                 Arc::new(Mutex::new(power::Pm1Control::new(exit.clone()))),
                 power::PM1A_CNT_PORT,
@@ -196,6 +212,8 @@ impl Machine {
             rsdp,
             com1,
             serial_in: config.serial_in,
+            pm1,
+            control: config.control,
             nr_vcpus: config.vcpus,
             virtio_mmio: Vec::new(),
         })
@@ -222,8 +240,15 @@ impl Machine {
     }
 
     /// The machine's stop request, for whoever else may end it (a signal handler, QMP `quit`).
+    /// It ends this machine only; [`VmControl::request_shutdown`] reaches whichever machine is
+    /// current, which is what a VMM that reboots needs.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
+    }
+
+    /// The control this machine runs under.
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
     }
 
     /// The MMIO bus, to register more devices before [`Machine::run`].
@@ -299,34 +324,52 @@ impl Machine {
         cpu::setup_boot_regs(&self.vcpus[0], &self.mem, mode, addr, 0)
     }
 
-    /// Runs every vCPU on its own thread until the guest powers off, resets or fails; stops the
-    /// other vCPUs and returns why the machine ended.
+    /// Runs every vCPU on its own thread until the guest powers off, resets or fails, or the
+    /// control asks for a reset or quit; stops the other vCPUs and returns why the machine
+    /// ended. While the control is paused (or was created with `start_paused`), the vCPUs wait
+    /// outside `KVM_RUN`. After [`ExitReason::Reset`], build a new machine from the same
+    /// [`Config`] if [`VmControl::reboots_after`] says so.
     pub fn run(self) -> Result<ExitReason> {
         install_kick_handler()?;
-        if let Some(input) = self.serial_in {
-            serial::spawn_input(self.com1.clone(), input)
-                .map_err(|e| Error::Device(format!("serial input thread: {e}")))?;
+        let nr = self.vcpus.len();
+        self.control
+            .attach(self.exit.clone(), self.pm1.clone(), nr)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        if let Some(input) = &self.serial_in {
+            input.attach(self.com1.clone());
         }
         let ctx = ExitContext {
             pio: Arc::new(self.pio),
             mmio: Arc::new(self.mmio),
             exit: self.exit.clone(),
+            control: self.control.clone(),
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut spawn_error = None;
         for (id, mut fd) in self.vcpus.into_iter().enumerate() {
             let ctx = ctx.clone();
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    if let Err(e) = exits::run_vcpu(&mut fd, &ctx) {
+                    if let Err(e) = exits::run_vcpu(&mut fd, id, &ctx) {
                         eprintln!("vmm: vCPU {id}: {e}");
                         ctx.exit.raise(ExitReason::Crashed);
                     }
-                })
-                .map_err(|e| Error::Vcpu(format!("starting vCPU thread {id}: {e}")))?;
-            threads.push(t);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // The threads already started must still be stopped and joined.
+                    spawn_error = Some(Error::Vcpu(format!("starting vCPU thread {id}: {e}")));
+                    self.exit.raise(ExitReason::Crashed);
+                    break;
+                }
+            }
         }
         let reason = self.exit.wait();
+        // Parked vCPUs wake up and see the request; the control forgets the threads before
+        // they are joined below.
+        self.control.stopping();
         // The other vCPUs may be inside KVM_RUN: interrupt them until each has seen the request.
         // A kick can land just before a thread enters KVM_RUN and be lost, hence the retries.
         while threads.iter().any(|t| !t.is_finished()) {
@@ -338,10 +381,19 @@ impl Machine {
         for t in threads {
             let _ = t.join();
         }
-        // Keep RAM mapped until no vCPU can touch it.
+        if let Some(input) = &self.serial_in {
+            input.detach();
+        }
+        self.control.detach(reason);
+        // Keep RAM mapped until no vCPU can touch it (the SCI line holds the VM fd too).
+        drop(ctx);
+        drop(self.pm1);
         drop(self.vm);
         drop(self.mem);
-        Ok(reason)
+        match spawn_error {
+            Some(e) => Err(e),
+            None => Ok(reason),
+        }
     }
 }
 
@@ -349,7 +401,8 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     // Nothing to do: the signal's only purpose is to make KVM_RUN return EINTR.
 }
 
-fn install_kick_handler() -> Result<()> {
+/// Installs the (empty) handler of the vCPU kick signal, once per process.
+pub(crate) fn install_kick_handler() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {

@@ -1,5 +1,6 @@
-//! How the guest ends itself: the ACPI PM1 registers (S5 = power off), the ACPI reset register,
-//! the i8042 reset line, and the signal that tells the VMM the machine is done.
+//! How the guest ends itself: the ACPI PM1 registers (S5 = power off, the fixed-feature power
+//! button that asks the guest to shut down), the ACPI reset register, the i8042 reset line, and
+//! the signal that tells the VMM the machine is done.
 //!
 //! The guest finds the PM1a blocks and the reset register through the FADT built in `acpi.rs`,
 //! and the S5 sleep type through the DSDT's `_S5_` object: `poweroff` makes Linux write
@@ -45,14 +46,17 @@ pub const I8042_LEN: u64 = 5;
 pub enum ExitReason {
     /// The guest powered off (ACPI S5, or KVM reported a shutdown system event).
     PowerOff,
-    /// The guest asked for a reset (reset register, i8042, triple fault). Like QEMU's
-    /// `-no-reboot`, a reset ends the VMM.
+    /// The guest asked for a reset (reset register, i8042, triple fault), or QMP
+    /// `system_reset` did. The machine is gone either way: the caller builds a new one from
+    /// the same [`Config`](super::Config) to reboot, or ends like QEMU's `-no-reboot`.
     Reset,
     /// A vCPU halted with nothing that could wake it (no in-kernel irqchip).
     Halted,
     /// A vCPU failed (KVM error, emulation failure); the cause was reported on stderr.
     Crashed,
-    /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP).
+    /// The VMM was asked to stop: a signal (SIGTERM, SIGINT, SIGHUP) or QMP `quit`
+    /// ([`VmControl::request_shutdown`](super::control::VmControl::request_shutdown) records
+    /// which, for the SHUTDOWN event). The caller ends the VMM.
     Terminated,
 }
 
@@ -114,28 +118,107 @@ impl ExitSignal {
     }
 }
 
-/// The PM1a event block: no fixed events are ever raised, so status reads 0; the enable register
-/// is kept so the guest reads back what it wrote.
-#[derive(Default)]
+/// PM1_STS/PM1_EN bit 8: the fixed-feature power button (status is write-1-to-clear).
+pub const PWRBTN: u16 = 1 << 8;
+
+/// A level-triggered interrupt line the PM1 event block drives (the SCI).
+pub trait IrqLine: Send + Sync {
+    /// Asserts (`true`) or deasserts the line.
+    fn set_level(&self, high: bool);
+}
+
+/// An interrupt line of the in-kernel irqchip, driven with `KVM_IRQ_LINE`.
+pub struct KvmIrqLine {
+    vm: Arc<kvm_ioctls::VmFd>,
+    gsi: u32,
+}
+
+impl KvmIrqLine {
+    /// The line `gsi` of `vm`'s irqchip.
+    pub fn new(vm: Arc<kvm_ioctls::VmFd>, gsi: u32) -> Self {
+        Self { vm, gsi }
+    }
+}
+
+impl IrqLine for KvmIrqLine {
+    fn set_level(&self, high: bool) {
+        // KVM_IRQ_LINE only fails without an in-kernel irqchip or for a GSI beyond it; the
+        // machine always creates the irqchip and the SCI is ISA IRQ 9, so there is nothing to
+        // report at run time.
+        let _ = self.vm.set_irq_line(self.gsi, high);
+    }
+}
+
+/// The PM1a event block: PM1_STS (offset 0) and PM1_EN (offset 2).
+///
+/// The only event ever raised is the fixed-feature power button (QMP `system_powerdown`). The
+/// SCI is a level interrupt, as ACPI defines it: it is asserted while any status bit is set
+/// together with its enable bit, and dropped once the guest clears the status (write 1 to
+/// clear) or the enable bit.
 pub struct Pm1Event {
+    status: u16,
     enable: u16,
+    sci: Box<dyn IrqLine>,
+    level: bool,
+}
+
+impl Pm1Event {
+    /// An event block with nothing pending, driving `sci`.
+    pub fn new(sci: Box<dyn IrqLine>) -> Self {
+        Self {
+            status: 0,
+            enable: 0,
+            sci,
+            level: false,
+        }
+    }
+
+    /// Presses the power button: sets PWRBTN_STS (raising the SCI if the guest enabled it).
+    pub fn press_power_button(&mut self) {
+        self.status |= PWRBTN;
+        self.update_sci();
+    }
+
+    /// The status register as the guest reads it.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// Whether the SCI is asserted.
+    pub fn sci_level(&self) -> bool {
+        self.level
+    }
+
+    /// Drives the SCI from status and enable; the line is only touched on a change, so a
+    /// guest polling the registers costs no ioctl.
+    fn update_sci(&mut self) {
+        let level = self.status & self.enable != 0;
+        if level != self.level {
+            self.level = level;
+            self.sci.set_level(level);
+        }
+    }
 }
 
 impl BusDevice for Pm1Event {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let regs = [0u16.to_le_bytes(), self.enable.to_le_bytes()].concat();
+        let regs = [self.status.to_le_bytes(), self.enable.to_le_bytes()].concat();
         fill_from(&regs, offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        // Only the enable register (offset 2) holds state; status bits are write-1-to-clear of
-        // bits that are never set.
-        if offset == 2 && !data.is_empty() {
-            let mut b = self.enable.to_le_bytes();
-            for (i, v) in data.iter().take(2).enumerate() {
-                b[i] = *v;
+        // Byte by byte, so any access width (ACPICA uses 16 bits, a dword covers both) works.
+        for (i, v) in data.iter().enumerate() {
+            let at = offset as usize + i;
+            let shift = 8 * (at % 2);
+            let bits = u16::from(*v) << shift;
+            match at {
+                // Status: write 1 to clear.
+                0 | 1 => self.status &= !bits,
+                2 | 3 => self.enable = (self.enable & !(0xff << shift)) | bits,
+                _ => {}
             }
-            self.enable = u16::from_le_bytes(b);
         }
+        self.update_sci();
     }
 }
 
@@ -303,6 +386,66 @@ mod tests {
         assert_eq!(exit.get(), None);
         rst.write(0, &[RESET_VALUE]);
         assert_eq!(exit.get(), Some(ExitReason::Reset));
+    }
+
+    /// An interrupt line that records its level changes.
+    #[derive(Clone, Default)]
+    struct FakeLine(Arc<std::sync::Mutex<Vec<bool>>>);
+    impl IrqLine for FakeLine {
+        fn set_level(&self, high: bool) {
+            self.0.lock().unwrap().push(high);
+        }
+    }
+
+    fn regs(ev: &mut Pm1Event) -> (u16, u16) {
+        let mut b = [0u8; 4];
+        ev.read(0, &mut b);
+        (
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+        )
+    }
+
+    #[test]
+    fn power_button_raises_a_level_sci_only_while_enabled_and_pending() {
+        let line = FakeLine::default();
+        let mut ev = Pm1Event::new(Box::new(line.clone()));
+        assert_eq!(regs(&mut ev), (0, 0));
+        // Pressed while disabled: the status is visible, the SCI stays low.
+        ev.press_power_button();
+        assert_eq!(regs(&mut ev), (PWRBTN, 0));
+        assert!(line.0.lock().unwrap().is_empty());
+        // Enabling with the status pending asserts the line (16-bit write at offset 2).
+        ev.write(2, &PWRBTN.to_le_bytes());
+        assert_eq!(regs(&mut ev), (PWRBTN, PWRBTN));
+        assert_eq!(*line.0.lock().unwrap(), vec![true]);
+        // Writing 0 to the status, or 1 to other bits, clears nothing.
+        ev.write(0, &0u16.to_le_bytes());
+        ev.write(0, &1u16.to_le_bytes());
+        assert!(ev.sci_level());
+        // Write 1 to clear: the line drops.
+        ev.write(0, &PWRBTN.to_le_bytes());
+        assert_eq!(regs(&mut ev), (0, PWRBTN));
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+        // Pressed while enabled: asserted at once; disabling (byte write to the high byte of
+        // PM1_EN) drops it although the status stays set.
+        ev.press_power_button();
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true]);
+        ev.write(3, &[0]);
+        assert_eq!(regs(&mut ev), (PWRBTN, 0));
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true, false]);
+        // A dword write covering both registers: clear the status and enable again.
+        let mut dword = PWRBTN.to_le_bytes().to_vec();
+        dword.extend_from_slice(&PWRBTN.to_le_bytes());
+        ev.write(0, &dword);
+        assert_eq!(regs(&mut ev), (0, PWRBTN));
+        assert!(!ev.sci_level());
+        // Byte write of the status' high byte clears bit 8 too.
+        ev.press_power_button();
+        assert!(ev.sci_level());
+        ev.write(1, &[1]);
+        assert_eq!(ev.status(), 0);
+        assert!(!ev.sci_level());
     }
 
     #[test]

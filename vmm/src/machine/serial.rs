@@ -4,7 +4,7 @@
 //! irqfd, so a vCPU thread never has to call into KVM to deliver it.
 
 use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vm_superio::{Serial, Trigger};
@@ -29,19 +29,44 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Where the guest's console output goes.
-pub type SerialOut = Box<dyn Write + Send>;
+/// Where the guest's console output goes. Shared, because a reboot builds a new machine (and
+/// a new UART) that must keep writing to the same place.
+pub type SerialOut = Arc<Mutex<dyn Write + Send>>;
+
+/// Wraps any writer as a [`SerialOut`].
+pub fn serial_out(w: impl Write + Send + 'static) -> SerialOut {
+    Arc::new(Mutex::new(w))
+}
+
+/// The UART's view of a [`SerialOut`].
+struct SharedOut(SerialOut);
+
+impl SharedOut {
+    fn lock(&self) -> MutexGuard<'_, dyn Write + Send + 'static> {
+        // A writer whose holder panicked is still a writer; the console must keep going.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.lock().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.lock().flush()
+    }
+}
 
 /// The UART as a PIO bus device.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SharedOut>,
 }
 
 impl SerialDevice {
     /// A UART whose interrupt is `irq` and whose transmitter writes to `out`.
     pub fn new(irq: EventFd, out: SerialOut) -> Self {
         Self {
-            uart: Serial::new(EventFdTrigger(irq), out),
+            uart: Serial::new(EventFdTrigger(irq), SharedOut(out)),
         }
     }
 }
@@ -54,33 +79,62 @@ impl SerialDevice {
     }
 }
 
-/// Feeds `input` (the VMM's stdin) to the UART from a thread of its own, waiting while the
-/// guest has not drained the FIFO. Ends at EOF or on a read error.
-pub fn spawn_input(
-    dev: Arc<Mutex<SerialDevice>>,
-    mut input: Box<dyn Read + Send>,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("serial-in".into())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            while let Ok(n) = input.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let sent = dev.lock().unwrap_or_else(|p| p.into_inner()).enqueue(rest);
-                    rest = &rest[sent..];
-                    if sent == 0 {
-                        // The guest reads slower than we type or paste; it polls or takes the
-                        // interrupt at its own pace, so poll gently.
-                        std::thread::sleep(Duration::from_millis(5));
+/// The VMM's stdin feeding COM1: one reader thread for the life of the VMM, delivering to
+/// whichever machine is current. A reboot replaces the machine (and its UART) while input may be
+/// arriving; input read while no machine is attached waits for the next one.
+pub struct SerialInput {
+    target: Mutex<Option<Arc<Mutex<SerialDevice>>>>,
+}
+
+impl SerialInput {
+    /// Starts the reader thread on `input`. It ends at EOF or on a read error.
+    pub fn spawn(mut input: Box<dyn Read + Send>) -> std::io::Result<Arc<Self>> {
+        let me = Arc::new(Self {
+            target: Mutex::new(None),
+        });
+        let feed = Arc::clone(&me);
+        std::thread::Builder::new()
+            .name("serial-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = input.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut rest = &buf[..n];
+                    while !rest.is_empty() {
+                        let sent = feed.deliver(rest);
+                        rest = &rest[sent..];
+                        if sent == 0 {
+                            // The guest reads slower than we type or paste (or no machine is
+                            // attached during a reboot); it polls or takes the interrupt at its
+                            // own pace, so poll gently.
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
                     }
                 }
-            }
-        })?;
-    Ok(())
+            })?;
+        Ok(me)
+    }
+
+    /// Makes `dev` the UART that receives the input.
+    pub fn attach(&self, dev: Arc<Mutex<SerialDevice>>) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(dev);
+    }
+
+    /// Stops delivering (the machine is going away).
+    pub fn detach(&self) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Queues what fits into the current UART; returns how many bytes it took.
+    fn deliver(&self, bytes: &[u8]) -> usize {
+        let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        match target.as_ref() {
+            Some(dev) => dev.lock().unwrap_or_else(|p| p.into_inner()).enqueue(bytes),
+            None => 0,
+        }
+    }
 }
 
 impl BusDevice for SerialDevice {
@@ -126,7 +180,7 @@ mod tests {
     #[test]
     fn received_bytes_are_read_back_through_rbr_and_lsr() {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(evt, Box::new(std::io::sink()));
+        let mut dev = SerialDevice::new(evt, serial_out(std::io::sink()));
         assert_eq!(dev.enqueue(b"hi"), 2);
         let mut b = [0u8; 1];
         dev.read(5, &mut b);
@@ -148,7 +202,7 @@ mod tests {
     fn transmits_and_raises_the_interrupt_when_enabled() {
         let out = SharedBuf::default();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(evt.try_clone().unwrap(), Box::new(out.clone()));
+        let mut dev = SerialDevice::new(evt.try_clone().unwrap(), serial_out(out.clone()));
         for b in b"ok\n" {
             dev.write(0, &[*b]);
         }

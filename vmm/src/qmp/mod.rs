@@ -1,9 +1,11 @@
 //! QMP, the QEMU Machine Protocol, on a unix socket: the greeting, capabilities negotiation,
 //! commands with their `return` or `error` answers, and events broadcast to every client in
 //! command mode. What the commands do is up to a [`Handler`]; [`block`] implements the block
-//! commands over the VMM's drives.
+//! commands over the VMM's drives, [`machine`] the VM's run-state commands; [`Handlers`]
+//! combines them.
 
 pub mod block;
+pub mod machine;
 
 use serde_json::{json, Map, Value};
 use std::cell::Cell;
@@ -55,6 +57,15 @@ pub trait Handler: Send + Sync {
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>>;
 }
 
+/// Several handlers as one: the first that knows a command runs it.
+pub struct Handlers(pub Vec<Arc<dyn Handler>>);
+
+impl Handler for Handlers {
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+        self.0.iter().find_map(|h| h.execute(command, args))
+    }
+}
+
 /// Where events go: every client that has finished capabilities negotiation.
 #[derive(Default, Clone)]
 pub struct Events {
@@ -63,21 +74,23 @@ pub struct Events {
 
 impl Events {
     /// Sends `event` with `data` to every client in command mode; clients that went away are
-    /// dropped.
+    /// dropped. `Value::Null` sends the event without a `data` member (STOP, RESUME, ...).
     pub fn emit(&self, event: &str, data: Value) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let msg = json!({
+        let mut msg = json!({
             "event": event,
-            "data": data,
             "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
         });
+        if !data.is_null() {
+            msg["data"] = data;
+        }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients.retain(|c| send(&mut c.lock().unwrap_or_else(|e| e.into_inner()), &msg).is_ok());
     }
 
-    fn add(&self, client: Arc<Mutex<UnixStream>>) {
+    pub(crate) fn add(&self, client: Arc<Mutex<UnixStream>>) {
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
