@@ -367,7 +367,12 @@ impl VmControl {
     /// Called by vCPU thread `id` when it starts, so that [`VmControl::pause`] can kick it.
     pub(crate) fn vcpu_started(&self, id: usize) {
         let mut g = self.lock();
-        if let Some(slot) = g.machine.as_mut().and_then(|m| m.vcpus.get_mut(id)) {
+        let Some(m) = g.machine.as_mut() else { return };
+        // A machine already stopping is never kicked (and `stopping` may have run already).
+        if m.exit.get().is_some() {
+            return;
+        }
+        if let Some(slot) = m.vcpus.get_mut(id) {
             // SAFETY: pthread_self has no preconditions.
             slot.thread = Some(unsafe { libc::pthread_self() });
         }
@@ -448,10 +453,12 @@ impl VmControl {
 
 /// Interrupts `thread`'s `KVM_RUN` with the machine's kick signal.
 fn kick(thread: libc::pthread_t) {
-    // SAFETY: `thread` was recorded by the vCPU thread itself and is forgotten (under the lock
-    // held by our caller) before the machine joins it, so it names a live or finished but
-    // unjoined thread; the signal has a handler installed by `Machine::run` before any vCPU
-    // thread starts.
+    // SAFETY: `thread` was recorded by the vCPU thread itself while its machine's exit signal
+    // was not raised; the machine joins its threads only after raising that signal and then
+    // calling `stopping` (which forgets them under the lock our caller holds), and our caller
+    // checks the signal under that lock before kicking. So `thread` names a live, or finished
+    // but unjoined, thread. The signal has a handler installed by `Machine::run` before any
+    // vCPU thread starts.
     unsafe {
         libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN());
     }
