@@ -218,6 +218,38 @@ const POWER_BUTTON: &[u8] = &[
     0xf4, // fail: hlt
 ];
 
+/// 16-bit: programs the PICs (slave on IRQ 2, vectors 0x20 and 0x28), installs an interrupt
+/// handler for IRQ 9 (vector 0x29), enables PWRBTN_EN in PM1_EN, marks 0x2000 and halts with
+/// interrupts on. The handler checks PWRBTN_STS, clears it, sends EOIs, prints "S" and powers
+/// off; anything else leaves the guest halted. So the guest only powers off if the power
+/// button's SCI arrives as IRQ 9.
+const SCI_GUEST: &[u8] = &[
+    0xc7, 0x06, 0xa4, 0x00, 0x44, 0x10, // mov word [0xa4], 0x1044 (IVT[0x29].offset: handler)
+    0xc7, 0x06, 0xa6, 0x00, 0x00, 0x00, // mov word [0xa6], 0 (segment)
+    0xb0, 0x11, 0xe6, 0x20, // master ICW1
+    0xb0, 0x20, 0xe6, 0x21, // ICW2: vectors 0x20-0x27
+    0xb0, 0x04, 0xe6, 0x21, // ICW3: slave on IRQ 2
+    0xb0, 0x01, 0xe6, 0x21, // ICW4: 8086 mode
+    0xb0, 0x11, 0xe6, 0xa0, // slave ICW1
+    0xb0, 0x28, 0xe6, 0xa1, // ICW2: vectors 0x28-0x2f
+    0xb0, 0x02, 0xe6, 0xa1, // ICW3: cascade identity 2
+    0xb0, 0x01, 0xe6, 0xa1, // ICW4
+    0xb0, 0xfb, 0xe6, 0x21, // master mask: only IRQ 2
+    0xb0, 0xfd, 0xe6, 0xa1, // slave mask: only IRQ 9
+    0xba, 0x02, 0x06, 0xb8, 0x00, 0x01, 0xef, // PM1_EN (0x602) = PWRBTN_EN
+    0xc6, 0x06, 0x00, 0x20, 0x01, // mov byte [0x2000], 1
+    0xfb, // sti
+    0xf4, 0xeb, 0xfd, // idle: hlt; jmp idle
+    // handler (0x1044):
+    0xba, 0x00, 0x06, 0xed, // mov dx, 0x600; in ax, dx
+    0xa9, 0x00, 0x01, 0x74, 0x17, // test ax, 0x100; jz spurious
+    0xef, // out dx, ax: write 1 to clear (the SCI drops)
+    0xb0, 0x20, 0xe6, 0xa0, 0xe6, 0x20, // EOI to the slave and the master
+    0xba, 0xf8, 0x03, 0xb0, b'S', 0xee, 0xb0, b'\n', 0xee, // print "S\n"
+    0xba, 0x04, 0x06, 0xb8, 0x00, 0x34, 0xef, // S5
+    0xf4, // spurious: hlt
+];
+
 /// Where the guests above count or mark.
 const MARK: u64 = 0x2000;
 
@@ -486,4 +518,18 @@ fn system_reset_ends_the_machine_and_a_new_one_boots_from_the_same_config() {
         vmm.qmp.event(),
         json!({"event": "RESET", "data": {"guest": true, "reason": "guest-reset"}})
     );
+}
+
+#[test]
+fn system_powerdown_raises_the_sci_on_irq_9() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vmm = Vmm::new(1, false);
+    let m = vmm.boot(SCI_GUEST);
+    assert_eq!(vmm.qmp.event(), json!({"event": "RESUME"}));
+    m.wait_past(0);
+    assert_eq!(vmm.qmp.exec("system_powerdown"), json!({"return": {}}));
+    assert_eq!(m.end(), ExitReason::PowerOff);
+    assert_eq!(vmm.output(), "S\n");
 }
