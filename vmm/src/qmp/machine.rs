@@ -88,6 +88,37 @@ impl Handler for MachineCommands {
 mod tests {
     use super::*;
     use crate::machine::control::ControlOptions;
+    use crate::qmp::Handlers;
+
+    /// Knows one command, which shadows the machine's `stop` when listed first.
+    struct Echo;
+    impl Handler for Echo {
+        fn execute(
+            &self,
+            command: &str,
+            _: &Map<String, Value>,
+        ) -> Option<Result<Value, QmpError>> {
+            (command == "stop" || command == "echo").then(|| Ok(json!(command)))
+        }
+    }
+
+    #[test]
+    fn handlers_ask_each_in_turn_and_the_first_that_knows_answers() {
+        let control = VmControl::new(ControlOptions::default());
+        let both = Handlers(vec![
+            Arc::new(Echo),
+            Arc::new(MachineCommands::new(control.clone())),
+        ]);
+        let none = Map::new();
+        assert_eq!(both.execute("echo", &none), Some(Ok(json!("echo"))));
+        assert_eq!(both.execute("stop", &none), Some(Ok(json!("stop"))));
+        assert_eq!(
+            both.execute("query-kvm", &none),
+            Some(Ok(json!({"enabled": true, "present": true})))
+        );
+        assert_eq!(both.execute("query-block", &none), None);
+        assert_eq!(Handlers(Vec::new()).execute("stop", &none), None);
+    }
 
     fn run(h: &MachineCommands, cmd: &str) -> Result<Value, QmpError> {
         h.execute(cmd, &Map::new()).expect("a known command")
