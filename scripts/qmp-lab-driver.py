@@ -124,6 +124,8 @@ for dev, fmt in want.items():
     b = blocks.get(dev)
     if not b or b.get("inserted", {}).get("drv") != fmt:
         fail(f"query-block: {dev} missing or not {fmt}: {b}")
+if blocks["virtio0"]["inserted"]["cache"] != {"writeback": True, "direct": True, "no-flush": False}:
+    fail(f"query-block: virtio0 was opened with cache=none: {blocks['virtio0']['inserted']['cache']}")
 if not blocks["cd0"].get("removable") or blocks["cd0"].get("tray_open"):
     fail(f"query-block: cd0 should be removable with its tray closed: {blocks['cd0']}")
 if blocks["disk1"].get("removable"):
@@ -139,7 +141,18 @@ for dev in ("virtio0", "disk1"):
 log(f"blockstats: virtio0 wr_bytes={stats['virtio0']['wr_bytes']} disk1 wr_bytes={stats['disk1']['wr_bytes']}")
 
 # The new medium: the tray opens and closes (two events), and the guest reads the new bytes.
-q.ok("blockdev-change-medium", id="cd", filename=new_medium, format="raw")
+# The guest polls the drive, and Linux locks the tray while /dev/sr0 is open: as QEMU says,
+# wait for the tray to be unlocked and try again.
+for attempt in range(100):
+    r = q.cmd("blockdev-change-medium", id="cd", filename=new_medium, format="raw")
+    if "return" in r:
+        log(f"blockdev-change-medium -> {r['return']} (attempt {attempt + 1})")
+        break
+    if "is locked" not in r.get("error", {}).get("desc", ""):
+        fail(f"blockdev-change-medium: {r}")
+    time.sleep(0.1)
+else:
+    fail("blockdev-change-medium: the tray stayed locked")
 trays = [q.wait_event("DEVICE_TRAY_MOVED")["data"]["tray-open"] for _ in range(2)]
 if trays != [True, False]:
     fail(f"DEVICE_TRAY_MOVED events: tray-open {trays}, expected [True, False]")

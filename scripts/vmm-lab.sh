@@ -199,7 +199,7 @@ if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
     start=\$(date +%s%N)
     timeout 300 "\$VMM" -m 256 -append 'console=ttyS0 panic=-1' -serial "file:$WORK/console-qmp" \
         -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-qmp.gz" \
-        -qmp "unix:$WORK/qmp.sock,server=on,wait=off" \
+        -qmp "unix:/run/vmm-lab-qmp.sock,server=on,wait=off" \
         -drive "file=$WORK/blk.qcow2,format=qcow2,if=virtio,cache=none,l2-cache-size=1M" \
         -object iothread,id=io0 -device virtio-scsi-pci,id=scsi0,iothread=io0 \
         -drive "file=$WORK/scsi.qcow2,format=qcow2,if=none,id=disk1,discard=unmap" \
@@ -207,7 +207,7 @@ if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
         -drive "file=$WORK/cd-a.raw,format=raw,if=none,id=cd0,media=cdrom" \
         -device scsi-cd,drive=cd0,id=cd &
     vmm_pid=\$!
-    /usr/bin/python3 "$TOP/scripts/qmp-lab-driver.py" "$WORK/qmp.sock" "$WORK/console-qmp" \
+    /usr/bin/python3 "$TOP/scripts/qmp-lab-driver.py" /run/vmm-lab-qmp.sock "$WORK/console-qmp" \
         "VMM-LAB-QMP-$NONCE" "$WORK/cd-b.raw" "$CD_B" > "$WORK/qmp-driver.log" 2>&1
     drc=\$?
     echo "qmp-driver rc=\$drc" >> "$WORK/results"

@@ -479,6 +479,11 @@ fn drives_devices_and_qmp_block_commands() {
     };
     assert_eq!(by("virtio0")["inserted"]["drv"], "qcow2");
     assert_eq!(by("virtio0")["removable"], false);
+    assert_eq!(
+        by("virtio0")["inserted"]["cache"],
+        serde_json::json!({"writeback": true, "direct": true, "no-flush": false}),
+        "cache=none"
+    );
     assert_eq!(by("disk1")["inserted"]["drv"], "qcow2");
     assert_eq!(by("disk1")["qdev"], "hd1");
     assert_eq!(by("cd0")["inserted"]["file"], cd_a.as_str());

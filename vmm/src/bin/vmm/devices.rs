@@ -9,7 +9,7 @@ use img_core::{open_image, Image, OpenOptions, Usage};
 use vmm::executor::Executor;
 use vmm::iothread::IoThread;
 use vmm::machine::Machine;
-use vmm::qmp::block::{Drive as QmpDrive, NamedDrive};
+use vmm::qmp::block::{Drive as QmpDrive, DriveSettings, NamedDrive};
 use vmm::scsi::{Lun, LunKind, LunOptions};
 use vmm::virtio_blk::{BlockDevice, DeviceOptions};
 use vmm::virtio_mmio::{BlockBackend, ScsiBackend};
@@ -90,6 +90,7 @@ impl Devices {
                     },
                 ));
                 named.push(NamedDrive {
+                    settings: settings(d),
                     id: d.id.clone(),
                     qdev: qdev(&None, &mut anon),
                     drive: QmpDrive::Virtio(dev.clone()),
@@ -147,6 +148,7 @@ impl Devices {
                         },
                     ));
                     named.push(NamedDrive {
+                        settings: settings(d),
                         id: d.id.clone(),
                         qdev: qdev(id, &mut anon),
                         drive: QmpDrive::Virtio(dev.clone()),
@@ -220,6 +222,7 @@ impl Devices {
                         .insert(*lun, Lun::new(image, options));
                     let lun = c.1.target(target).and_then(|t| t.lun(*lun)).cloned();
                     named.push(NamedDrive {
+                        settings: settings(d),
                         id: d.id.clone(),
                         qdev: qdev(id, &mut anon),
                         drive: QmpDrive::Scsi(lun.expect("just inserted")),
@@ -296,5 +299,13 @@ fn qdev(id: &Option<String>, anon: &mut usize) -> String {
             *anon += 1;
             format!("/machine/peripheral-anon/device[{}]", *anon - 1)
         }
+    }
+}
+
+/// What query-block reports of a drive's options.
+fn settings(d: &Drive) -> DriveSettings {
+    DriveSettings {
+        cache: d.cache,
+        detect_zeroes: d.detect_zeroes,
     }
 }
