@@ -73,24 +73,36 @@ INIT
 initrd poweroff
 initrd reboot
 
+# The random file the disk cases write and read back.
+head -c 4M /dev/urandom > "$WORK/random.bin"
+# modules_initrd DIR MODULE...: an initramfs tree with busybox, MODULEs (and what they depend
+# on) and the random file, whose /init starts by mounting proc, sys and dev and loading the
+# modules; each case appends the rest of its /init.
+modules_initrd() {
+    local d=$1
+    shift
+    initramfs_skeleton "$d"
+    add_modules "$d" "$@"
+    cp "$WORK/random.bin" "$d/random.bin"
+    cat > "$d/init" <<'INIT'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in $($B cat /modules.order); do $B insmod /lib/modules/$m || $B echo "insmod $m failed"; done
+INIT
+}
+
 # The disk case: an ext4 made on a raw image, converted to qcow2 (what the guest mounts).
 if want disk; then
     qemu-img create -q -f raw "$WORK/disk.raw" 64M
     mkfs.ext4 -q -F "$WORK/disk.raw"
     qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
     rm "$WORK/disk.raw"
-    head -c 4M /dev/urandom > "$WORK/random.bin"
     d="$WORK/rd-disk"
-    initramfs_skeleton "$d"
-    add_modules "$d" virtio_mmio virtio_blk ext4
-    cp "$WORK/random.bin" "$d/random.bin"
-    cat > "$d/init" <<INIT
-#!/bin/busybox sh
-B=/bin/busybox
-\$B mount -t proc proc /proc
-\$B mount -t sysfs sys /sys
-\$B mount -t devtmpfs dev /dev
-for m in \$(\$B cat /modules.order); do \$B insmod /lib/modules/\$m || \$B echo "insmod \$m failed"; done
+    modules_initrd "$d" virtio_mmio virtio_blk ext4
+    cat >> "$d/init" <<INIT
 i=0; while [ ! -b /dev/vda ] && [ \$i -lt 50 ]; do \$B sleep 0.1; i=\$((i + 1)); done
 if \$B mount -t ext4 /dev/vda /mnt; then
     \$B echo "hello-$NONCE" > /mnt/hello.txt
@@ -120,20 +132,11 @@ if want qmp; then
     done
     head -c 1M /dev/urandom > "$WORK/cd-a.raw"
     head -c 2M /dev/urandom > "$WORK/cd-b.raw"
-    head -c 4M /dev/urandom > "$WORK/random.bin"
     CD_A=$(md5sum < "$WORK/cd-a.raw" | cut -d' ' -f1)
     CD_B=$(md5sum < "$WORK/cd-b.raw" | cut -d' ' -f1)
     d="$WORK/rd-qmp"
-    initramfs_skeleton "$d"
-    add_modules "$d" virtio_mmio virtio_blk virtio_scsi sd_mod sr_mod ext4 button evdev
-    cp "$WORK/random.bin" "$d/random.bin"
-    cat > "$d/init" <<INIT
-#!/bin/busybox sh
-B=/bin/busybox
-\$B mount -t proc proc /proc
-\$B mount -t sysfs sys /sys
-\$B mount -t devtmpfs dev /dev
-for m in \$(\$B cat /modules.order); do \$B insmod /lib/modules/\$m || \$B echo "insmod \$m failed"; done
+    modules_initrd "$d" virtio_mmio virtio_blk virtio_scsi sd_mod sr_mod ext4 button evdev
+    cat >> "$d/init" <<INIT
 wait_dev() { i=0; while [ ! -b \$1 ] && [ \$i -lt 100 ]; do \$B sleep 0.1; i=\$((i + 1)); done; }
 say() { \$B echo "VMM-LAB-QMP-$NONCE \$*"; }
 \$B echo "VMM-LAB-$NONCE cpus=\$(\$B grep -c ^processor /proc/cpuinfo)"

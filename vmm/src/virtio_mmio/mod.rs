@@ -114,20 +114,38 @@ impl Backend for BlockBackend {
         mem: Arc<GuestMemoryMmap>,
         done: Box<dyn FnOnce(u16, u32) + Send>,
     ) {
-        let head = chain.head_index();
-        match Request::parse(chain) {
-            Ok(req) => {
-                let device = Arc::clone(&self.device);
-                self.executor.submit(move || {
-                    let c = device.execute(&req, &*mem);
-                    done(c.head, c.used_len);
-                });
-            }
-            Err(e) => {
-                // Return the chain unused so that the driver does not wait forever.
-                eprintln!("vmm: {}: queue {queue}: {e}", self.device.name());
-                done(head, 0);
-            }
+        let device = Arc::clone(&self.device);
+        dispatch(
+            &self.executor,
+            self.device.name(),
+            queue,
+            chain,
+            Request::parse,
+            move |req| device.execute(&req, &*mem).used_len,
+            done,
+        );
+    }
+}
+
+/// Parses `chain` with `parse` on the calling (I/O) thread, while the chain borrows guest
+/// memory, and runs the parsed request with `run` on one of `executor`'s workers, which calls
+/// `done` with the used length. A chain that does not parse is returned unused (so that the
+/// driver does not wait for it forever) and reported as `name`'s.
+pub(crate) fn dispatch<'a, T: Send + 'static, E: std::fmt::Display>(
+    executor: &Executor,
+    name: &str,
+    queue: usize,
+    chain: virtio_queue::DescriptorChain<&'a GuestMemoryMmap>,
+    parse: impl FnOnce(virtio_queue::DescriptorChain<&'a GuestMemoryMmap>) -> Result<T, E>,
+    run: impl FnOnce(T) -> u32 + Send + 'static,
+    done: Box<dyn FnOnce(u16, u32) + Send>,
+) {
+    let head = chain.head_index();
+    match parse(chain) {
+        Ok(req) => executor.submit(move || done(head, run(req))),
+        Err(e) => {
+            eprintln!("vmm: {name}: queue {queue}: {e}");
+            done(head, 0);
         }
     }
 }

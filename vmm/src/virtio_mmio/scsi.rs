@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::Backend;
+use super::{dispatch, Backend};
 use crate::executor::Executor;
 use crate::sg_list::split_chain;
 use crate::virtio_scsi::{Controller, EVENT_QUEUE};
@@ -58,19 +58,15 @@ impl Backend for ScsiBackend {
         mem: Arc<GuestMemoryMmap>,
         done: Box<dyn FnOnce(u16, u32) + Send>,
     ) {
-        let head = chain.head_index();
-        match split_chain(chain) {
-            Ok((readable, writable)) => {
-                let controller = Arc::clone(&self.controller);
-                self.executor.submit(move || {
-                    let used = controller.execute_split(queue, &*mem, readable, writable);
-                    done(head, used);
-                });
-            }
-            Err(e) => {
-                eprintln!("vmm: {}: queue {queue}: {e}", self.name);
-                done(head, 0);
-            }
-        }
+        let controller = Arc::clone(&self.controller);
+        dispatch(
+            &self.executor,
+            &self.name,
+            queue,
+            chain,
+            split_chain,
+            move |(readable, writable)| controller.execute_split(queue, &*mem, readable, writable),
+            done,
+        );
     }
 }
