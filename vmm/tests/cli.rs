@@ -524,6 +524,16 @@ fn drives_devices_and_qmp_block_commands() {
     assert_eq!(cd.unwrap()["inserted"]["file"], cd_b.as_str());
     let r = q.cmd("eject", serde_json::json!({"device": "nope"}));
     assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    // An internal snapshot of a running qcow2 disk; the raw CD cannot have one.
+    q.ok(
+        "blockdev-snapshot-internal-sync",
+        serde_json::json!({"device": "virtio0", "name": "before-boot"}),
+    );
+    let r = q.cmd(
+        "blockdev-snapshot-internal-sync",
+        serde_json::json!({"device": "cd0", "name": "x"}),
+    );
+    assert!(r.get("error").is_some(), "{r}");
 
     // SAFETY: signalling our own child, which has not been reaped yet.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
@@ -534,6 +544,11 @@ fn drives_devices_and_qmp_block_commands() {
         let out = qemu_img(&["check", p.to_str().unwrap()]);
         assert!(out.status.success(), "{out:?}");
     }
+    let out = qemu_img(&["snapshot", "-l", blk.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("before-boot"),
+        "{out:?}"
+    );
 }
 
 /// `-qmp ...,wait=on` holds the guest until a client connects: the guest (which prints and
