@@ -11,6 +11,14 @@
 #             mounts /dev/vda, writes a file with the nonce and a 4 MiB random file, syncs,
 #             reads them back, unmounts and powers off; on the host `qemu-img check` must be
 #             clean and debugfs (on a raw conversion) must read both files back identical
+#   qmp       a qcow2 virtio-blk disk (/dev/vda) and, on a virtio-scsi controller served by an
+#             -object iothread, a qcow2 scsi-hd (/dev/sda) and a scsi-cd (/dev/sr0); the guest
+#             writes and reads files on both disks and digests the CD; a QMP client
+#             (scripts/qmp-lab-driver.py) checks query-block and query-status, changes the CD's
+#             medium (DEVICE_TRAY_MOVED events; the guest reads the new medium), stops the
+#             guest (its heartbeat on the console stops) and continues it, then presses the
+#             power button (system_powerdown): the guest's watcher powers off and vmm exits 0.
+#             The host then checks both images with qemu-img check and reads the files back
 # Each case's wall time inside L1 is printed (one L1 boot, so the times compare). Exit 0 only if every case passed; 125 when the
 # lab itself failed.
 #
@@ -33,7 +41,7 @@ KVER=${KDIR##*/}
 BZ="$KDIR/root/boot/vmlinuz-$KVER"
 [ -f "$KDIR/vmlinux" ] && [ -f "$BZ" ] || { log "no kernel under $LAB/guest"; exit 125; }
 BUSYBOX="$LAB/guest/busybox"
-CASES=${CASES:-poweroff smp2 bzimage reboot qemu disk}
+CASES=${CASES:-poweroff smp2 bzimage reboot qemu disk qmp}
 want() { case " $CASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # add_modules (module lists with their dependencies, in load order) comes from lab-common.sh.
 LAB_NAME=vmm-lab
@@ -65,24 +73,36 @@ INIT
 initrd poweroff
 initrd reboot
 
+# The random file the disk cases write and read back.
+head -c 4M /dev/urandom > "$WORK/random.bin"
+# modules_initrd DIR MODULE...: an initramfs tree with busybox, MODULEs (and what they depend
+# on) and the random file, whose /init starts by mounting proc, sys and dev and loading the
+# modules; each case appends the rest of its /init.
+modules_initrd() {
+    local d=$1
+    shift
+    initramfs_skeleton "$d"
+    add_modules "$d" "$@"
+    cp "$WORK/random.bin" "$d/random.bin"
+    cat > "$d/init" <<'INIT'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in $($B cat /modules.order); do $B insmod /lib/modules/$m || $B echo "insmod $m failed"; done
+INIT
+}
+
 # The disk case: an ext4 made on a raw image, converted to qcow2 (what the guest mounts).
 if want disk; then
     qemu-img create -q -f raw "$WORK/disk.raw" 64M
     mkfs.ext4 -q -F "$WORK/disk.raw"
     qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
     rm "$WORK/disk.raw"
-    head -c 4M /dev/urandom > "$WORK/random.bin"
     d="$WORK/rd-disk"
-    initramfs_skeleton "$d"
-    add_modules "$d" virtio_mmio virtio_blk ext4
-    cp "$WORK/random.bin" "$d/random.bin"
-    cat > "$d/init" <<INIT
-#!/bin/busybox sh
-B=/bin/busybox
-\$B mount -t proc proc /proc
-\$B mount -t sysfs sys /sys
-\$B mount -t devtmpfs dev /dev
-for m in \$(\$B cat /modules.order); do \$B insmod /lib/modules/\$m || \$B echo "insmod \$m failed"; done
+    modules_initrd "$d" virtio_mmio virtio_blk ext4
+    cat >> "$d/init" <<INIT
 i=0; while [ ! -b /dev/vda ] && [ \$i -lt 50 ]; do \$B sleep 0.1; i=\$((i + 1)); done
 if \$B mount -t ext4 /dev/vda /mnt; then
     \$B echo "hello-$NONCE" > /mnt/hello.txt
@@ -100,6 +120,64 @@ fi
 INIT
     chmod +x "$d/init"
     (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-disk.gz"
+fi
+
+# The qmp case: two ext4 disks (virtio-blk and scsi-hd) and two CD media of random bytes.
+if want qmp; then
+    for disk in blk scsi; do
+        qemu-img create -q -f raw "$WORK/$disk.raw" 64M
+        mkfs.ext4 -q -F "$WORK/$disk.raw"
+        qemu-img convert -f raw -O qcow2 "$WORK/$disk.raw" "$WORK/$disk.qcow2"
+        rm "$WORK/$disk.raw"
+    done
+    head -c 1M /dev/urandom > "$WORK/cd-a.raw"
+    head -c 2M /dev/urandom > "$WORK/cd-b.raw"
+    CD_A=$(md5sum < "$WORK/cd-a.raw" | cut -d' ' -f1)
+    CD_B=$(md5sum < "$WORK/cd-b.raw" | cut -d' ' -f1)
+    d="$WORK/rd-qmp"
+    modules_initrd "$d" virtio_mmio virtio_blk virtio_scsi sd_mod sr_mod ext4 button evdev
+    cat >> "$d/init" <<INIT
+wait_dev() { i=0; while [ ! -b \$1 ] && [ \$i -lt 100 ]; do \$B sleep 0.1; i=\$((i + 1)); done; }
+say() { \$B echo "VMM-LAB-QMP-$NONCE \$*"; }
+\$B echo "VMM-LAB-$NONCE cpus=\$(\$B grep -c ^processor /proc/cpuinfo)"
+# disk DEV NAME: mounts DEV, writes a file with the nonce and the random file, syncs, drops the
+# caches, reads both back and unmounts.
+disk() {
+    wait_dev \$1
+    \$B mount -t ext4 \$1 /mnt || return 1
+    \$B echo "\$2-$NONCE" > /mnt/hello.txt
+    \$B cp /random.bin /mnt/random.bin
+    \$B sync
+    \$B echo 3 > /proc/sys/vm/drop_caches
+    [ "\$(\$B cat /mnt/hello.txt)" = "\$2-$NONCE" ] || return 1
+    [ "\$(\$B md5sum < /mnt/random.bin)" = "\$(\$B md5sum < /random.bin)" ] || return 1
+    \$B umount /mnt
+}
+disk /dev/vda blk && say "blk ok"
+disk /dev/sda scsi && say "scsi ok"
+wait_dev /dev/sr0
+say "cd \$(\$B md5sum < /dev/sr0 | \$B cut -d' ' -f1)"
+# The power button's input device.
+for e in /sys/class/input/event*; do
+    [ "\$(\$B cat \$e/device/name 2>/dev/null)" = "Power Button" ] && PWR=/dev/input/\${e##*/}
+done
+say "power button \${PWR:-missing}"
+say ready
+# The host changes the medium: the first read after it fails (UNIT ATTENTION), then the new
+# medium reads back.
+i=0
+while [ \$i -lt 150 ]; do
+    d=\$(\$B md5sum < /dev/sr0 2>/dev/null | \$B cut -d' ' -f1)
+    [ "\$d" = "$CD_B" ] && say "cd changed \$d" && break
+    \$B sleep 0.2; i=\$((i + 1))
+done
+(n=0; while :; do say "heartbeat \$n"; n=\$((n + 1)); \$B sleep 0.2; done) &
+# A press of the power button ends the guest, as acpid would.
+[ -n "\$PWR" ] && \$B head -c 1 \$PWR > /dev/null && say "power button pressed"
+\$B poweroff -f
+INIT
+    chmod +x "$d/init"
+    (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-qmp.gz"
 fi
 
 cat > "$WORK/run.sh" <<RUN
@@ -120,6 +198,29 @@ run_case smp2 -smp 2 -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
 run_case bzimage -kernel "$BZ" -initrd "$WORK/initrd-poweroff.gz"
 run_case reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reboot.gz"
 run_case disk -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-disk.gz" -drive "file=$WORK/disk.qcow2,format=qcow2,if=virtio"
+if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
+    start=\$(date +%s%N)
+    timeout 300 "\$VMM" -m 256 -append 'console=ttyS0 panic=-1' -serial "file:$WORK/console-qmp" \
+        -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-qmp.gz" \
+        -qmp "unix:/run/vmm-lab-qmp.sock,server=on,wait=off" \
+        -drive "file=$WORK/blk.qcow2,format=qcow2,if=virtio,cache=none,l2-cache-size=1M" \
+        -object iothread,id=io0 -device virtio-scsi-pci,id=scsi0,iothread=io0 \
+        -drive "file=$WORK/scsi.qcow2,format=qcow2,if=none,id=disk1,discard=unmap" \
+        -device scsi-hd,drive=disk1,bus=scsi0.0,id=hd1 \
+        -drive "file=$WORK/cd-a.raw,format=raw,if=none,id=cd0,media=cdrom" \
+        -device scsi-cd,drive=cd0,id=cd &
+    vmm_pid=\$!
+    /usr/bin/python3 "$TOP/scripts/qmp-lab-driver.py" /run/vmm-lab-qmp.sock "$WORK/console-qmp" \
+        "VMM-LAB-QMP-$NONCE" "$WORK/cd-b.raw" "$CD_B" > "$WORK/qmp-driver.log" 2>&1
+    drc=\$?
+    echo "qmp-driver rc=\$drc" >> "$WORK/results"
+    # A driver that gave up leaves a guest waiting for its power button.
+    [ \$drc = 0 ] || kill \$vmm_pid
+    wait \$vmm_pid
+    rc=\$?
+    end=\$(date +%s%N)
+    echo "qmp rc=\$rc ms=\$(( (end - start) / 1000000 ))" >> "$WORK/results"
+fi
 VMM="$TOP/scripts/qemu-system.sh"  # same options: -m, -append, -serial file:
 run_case qemu -accel kvm -cpu host -display none -monitor none -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
 RUN
@@ -178,6 +279,37 @@ check_disk() {
     fails=$((fails + 1))
 }
 check_disk
+# check_qmp: the guest's and the QMP driver's verdicts, then both images as the host sees them.
+check_qmp() {
+    want qmp || return 0
+    local c="$WORK/console-qmp" m="VMM-LAB-QMP-$NONCE" disk
+    check qmp 1 "$m power button pressed" || { cat "$WORK/qmp-driver.log" >&2; return 0; }
+    if ! grep -q "^qmp-driver rc=0" "$WORK/results"; then
+        log "FAIL qmp: the QMP driver failed:"; cat "$WORK/qmp-driver.log" >&2
+    elif ! grep -q "$m blk ok" "$c" || ! grep -q "$m scsi ok" "$c"; then
+        log "FAIL qmp: the guest did not read its files back from both disks"
+    elif ! grep -q "$m cd $CD_A" "$c"; then
+        log "FAIL qmp: the guest's digest of the first CD medium is wrong"
+    elif ! grep -q "$m cd changed $CD_B" "$c"; then
+        log "FAIL qmp: the guest did not read the new CD medium"
+    else
+        for disk in blk scsi; do
+            if ! qemu-img check "$WORK/$disk.qcow2" >&2; then
+                log "FAIL qmp: qemu-img check $disk.qcow2"; fails=$((fails + 1)); return 0
+            fi
+            qemu-img convert -f qcow2 -O raw "$WORK/$disk.qcow2" "$WORK/$disk-back.raw"
+            if [ "$(debugfs -R 'cat /hello.txt' "$WORK/$disk-back.raw" 2>/dev/null)" != "$disk-$NONCE" ] ||
+                ! debugfs -R 'cat /random.bin' "$WORK/$disk-back.raw" 2>/dev/null | cmp -s - "$WORK/random.bin"; then
+                log "FAIL qmp: debugfs does not read the files back from $disk.qcow2"; fails=$((fails + 1)); return 0
+            fi
+        done
+        sed 's/^/    /' "$WORK/qmp-driver.log" >&2
+        log "ok   qmp: both disks and the CD as the guest and the host see them, QMP"
+        return 0
+    fi
+    fails=$((fails + 1))
+}
+check_qmp
 if [ "$fails" != 0 ]; then
     FAILED=1
     exit 1

@@ -5,6 +5,9 @@
 //! output, exit status and files, and that an L1 without KVM fails the lab instead of passing.
 //! The script fetches what it needs (QEMU, kernel, busybox) into /var/cache/img-lab.
 //! One L1 boot takes about 4 s here, `check` about 20 s.
+//!
+//! `scripts/vmm-lab.sh` runs in the same lab: Debian's kernel on our own `vmm`, with disks on
+//! virtio-blk and virtio-scsi, a CD-ROM, and QMP (see that script for its cases).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,10 +29,14 @@ fn script() -> PathBuf {
 
 /// Runs the lab script with `args` and extra environment; prints and returns its output.
 fn kvm_lab(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_script(&script(), args, env)
+}
+
+/// Runs `script` (one of the lab's) with `args` and extra environment, one L1 at a time.
+fn run_script(script: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let _guard = ONE_L1.lock().unwrap_or_else(|e| e.into_inner());
-    let script = script();
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .args(args)
         .envs(env.iter().copied())
         .output()
@@ -121,4 +128,27 @@ fn kvm_lab_fails_without_kvm() {
         stderr.contains("no /dev/kvm"),
         "the lab failed, but not for the missing /dev/kvm:\n{stderr}"
     );
+}
+
+/// Our own VMM boots Debian's kernel under the lab's real KVM: PVH and bzImage, one and two
+/// vCPUs, power-off and reset, a qcow2 virtio-blk disk written and checked, and the `qmp` case
+/// (virtio-blk and virtio-scsi disks, a CD-ROM whose medium changes, stop/cont and the power
+/// button over QMP, both images clean by `qemu-img check` afterwards).
+#[test]
+fn vmm_lab_boots_debian_with_disks_and_qmp() {
+    let script = script().with_file_name("vmm-lab.sh");
+    let out = run_script(&script, &[], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vmm-lab.sh failed:\n{stderr}");
+    for case in [
+        "ok   poweroff",
+        "ok   smp2",
+        "ok   bzimage",
+        "ok   reboot",
+        "ok   qemu",
+        "ok   disk image",
+        "ok   qmp",
+    ] {
+        assert!(stderr.contains(case), "no '{case}' line:\n{stderr}");
+    }
 }

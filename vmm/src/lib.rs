@@ -8,10 +8,12 @@
 //! - [`virtio_mmio`]: the virtio-mmio transport of the `vmm` machine.
 //! - [`sg_list`]: guest buffers as byte streams.
 //! - [`executor`]: the worker threads that keep many requests in flight.
+//! - [`iothread`]: threads that wait on devices' notifications (`-object iothread`).
 //! - [`machine`]: an x86-64 KVM machine (the `vmm` binary).
 
 mod bounce;
 pub mod executor;
+pub mod iothread;
 pub mod machine;
 pub mod qmp;
 pub mod scsi;

@@ -328,3 +328,253 @@ fn sigterm_stops_a_running_guest_cleanly() {
     assert!(err.contains("vmm: terminating on signal 15"), "{err}");
     assert!(!pid.exists());
 }
+
+/// A QMP client for the tests: commands answered in order, events kept aside.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying while the socket is not there yet) and negotiates capabilities.
+    fn connect(path: &Path) -> Self {
+        let mut tries = 0;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if tries < 600 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("connecting to {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            events: Vec::new(),
+        };
+        let greeting = q.read().expect("greeting");
+        assert!(greeting["QMP"]["version"]["qemu"].is_object(), "{greeting}");
+        q.ok("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn read(&mut self) -> Option<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap()),
+        }
+    }
+
+    /// Runs `cmd`; the whole answer (`return` or `error`).
+    fn cmd(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{msg}").unwrap();
+        loop {
+            let r = self
+                .read()
+                .unwrap_or_else(|| panic!("{cmd}: connection closed"));
+            if r.get("event").is_some() {
+                self.events.push(r);
+            } else {
+                return r;
+            }
+        }
+    }
+
+    /// Runs `cmd`, which must succeed; its `return`.
+    fn ok(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        let r = self.cmd(cmd, args);
+        assert!(r.get("return").is_some(), "{cmd}: {r}");
+        r["return"].clone()
+    }
+
+    /// The next event called `name` (waiting for it).
+    fn event(&mut self, name: &str) -> serde_json::Value {
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return self.events.remove(i);
+            }
+            let e = self
+                .read()
+                .unwrap_or_else(|| panic!("connection closed before {name}"));
+            self.events.push(e);
+        }
+    }
+}
+
+fn qemu_img(args: &[&str]) -> Output {
+    Command::new("qemu-img").args(args).output().unwrap()
+}
+
+/// The disks of the command line as QMP sees them: a virtio-blk disk, a virtio-scsi disk
+/// served by an -object iothread and a CD-ROM whose medium is ejected and changed, with
+/// QEMU's answers and events; the images are locked against other writers while the guest
+/// runs, and clean after it.
+#[test]
+fn drives_devices_and_qmp_block_commands() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Files::new();
+    let k = f.write("kernel", &elf(&[0xeb, 0xfe], true)); // jmp $
+    for (name, size) in [("blk.qcow2", "16M"), ("scsi.qcow2", "32M")] {
+        let p = f.path(name);
+        let out = qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), size]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let cd_a = f.write("a.iso", &vec![0xa5; 1 << 20]);
+    let cd_b = f.write("b.iso", &vec![0x5a; 2 << 20]);
+    let (blk, scsi, sock) = (
+        f.path("blk.qcow2"),
+        f.path("scsi.qcow2"),
+        f.path("qmp.sock"),
+    );
+    let drive = |p: &Path, rest: &str| format!("file={},{rest}", p.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["-kernel", &k, "-serial", "none"])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ])
+        .args([
+            "-drive",
+            &drive(&blk, "format=qcow2,if=virtio,cache=none,l2-cache-size=1M"),
+        ])
+        .args(["-object", "iothread,id=io0"])
+        .args(["-device", "virtio-scsi-pci,id=scsi0,iothread=io0"])
+        .args([
+            "-drive",
+            &drive(&scsi, "format=qcow2,if=none,id=disk1,discard=unmap"),
+        ])
+        .args(["-device", "scsi-hd,drive=disk1,bus=scsi0.0,id=hd1"])
+        .args([
+            "-drive",
+            &format!("file={cd_a},format=raw,if=none,id=cd0,media=cdrom"),
+        ])
+        .args(["-device", "scsi-cd,drive=cd0,id=cd"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut q = Qmp::connect(&sock);
+
+    let blocks = q.ok("query-block", serde_json::json!({}));
+    let by = |dev: &str| {
+        blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["device"] == dev)
+            .unwrap_or_else(|| panic!("{dev} not in {blocks}"))
+            .clone()
+    };
+    assert_eq!(by("virtio0")["inserted"]["drv"], "qcow2");
+    assert_eq!(by("virtio0")["removable"], false);
+    assert_eq!(
+        by("virtio0")["inserted"]["cache"],
+        serde_json::json!({"writeback": true, "direct": true, "no-flush": false}),
+        "cache=none"
+    );
+    assert_eq!(by("disk1")["inserted"]["drv"], "qcow2");
+    assert_eq!(by("disk1")["qdev"], "hd1");
+    assert_eq!(by("cd0")["inserted"]["file"], cd_a.as_str());
+    assert_eq!(
+        (
+            by("cd0")["removable"].clone(),
+            by("cd0")["tray_open"].clone()
+        ),
+        (serde_json::json!(true), serde_json::json!(false))
+    );
+
+    // Another writer is refused while the guest has the disks.
+    for p in [&blk, &scsi] {
+        let out = Command::new("qemu-io")
+            .args(["-c", "write 0 512", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let msg = String::from_utf8_lossy(&out.stderr) + String::from_utf8_lossy(&out.stdout);
+        assert!(msg.contains("lock"), "qemu-io wrote a disk in use: {msg}");
+    }
+
+    // A disk is not removable; the CD's tray opens, and a new medium closes it again.
+    let r = q.cmd("eject", serde_json::json!({"device": "disk1"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    q.ok("eject", serde_json::json!({"id": "cd"}));
+    assert_eq!(q.event("DEVICE_TRAY_MOVED")["data"]["tray-open"], true);
+    q.ok(
+        "blockdev-change-medium",
+        serde_json::json!({"id": "cd", "filename": cd_b, "format": "raw"}),
+    );
+    assert_eq!(q.event("DEVICE_TRAY_MOVED")["data"]["tray-open"], false);
+    let blocks = q.ok("query-block", serde_json::json!({}));
+    let cd = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["device"] == "cd0");
+    assert_eq!(cd.unwrap()["inserted"]["file"], cd_b.as_str());
+    let r = q.cmd("eject", serde_json::json!({"device": "nope"}));
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    // An internal snapshot of a running qcow2 disk; the raw CD cannot have one.
+    q.ok(
+        "blockdev-snapshot-internal-sync",
+        serde_json::json!({"device": "virtio0", "name": "before-boot"}),
+    );
+    let r = q.cmd(
+        "blockdev-snapshot-internal-sync",
+        serde_json::json!({"device": "cd0", "name": "x"}),
+    );
+    assert!(r.get("error").is_some(), "{r}");
+
+    // SAFETY: signalling our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "the QMP socket is removed at exit");
+    for p in [&blk, &scsi] {
+        let out = qemu_img(&["check", p.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let out = qemu_img(&["snapshot", "-l", blk.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("before-boot"),
+        "{out:?}"
+    );
+}
+
+/// `-qmp ...,wait=on` holds the guest until a client connects: the guest (which prints and
+/// powers off at once) has not run while nobody is connected.
+#[test]
+fn qmp_wait_on_holds_the_guest_until_a_client_connects() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Files::new();
+    let k = f.write("kernel", &elf(&pvh_code(), true));
+    let rd = f.write("initrd", b"Zinitrd");
+    let sock = f.path("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["-kernel", &k, "-initrd", &rd, "-append", "hi"])
+        .args(["-qmp", &format!("unix:{},server=on", sock.display())])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the guest ran before a QMP client connected"
+    );
+    let _q = Qmp::connect(&sock);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hiZ\n");
+}

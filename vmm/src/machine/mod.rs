@@ -35,6 +35,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::iothread::IoThread;
 use bus::Bus;
 pub use control::{ControlOptions, RunState, ShutdownCause, VmControl};
 use cpu::EntryMode;
@@ -108,6 +109,7 @@ pub struct Machine {
     control: Arc<VmControl>,
     nr_vcpus: u8,
     virtio_mmio: Vec<acpi::MmioDevice>,
+    iothreads: Vec<Arc<IoThread>>,
 }
 
 /// Where the virtio-mmio register windows go: one page each from here, in the MMIO hole.
@@ -216,6 +218,7 @@ impl Machine {
             control: config.control,
             nr_vcpus: config.vcpus,
             virtio_mmio: Vec::new(),
+            iothreads: Vec::new(),
         })
     }
 
@@ -257,11 +260,13 @@ impl Machine {
     }
 
     /// Adds a virtio-mmio device serving `backend`: a register window in the MMIO hole, an irqfd
-    /// on its own IOAPIC pin, an ioeventfd on `QueueNotify`, an I/O thread, and its declaration
-    /// in the DSDT (the tables are rewritten). Call before [`Machine::load_linux`].
+    /// on its own IOAPIC pin, an ioeventfd on `QueueNotify` served by `iothread` (or by a
+    /// thread of the device's own), and its declaration in the DSDT (the tables are
+    /// rewritten). Call before [`Machine::load_linux`].
     pub fn add_virtio_mmio(
         &mut self,
         backend: Arc<dyn crate::virtio_mmio::Backend>,
+        iothread: Option<Arc<IoThread>>,
     ) -> Result<Arc<Mutex<crate::virtio_mmio::MmioTransport>>> {
         use crate::virtio_mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
         let index = self.virtio_mmio.len();
@@ -288,9 +293,19 @@ impl Machine {
                 kvm_ioctls::NoDatamatch,
             )
             .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+        let iothread = match iothread {
+            Some(t) => t,
+            None => Arc::new(
+                IoThread::new(&format!("virtio{index}")).map_err(|e| dev_err("I/O thread", e))?,
+            ),
+        };
         transport
-            .spawn_io_thread(&format!("virtio{index}"))
+            .attach(&iothread)
             .map_err(|e| dev_err("I/O thread", e))?;
+        // The machine keeps the thread until it ends (dropping the last reference stops it).
+        if !self.iothreads.iter().any(|t| Arc::ptr_eq(t, &iothread)) {
+            self.iothreads.push(iothread);
+        }
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), base, MMIO_LEN)

@@ -29,6 +29,17 @@ pub struct NamedDrive {
     pub qdev: String,
     /// The device model.
     pub drive: Drive,
+    /// How the image was opened, as query-block reports it.
+    pub settings: DriveSettings,
+}
+
+/// The `-drive` options query-block reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DriveSettings {
+    /// The host cache mode.
+    pub cache: blockdev::CacheMode,
+    /// Whether zero writes become write-zeroes.
+    pub detect_zeroes: img_core::DetectZeroes,
 }
 
 /// Opens the image a `blockdev-change-medium` names: (file name, format) to an image.
@@ -80,7 +91,7 @@ impl BlockCommands {
                 let (inserted, removable, locked, tray) = match &n.drive {
                     Drive::Virtio(d) => (
                         d.describe().map(|(drv, depth, size)| {
-                            inserted(d.name(), &drv, depth, size, d.is_read_only())
+                            inserted(d.name(), &drv, depth, size, d.is_read_only(), n.settings)
                         }),
                         false,
                         false,
@@ -88,7 +99,7 @@ impl BlockCommands {
                     ),
                     Drive::Scsi(l) => (
                         l.describe().map(|(file, drv, depth, size)| {
-                            inserted(&file, &drv, depth, size, l.options().read_only)
+                            inserted(&file, &drv, depth, size, l.options().read_only, n.settings)
                         }),
                         l.options().kind == LunKind::Cdrom,
                         l.is_locked(),
@@ -263,17 +274,35 @@ impl BlockCommands {
     }
 }
 
-fn inserted(file: &str, drv: &str, depth: usize, size: u64, ro: bool) -> Value {
+fn inserted(
+    file: &str,
+    drv: &str,
+    depth: usize,
+    size: u64,
+    ro: bool,
+    settings: DriveSettings,
+) -> Value {
+    use blockdev::CacheMode;
+    let cache = settings.cache;
+    let detect_zeroes = match settings.detect_zeroes {
+        img_core::DetectZeroes::Off => "off",
+        img_core::DetectZeroes::On => "on",
+        img_core::DetectZeroes::Unmap => "unmap",
+    };
     json!({
         "file": file,
         "ro": ro,
         "drv": drv,
         "backing_file_depth": depth,
         "encrypted": false,
-        "detect_zeroes": "off",
+        "detect_zeroes": detect_zeroes,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
-        "cache": {"writeback": true, "direct": false, "no-flush": false},
+        "cache": {
+            "writeback": !matches!(cache, CacheMode::Writethrough | CacheMode::Directsync),
+            "direct": cache.direct(),
+            "no-flush": cache == CacheMode::Unsafe,
+        },
         "image": {"filename": file, "format": drv, "virtual-size": size},
     })
 }

@@ -105,7 +105,10 @@ fn send(stream: &mut UnixStream, msg: &Value) -> io::Result<()> {
 }
 
 /// A QMP server: accepts clients on a unix socket, one thread each.
-pub struct Server;
+pub struct Server {
+    /// Set once the first client has connected (for QEMU's `wait=on`).
+    connected: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
 
 impl Server {
     /// Listens on `path` (replacing a stale socket) and serves clients with `handler` on
@@ -124,10 +127,14 @@ impl Server {
         }
         let listener = UnixListener::bind(path)?;
         let ev = events;
+        let connected = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let first = Arc::clone(&connected);
         std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
+                    *first.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    first.1.notify_all();
                     let (handler, ev) = (Arc::clone(&handler), ev.clone());
                     let _ =
                         std::thread::Builder::new()
@@ -142,7 +149,17 @@ impl Server {
                             });
                 }
             })?;
-        Ok(Server)
+        Ok(Server { connected })
+    }
+
+    /// Blocks until a client has connected (QEMU's `-qmp ...,server=on,wait=on` holds the
+    /// machine until then).
+    pub fn wait_for_client(&self) {
+        let (lock, cv) = &*self.connected;
+        let mut c = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !*c {
+            c = cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 

@@ -82,11 +82,13 @@ fn server(dir: &Path) -> (std::path::PathBuf, Arc<BlockDevice>, Arc<Lun>) {
     let block = BlockCommands::new(
         vec![
             NamedDrive {
+                settings: Default::default(),
                 id: "drive0".into(),
                 qdev: "vda".into(),
                 drive: Drive::Virtio(Arc::clone(&disk)),
             },
             NamedDrive {
+                settings: Default::default(),
                 id: "cd0".into(),
                 qdev: "scsi-cd0".into(),
                 drive: Drive::Scsi(Arc::clone(&cd)),

@@ -8,9 +8,10 @@
 //! it in the used ring and, when the driver wants to hear about it (EVENT_IDX), sets the
 //! interrupt status and signals the irqfd of the device's GSI.
 //!
-//! The transport is device-independent apart from [`Backend`]: a virtio-scsi controller is the
-//! next implementor (its `Controller::execute(queue, chain)` fits `Backend::submit`).
+//! The transport is device-independent apart from [`Backend`], which [`BlockBackend`]
+//! (virtio-blk) and [`ScsiBackend`] (virtio-scsi) implement.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::executor::{Executor, InFlight};
+use crate::iothread::IoThread;
 use crate::machine::bus::BusDevice;
 use crate::virtio_blk::{BlockDevice, Request};
 
@@ -53,6 +55,12 @@ pub trait Backend: Send + Sync + 'static {
     fn num_queues(&self) -> usize;
     /// Maximum size of each virtqueue.
     fn queue_size(&self) -> u16;
+    /// Whether the transport pops this queue's buffers when notified. A queue the device
+    /// fills only when it has something to report (virtio-scsi's event queue) keeps the
+    /// driver's buffers in its available ring until then.
+    fn polls_queue(&self, _queue: usize) -> bool {
+        true
+    }
     /// Parses the chain and runs the request on a worker; `done(head, used_len)` must be called
     /// exactly once, from any thread, when the request is complete.
     fn submit(
@@ -63,6 +71,9 @@ pub trait Backend: Send + Sync + 'static {
         done: Box<dyn FnOnce(u16, u32) + Send>,
     );
 }
+
+mod scsi;
+pub use scsi::ScsiBackend;
 
 /// virtio-blk as a [`Backend`].
 pub struct BlockBackend {
@@ -103,20 +114,38 @@ impl Backend for BlockBackend {
         mem: Arc<GuestMemoryMmap>,
         done: Box<dyn FnOnce(u16, u32) + Send>,
     ) {
-        let head = chain.head_index();
-        match Request::parse(chain) {
-            Ok(req) => {
-                let device = Arc::clone(&self.device);
-                self.executor.submit(move || {
-                    let c = device.execute(&req, &*mem);
-                    done(c.head, c.used_len);
-                });
-            }
-            Err(e) => {
-                // Return the chain unused so that the driver does not wait forever.
-                eprintln!("vmm: {}: queue {queue}: {e}", self.device.name());
-                done(head, 0);
-            }
+        let device = Arc::clone(&self.device);
+        dispatch(
+            &self.executor,
+            self.device.name(),
+            queue,
+            chain,
+            Request::parse,
+            move |req| device.execute(&req, &*mem).used_len,
+            done,
+        );
+    }
+}
+
+/// Parses `chain` with `parse` on the calling (I/O) thread, while the chain borrows guest
+/// memory, and runs the parsed request with `run` on one of `executor`'s workers, which calls
+/// `done` with the used length. A chain that does not parse is returned unused (so that the
+/// driver does not wait for it forever) and reported as `name`'s.
+pub(crate) fn dispatch<'a, T: Send + 'static, E: std::fmt::Display>(
+    executor: &Executor,
+    name: &str,
+    queue: usize,
+    chain: virtio_queue::DescriptorChain<&'a GuestMemoryMmap>,
+    parse: impl FnOnce(virtio_queue::DescriptorChain<&'a GuestMemoryMmap>) -> Result<T, E>,
+    run: impl FnOnce(T) -> u32 + Send + 'static,
+    done: Box<dyn FnOnce(u16, u32) + Send>,
+) {
+    let head = chain.head_index();
+    match parse(chain) {
+        Ok(req) => executor.submit(move || done(head, run(req))),
+        Err(e) => {
+            eprintln!("vmm: {name}: queue {queue}: {e}");
+            done(head, 0);
         }
     }
 }
@@ -233,7 +262,7 @@ impl MmioTransport {
                 interrupt_status: AtomicU32::new(0),
                 irq,
             }),
-            notify: Arc::new(EventFd::new(libc::EFD_CLOEXEC)?),
+            notify: Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?),
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -249,23 +278,27 @@ impl MmioTransport {
         &self.notify
     }
 
-    /// Starts the device's I/O thread: it sleeps on the notification eventfd and processes
-    /// every queue when woken (one eventfd for all queues: the driver writes the queue index,
-    /// and a spurious look at an idle queue is cheap).
-    pub fn spawn_io_thread(&self, name: &str) -> std::io::Result<()> {
+    /// Serves the device's notifications on `io`: when the eventfd fires, every queue the
+    /// backend polls is processed (one eventfd for all queues: the driver writes the queue
+    /// index, and a look at an idle queue is cheap).
+    pub fn attach(&self, io: &IoThread) -> std::io::Result<()> {
         let shared = Arc::clone(&self.shared);
         let notify = Arc::clone(&self.notify);
-        std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || loop {
+        io.add(
+            notify.as_raw_fd(),
+            Box::new(move || {
+                // Non-blocking: a read that finds the counter already reset means another
+                // wake-up did the work.
                 if notify.read().is_err() {
-                    continue;
+                    return;
                 }
                 for i in 0..shared.queues.len() {
-                    shared.process(i);
+                    if shared.backend.polls_queue(i) {
+                        shared.process(i);
+                    }
                 }
-            })?;
-        Ok(())
+            }),
+        )
     }
 
     /// Waits for every request in flight.

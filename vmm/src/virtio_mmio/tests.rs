@@ -22,10 +22,14 @@ struct Layout {
 
 impl Layout {
     fn new(mem: &GuestMemoryMmap) -> Self {
+        Self::at(mem, 0)
+    }
+    /// A queue's rings `base` bytes further (for a device's other queues).
+    fn at(mem: &GuestMemoryMmap, base: u64) -> Self {
         let l = Layout {
-            desc: GuestAddress(0x1000),
-            avail: GuestAddress(0x2000),
-            used: GuestAddress(0x3000),
+            desc: GuestAddress(base + 0x1000),
+            avail: GuestAddress(base + 0x2000),
+            used: GuestAddress(base + 0x3000),
         };
         mem.write_slice(&[0u8; 0x3000], l.desc).unwrap();
         l
@@ -140,7 +144,17 @@ fn bring_up(dev: &mut MmioTransport, q: &Layout, wanted: u64) {
     wr(dev, 0x20, (acked >> 32) as u32);
     wr(dev, 0x70, ACKNOWLEDGE | DRIVER | STATUS_FEATURES_OK);
     assert_ne!(rd(dev, 0x70) & STATUS_FEATURES_OK, 0, "features accepted");
-    wr(dev, 0x30, 0);
+    setup_queue(dev, 0, q);
+    wr(
+        dev,
+        0x70,
+        ACKNOWLEDGE | DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+}
+
+/// Sets queue `index` up on `q` and makes it ready.
+fn setup_queue(dev: &mut MmioTransport, index: u32, q: &Layout) {
+    wr(dev, 0x30, index);
     assert_eq!(rd(dev, 0x44), 0, "queue not ready before set-up");
     assert_eq!(rd(dev, 0x34), 256, "QueueNumMax");
     wr(dev, 0x38, u32::from(QUEUE_SIZE));
@@ -156,11 +170,6 @@ fn bring_up(dev: &mut MmioTransport, q: &Layout, wanted: u64) {
     }
     wr(dev, 0x44, 1);
     assert_eq!(rd(dev, 0x44), 1);
-    wr(
-        dev,
-        0x70,
-        ACKNOWLEDGE | DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-    );
 }
 
 /// Puts the request `kind` at `sector` with one 4 KiB data buffer at `data` as the chain
@@ -241,7 +250,8 @@ fn write_then_read_through_the_queue_with_event_idx() {
     let mem = r.mem.clone();
     let q = Layout::new(&mem);
     bring_up(&mut r.dev, &q, u64::MAX);
-    r.dev.spawn_io_thread("test-io").unwrap();
+    let io = crate::iothread::IoThread::new("test-io").unwrap();
+    r.dev.attach(&io).unwrap();
 
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
     mem.write_slice(&pattern, GuestAddress(0x20_0000)).unwrap();
@@ -297,4 +307,90 @@ fn queue_registers_are_frozen_while_ready_and_ignored_out_of_range() {
     assert_eq!(rd(&mut r.dev, 0x34), 0);
     wr(&mut r.dev, 0x44, 1);
     assert_eq!(rd(&mut r.dev, 0x44), 0);
+}
+
+/// virtio-scsi through the transport: an INQUIRY on the command queue is answered by a
+/// worker while the buffer the driver put on the event queue stays unused (the controller
+/// has no events), and the device's registers say SCSI.
+#[test]
+fn scsi_commands_complete_and_event_buffers_wait() {
+    use crate::scsi::{Lun, LunOptions};
+    use crate::virtio_scsi::{Controller, ControllerOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lun.raw");
+    std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    let image = open_image(&path, &OpenOptions::default()).unwrap();
+    let mut controller = Controller::new(ControllerOptions::default());
+    controller
+        .target_mut(0)
+        .insert(0, Lun::new(Some(image), LunOptions::default()));
+    let executor = Arc::new(Executor::new("test-scsi", 2).unwrap());
+    let mem =
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap());
+    let irq = EventFd::new(libc::EFD_CLOEXEC).unwrap();
+    let backend = ScsiBackend::new(Arc::new(controller), executor.clone(), "scsi0");
+    let mut dev =
+        MmioTransport::new(Arc::new(backend), mem.clone(), irq.try_clone().unwrap()).unwrap();
+    assert_eq!(rd(&mut dev, 0x08), 8, "SCSI host");
+    let mut num_queues = [0u8; 4];
+    dev.read(0x100, &mut num_queues);
+    assert_eq!(u32::from_le_bytes(num_queues), 1, "one command queue");
+
+    // Queue 1 (events) and 2 (commands) on rings of their own.
+    let (events, commands) = (Layout::at(&mem, 0x10_0000), Layout::at(&mem, 0x20_0000));
+    wr(&mut dev, 0x70, ACKNOWLEDGE | DRIVER);
+    wr(&mut dev, 0x24, 1);
+    wr(&mut dev, 0x20, 1); // VERSION_1
+    wr(&mut dev, 0x70, ACKNOWLEDGE | DRIVER | STATUS_FEATURES_OK);
+    setup_queue(&mut dev, 1, &events);
+    setup_queue(&mut dev, 2, &commands);
+    wr(
+        &mut dev,
+        0x70,
+        ACKNOWLEDGE | DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+    let io = crate::iothread::IoThread::new("test-scsi-io").unwrap();
+    dev.attach(&io).unwrap();
+
+    events.set_desc(&mem, 0, 0x40_0000, 16, WRITE, 0);
+    events.publish(&mem, 0);
+    // INQUIRY, 96 bytes: request header (lun 1/0/0/0, CDB at 19), response header, data.
+    let mut req = [0u8; 51];
+    req[0] = 1;
+    req[19] = 0x12;
+    req[23] = 96;
+    mem.write_slice(&req, GuestAddress(0x50_0000)).unwrap();
+    let resp_len = 108u32;
+    commands.set_desc(&mem, 0, 0x50_0000, req.len() as u32, NEXT, 1);
+    commands.set_desc(&mem, 1, 0x51_0000, resp_len, WRITE | NEXT, 2);
+    commands.set_desc(&mem, 2, 0x52_0000, 96, WRITE, 0);
+    commands.publish(&mem, 0);
+    wr(&mut dev, QUEUE_NOTIFY, 2);
+
+    irq.read().unwrap();
+    assert_eq!(used_idx(&mem, &commands), 1, "the INQUIRY completed");
+    let elem = commands.used_addr().unchecked_add(4);
+    assert_eq!(mem.read_obj::<u32>(elem).unwrap(), 0, "head 0");
+    let used_len = mem.read_obj::<u32>(elem.unchecked_add(4)).unwrap();
+    assert!(
+        used_len > resp_len,
+        "response and data written ({used_len})"
+    );
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x51_000a)).unwrap(),
+        0,
+        "GOOD"
+    );
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x51_000b)).unwrap(),
+        0,
+        "VIRTIO_SCSI_S_OK"
+    );
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x52_0000)).unwrap() & 0x1f,
+        0,
+        "a disk"
+    );
+    assert_eq!(used_idx(&mem, &events), 0, "the event buffer is kept");
+    executor.shutdown();
 }

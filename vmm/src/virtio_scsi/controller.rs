@@ -152,18 +152,28 @@ impl Controller {
         let mem_chain = chain.clone();
         let mem = mem_chain.memory();
         let used_len = match split_chain(chain) {
-            Ok((readable, writable)) if queue == CONTROL_QUEUE => {
-                self.control(mem, readable, writable)
-            }
-            Ok((readable, writable)) if queue >= FIRST_REQUEST_QUEUE => {
-                self.command(mem, readable, writable)
-            }
+            Ok((readable, writable)) => self.execute_split(queue, mem, readable, writable),
+            Err(_) => 0,
+        };
+        ScsiCompletion { head, used_len }
+    }
+
+    /// [`Controller::execute`] for a chain already split into its device-readable and
+    /// device-writable buffers (so that the split can happen on the thread that pops the
+    /// chain and the command run on another); returns the used length.
+    pub fn execute_split<M: GuestMemory + ?Sized>(
+        &self,
+        queue: usize,
+        mem: &M,
+        readable: SgList,
+        writable: SgList,
+    ) -> u32 {
+        let used_len = match queue {
+            CONTROL_QUEUE => self.control(mem, readable, writable),
+            q if q >= FIRST_REQUEST_QUEUE => self.command(mem, readable, writable),
             _ => Err(ChainError::Malformed),
         };
-        ScsiCompletion {
-            head,
-            used_len: used_len.unwrap_or(0),
-        }
+        used_len.unwrap_or(0)
     }
 
     fn command<M: GuestMemory + ?Sized>(
