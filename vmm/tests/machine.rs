@@ -533,3 +533,31 @@ fn system_powerdown_raises_the_sci_on_irq_9() {
     assert_eq!(m.end(), ExitReason::PowerOff);
     assert_eq!(vmm.output(), "S\n");
 }
+
+#[test]
+fn guest_time_stands_still_while_paused() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vmm = Vmm::new(1, false);
+    let m = vmm.boot(COUNTER);
+    m.wait_past(0);
+    let control = vmm.config.control.clone();
+    assert_eq!(vmm.qmp.exec("stop"), json!({"return": {}}));
+    let paused_at = control.guest_clock().expect("KVM_GET_CLOCK");
+    let pause = Duration::from_secs(1);
+    std::thread::sleep(pause);
+    // The VM's clock kept running while paused...
+    assert!(control.guest_clock().unwrap() >= paused_at + pause.as_nanos() as u64);
+    assert_eq!(vmm.qmp.exec("cont"), json!({"return": {}}));
+    // ...and `cont` set it back to where the guest stopped: the pause is not seen (the margin
+    // is the time between the two reads around `stop`'s answer and `cont`'s).
+    let resumed_at = control.guest_clock().unwrap();
+    assert!(
+        resumed_at < paused_at + pause.as_nanos() as u64 / 2,
+        "guest time jumped by {} ns over a {pause:?} pause",
+        resumed_at - paused_at
+    );
+    assert_eq!(vmm.qmp.exec("quit"), json!({"return": {}}));
+    assert_eq!(m.end(), ExitReason::Terminated);
+}

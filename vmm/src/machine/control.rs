@@ -12,6 +12,11 @@
 //! before a thread enters `KVM_RUN` is lost; the next one is not), and returns once all of them
 //! are parked. Parked threads wait on a condition variable that both [`VmControl::resume`] and
 //! the machine's stop path signal, so stopping a paused machine does not hang.
+//!
+//! Guest time stands still while paused, as under QEMU: `pause` saves the VM's kvmclock once
+//! every vCPU is parked and `resume` sets it back (`KVM_GET_CLOCK`/`KVM_SET_CLOCK`), so the
+//! guest does not see the paused interval; each vCPU then tells the guest it was stopped
+//! (`KVM_KVMCLOCK_CTRL`), which keeps Linux's soft-lockup watchdog quiet.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -123,6 +128,29 @@ pub struct ControlOptions {
     pub events: Option<Events>,
 }
 
+/// The guest's clock as the VMM can read and set it: the VM's kvmclock in nanoseconds.
+pub trait GuestClock: Send + Sync {
+    /// The current guest time, if the hypervisor gives it.
+    fn now(&self) -> Option<u64>;
+    /// Makes the guest time `ns` from now on.
+    fn set(&self, ns: u64);
+}
+
+impl GuestClock for kvm_ioctls::VmFd {
+    fn now(&self) -> Option<u64> {
+        self.get_clock().ok().map(|c| c.clock)
+    }
+    fn set(&self, ns: u64) {
+        let data = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        // Only fails on a VM without kvmclock support; the guest then sees the paused time,
+        // which is what happens without this anyway.
+        let _ = self.set_clock(&data);
+    }
+}
+
 /// One vCPU of the attached machine.
 #[derive(Default)]
 struct VcpuSlot {
@@ -136,6 +164,7 @@ struct VcpuSlot {
 struct Current {
     exit: Arc<ExitSignal>,
     pm1: Arc<Mutex<Pm1Event>>,
+    clock: Option<Arc<dyn GuestClock>>,
     vcpus: Vec<VcpuSlot>,
 }
 
@@ -152,6 +181,8 @@ struct Inner {
     pending: Option<(ExitReason, ShutdownCause)>,
     /// A power button press made while no machine was attached.
     powerdown_pending: bool,
+    /// The guest time when the current machine was paused, restored on resume.
+    frozen_clock: Option<u64>,
 }
 
 /// The VM's run state and the requests QMP and signals make of it. Share it as an `Arc`.
@@ -179,6 +210,7 @@ impl VmControl {
                 raised: None,
                 pending: None,
                 powerdown_pending: false,
+                frozen_clock: None,
             }),
             cond: Condvar::new(),
             pause_hint: AtomicBool::new(options.start_paused),
@@ -250,6 +282,11 @@ impl VmControl {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        if let Some(m) = g.machine.as_ref().filter(|m| m.exit.get().is_none()) {
+            // Every vCPU is out of guest mode: the guest's time stops here.
+            let now = m.clock.as_ref().and_then(|c| c.now());
+            g.frozen_clock = now;
+        }
         g.state = RunState::Paused;
         drop(g);
         self.emit("STOP", Value::Null);
@@ -265,6 +302,11 @@ impl VmControl {
             }
             RunState::Running => return Ok(()),
             RunState::Prelaunch | RunState::Paused => {}
+        }
+        if let Some(ns) = g.frozen_clock.take() {
+            if let Some(clock) = g.machine.as_ref().and_then(|m| m.clock.as_ref()) {
+                clock.set(ns);
+            }
         }
         g.pause = false;
         self.pause_hint.store(false, Ordering::SeqCst);
@@ -322,12 +364,19 @@ impl VmControl {
         }
     }
 
+    /// The current machine's guest time (kvmclock, in nanoseconds), if a machine is running.
+    pub fn guest_clock(&self) -> Option<u64> {
+        let g = self.lock();
+        g.machine.as_ref()?.clock.as_ref()?.now()
+    }
+
     /// Makes a machine with `vcpus` vCPUs the current one (from `Machine::run`, before its vCPU
     /// threads start). Requests made while no machine existed are applied now.
     pub(crate) fn attach(
         &self,
         exit: Arc<ExitSignal>,
         pm1: Arc<Mutex<Pm1Event>>,
+        clock: Option<Arc<dyn GuestClock>>,
         vcpus: usize,
     ) -> Result<(), ControlError> {
         let mut g = self.lock();
@@ -343,9 +392,11 @@ impl VmControl {
             exit.raise(reason);
             g.raised = Some((reason, cause));
         }
+        g.frozen_clock = None;
         g.machine = Some(Current {
             exit,
             pm1,
+            clock,
             vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
         });
         let resumed = if g.pause {
@@ -379,16 +430,18 @@ impl VmControl {
     }
 
     /// Called by vCPU thread `id` before every `KVM_RUN`: blocks while the VM is paused, until
-    /// resumed or until the machine stops (`exit` raised).
-    pub(crate) fn park(&self, id: usize, exit: &ExitSignal) {
+    /// resumed or until the machine stops (`exit` raised). Returns whether it waited.
+    pub(crate) fn park(&self, id: usize, exit: &ExitSignal) -> bool {
         if !self.pause_hint.load(Ordering::SeqCst) {
-            return;
+            return false;
         }
         let mut g = self.lock();
+        let mut waited = false;
         while g.pause && exit.get().is_none() {
             let Some(slot) = g.machine.as_mut().and_then(|m| m.vcpus.get_mut(id)) else {
-                return;
+                return waited;
             };
+            waited = true;
             if !slot.parked {
                 slot.parked = true;
                 // `pause` waits for the last vCPU to get here.
@@ -399,6 +452,7 @@ impl VmControl {
         if let Some(slot) = g.machine.as_mut().and_then(|m| m.vcpus.get_mut(id)) {
             slot.parked = false;
         }
+        waited
     }
 
     /// Called by `Machine::run` once its exit signal is raised, before it joins the vCPU
@@ -419,6 +473,7 @@ impl VmControl {
     pub(crate) fn detach(&self, reason: ExitReason) {
         let mut g = self.lock();
         g.machine = None;
+        g.frozen_clock = None;
         let cause = match g.raised.take() {
             Some((r, cause)) if r == reason => cause,
             _ => ShutdownCause::of_guest(reason),
@@ -503,6 +558,43 @@ mod tests {
         v
     }
 
+    /// A clock the test moves by hand; records what the control sets it to.
+    #[derive(Default)]
+    struct FakeClock {
+        now: AtomicU64,
+        set_to: Mutex<Vec<u64>>,
+    }
+    impl GuestClock for FakeClock {
+        fn now(&self) -> Option<u64> {
+            Some(self.now.load(Ordering::SeqCst))
+        }
+        fn set(&self, ns: u64) {
+            self.set_to.lock().unwrap().push(ns);
+            self.now.store(ns, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn guest_time_stands_still_while_paused() {
+        let c = VmControl::new(ControlOptions::default());
+        let clock = Arc::new(FakeClock::default());
+        clock.now.store(1_000, Ordering::SeqCst);
+        let m = FakeMachine::start_with_clock(&c, 2, clock.clone());
+        m.wait_for_progress(0);
+        // Running: nothing is touched.
+        c.resume().unwrap();
+        assert!(clock.set_to.lock().unwrap().is_empty());
+        c.pause();
+        clock.now.store(5_000, Ordering::SeqCst); // time passes while paused
+        assert_eq!(c.guest_clock(), Some(5_000));
+        c.resume().unwrap();
+        assert_eq!(*clock.set_to.lock().unwrap(), vec![1_000]);
+        assert_eq!(c.guest_clock(), Some(1_000));
+        m.exit.raise(ExitReason::PowerOff);
+        m.finish(&c);
+        assert_eq!(c.guest_clock(), None);
+    }
+
     /// Stand-in vCPU threads: park, then "run" (count) until the exit signal is raised. The
     /// handler for the kick signal is installed so kicks are harmless.
     struct FakeMachine {
@@ -514,10 +606,15 @@ mod tests {
 
     impl FakeMachine {
         fn start(c: &Arc<VmControl>, n: usize) -> Self {
+            Self::start_with_clock(c, n, Arc::new(FakeClock::default()))
+        }
+
+        fn start_with_clock(c: &Arc<VmControl>, n: usize, clock: Arc<FakeClock>) -> Self {
             crate::machine::install_kick_handler().unwrap();
             let exit = ExitSignal::new().unwrap();
             let pm1 = pm1();
-            c.attach(exit.clone(), pm1.clone(), n).unwrap();
+            c.attach(exit.clone(), pm1.clone(), Some(clock.clone()), n)
+                .unwrap();
             let counts: Vec<_> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
             let threads = counts
                 .iter()
@@ -706,7 +803,7 @@ mod tests {
         let c = VmControl::new(ControlOptions::default());
         let m = FakeMachine::start(&c, 1);
         assert_eq!(
-            c.attach(ExitSignal::new().unwrap(), pm1(), 1),
+            c.attach(ExitSignal::new().unwrap(), pm1(), None, 1),
             Err(ControlError::Busy)
         );
         m.exit.raise(ExitReason::PowerOff);

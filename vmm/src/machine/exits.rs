@@ -34,7 +34,12 @@ pub fn run_vcpu(vcpu: &mut VcpuFd, id: usize, ctx: &ExitContext) -> Result<ExitR
             return Ok(reason);
         }
         // While the VM is paused, wait here, outside KVM_RUN.
-        ctx.control.park(id, &ctx.exit);
+        if ctx.control.park(id, &ctx.exit) {
+            // Tell the guest it was stopped (a flag in its pvclock page), so that its watchdogs
+            // do not take the pause for a hang. Fails when the guest does not use kvmclock,
+            // and then there is nobody to tell.
+            let _ = vcpu.kvmclock_ctrl();
+        }
         if let Some(reason) = ctx.exit.get() {
             return Ok(reason);
         }

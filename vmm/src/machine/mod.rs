@@ -348,7 +348,12 @@ impl Machine {
         install_kick_handler()?;
         let nr = self.vcpus.len();
         self.control
-            .attach(self.exit.clone(), self.pm1.clone(), nr)
+            .attach(
+                self.exit.clone(),
+                self.pm1.clone(),
+                Some(self.vm.clone() as Arc<dyn control::GuestClock>),
+                nr,
+            )
             .map_err(|e| Error::Config(e.to_string()))?;
         if let Some(input) = &self.serial_in {
             input.attach(self.com1.clone());
