@@ -282,6 +282,11 @@ impl VmControl {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        // Another `stop` (from another client) may have finished while the lock was released
+        // for waiting, or the machine ended: then there is nothing left to do or announce.
+        if g.state != RunState::Running {
+            return;
+        }
         if let Some(m) = g.machine.as_ref().filter(|m| m.exit.get().is_none()) {
             // Every vCPU is out of guest mode: the guest's time stops here.
             let now = m.clock.as_ref().and_then(|c| c.now());
@@ -678,6 +683,18 @@ mod tests {
         let a = m.total();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(m.total(), a);
+        // Two clients stopping at once: one STOP only (the next event is cont's RESUME).
+        c.resume().unwrap();
+        assert_eq!(next_event(&mut ev)["event"], "RESUME");
+        let both: Vec<_> = (0..2)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || c.pause())
+            })
+            .collect();
+        both.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(c.state(), RunState::Paused);
+        assert_eq!(next_event(&mut ev)["event"], "STOP");
         // stop while paused: nothing, no event; cont: RESUME and progress.
         c.pause();
         c.resume().unwrap();
