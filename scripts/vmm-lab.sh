@@ -4,7 +4,10 @@
 #   poweroff  vmlinux through PVH, /init prints a nonce, `poweroff -f` ends vmm with status 0
 #   smp2      the same with -smp 2: the guest sees 2 CPUs
 #   bzimage   the compressed bzImage through the 64-bit boot protocol
-#   reboot    `reboot -f` (ACPI reset register) ends vmm with status 0
+#   reboot    `reboot -f` (ACPI reset register) with -no-reboot ends vmm with status 0
+#   reset     without -no-reboot, a reset boots the guest again on a new machine: the first
+#             boot marks a raw virtio-blk disk and reboots, the second finds the mark and
+#             powers off (both boots on one console)
 #   qemu      the poweroff case under QEMU 7.2 -accel kvm -cpu host, as the baseline
 #   disk      a qcow2 disk (qemu-img create raw, mkfs.ext4, qemu-img convert -O qcow2) as
 #             -drive if=virtio: /init loads virtio_mmio, virtio_blk and ext4 from the initramfs,
@@ -41,7 +44,7 @@ KVER=${KDIR##*/}
 BZ="$KDIR/root/boot/vmlinuz-$KVER"
 [ -f "$KDIR/vmlinux" ] && [ -f "$BZ" ] || { log "no kernel under $LAB/guest"; exit 125; }
 BUSYBOX="$LAB/guest/busybox"
-CASES=${CASES:-poweroff smp2 bzimage reboot qemu disk qmp}
+CASES=${CASES:-poweroff smp2 bzimage reboot reset qemu disk qmp}
 want() { case " $CASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # add_modules (module lists with their dependencies, in load order) comes from lab-common.sh.
 LAB_NAME=vmm-lab
@@ -93,6 +96,26 @@ $B mount -t devtmpfs dev /dev
 for m in $($B cat /modules.order); do $B insmod /lib/modules/$m || $B echo "insmod $m failed"; done
 INIT
 }
+
+# The reset case: a raw disk that remembers the first boot.
+if want reset; then
+    qemu-img create -q -f raw "$WORK/reset.raw" 1M
+    d="$WORK/rd-reset"
+    modules_initrd "$d" virtio_mmio virtio_blk
+    cat >> "$d/init" <<INIT
+i=0; while [ ! -b /dev/vda ] && [ \$i -lt 50 ]; do \$B sleep 0.1; i=\$((i + 1)); done
+\$B echo "VMM-LAB-$NONCE cpus=\$(\$B grep -c ^processor /proc/cpuinfo)"
+if [ "\$(\$B dd if=/dev/vda bs=6 count=1 2>/dev/null)" = BOOTED ]; then
+    \$B echo "VMM-LAB-RESET-$NONCE second boot"
+    \$B poweroff -f
+fi
+\$B echo -n BOOTED | \$B dd of=/dev/vda conv=fsync 2>/dev/null
+\$B echo "VMM-LAB-RESET-$NONCE first boot"
+\$B reboot -f
+INIT
+    chmod +x "$d/init"
+    (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-reset.gz"
+fi
 
 # The disk case: an ext4 made on a raw image, converted to qcow2 (what the guest mounts).
 if want disk; then
@@ -196,7 +219,8 @@ VMM="$VMM"
 run_case poweroff -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
 run_case smp2 -smp 2 -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
 run_case bzimage -kernel "$BZ" -initrd "$WORK/initrd-poweroff.gz"
-run_case reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reboot.gz"
+run_case reboot -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reboot.gz"
+run_case reset -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reset.gz" -drive "file=$WORK/reset.raw,format=raw,if=virtio"
 run_case disk -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-disk.gz" -drive "file=$WORK/disk.qcow2,format=qcow2,if=virtio"
 if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
     start=\$(date +%s%N)
@@ -257,6 +281,17 @@ check poweroff 1 "reboot: Power down"
 check smp2 2 "reboot: Power down"
 check bzimage 1 "reboot: Power down"
 check reboot 1 "reboot: Restarting system"
+# check_reset: both boots on the one console, in order.
+check_reset() {
+    want reset || return 0
+    check reset 1 "VMM-LAB-RESET-$NONCE second boot" || return 0
+    if [ "$(grep -o "VMM-LAB-RESET-$NONCE [a-z]* boot" "$WORK/console-reset" | tr '\n' ,)" != \
+        "VMM-LAB-RESET-$NONCE first boot,VMM-LAB-RESET-$NONCE second boot," ]; then
+        log "FAIL reset: the console does not show a first boot, then a second"
+        fails=$((fails + 1))
+    fi
+}
+check_reset
 check qemu 1 "reboot: Power down"
 # check_disk: the guest's verdict, then the image as the host sees it.
 check_disk() {

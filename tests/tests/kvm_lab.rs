@@ -145,6 +145,7 @@ fn vmm_lab_boots_debian_with_disks_and_qmp() {
         "ok   smp2",
         "ok   bzimage",
         "ok   reboot",
+        "ok   reset",
         "ok   qemu",
         "ok   disk image",
         "ok   qmp",

@@ -535,8 +535,31 @@ fn drives_devices_and_qmp_block_commands() {
     );
     assert!(r.get("error").is_some(), "{r}");
 
-    // SAFETY: signalling our own child, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    // The machine commands: stop and cont (with their events), query-kvm, and quit, whose
+    // answer arrives before the process exits.
+    let status = q.ok("query-status", serde_json::json!({}));
+    assert_eq!(
+        status,
+        serde_json::json!({"status": "running", "running": true})
+    );
+    assert_eq!(
+        q.ok("query-kvm", serde_json::json!({})),
+        serde_json::json!({"enabled": true, "present": true})
+    );
+    q.ok("stop", serde_json::json!({}));
+    q.event("STOP");
+    assert_eq!(
+        q.ok("query-status", serde_json::json!({}))["status"],
+        "paused"
+    );
+    q.ok("cont", serde_json::json!({}));
+    q.event("RESUME");
+    q.ok("quit", serde_json::json!({}));
+    let shutdown = q.event("SHUTDOWN");
+    assert_eq!(
+        shutdown["data"],
+        serde_json::json!({"guest": false, "reason": "host-qmp-quit"})
+    );
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the QMP socket is removed at exit");
@@ -577,4 +600,40 @@ fn qmp_wait_on_holds_the_guest_until_a_client_connects() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hiZ\n");
+}
+
+/// A guest that resets itself (the i8042's reset line) is rebooted on a new machine, again and
+/// again, until QMP's quit; with -no-reboot the first reset ends the VMM.
+#[test]
+fn a_reset_reboots_unless_no_reboot() {
+    if !kvm_available() {
+        return;
+    }
+    let f = Files::new();
+    // mov al, 0xfe; out 0x64, al; jmp $
+    let k = f.write("kernel", &elf(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe], true));
+    let sock = f.path("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["-kernel", &k, "-serial", "none"])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ])
+        .spawn()
+        .unwrap();
+    let mut q = Qmp::connect(&sock);
+    for _ in 0..3 {
+        let reset = q.event("RESET");
+        assert_eq!(
+            reset["data"],
+            serde_json::json!({"guest": true, "reason": "guest-reset"})
+        );
+    }
+    // And a reset asked for over QMP.
+    q.ok("system_reset", serde_json::json!({}));
+    q.ok("quit", serde_json::json!({}));
+    assert!(child.wait().unwrap().success());
+
+    let out = vmm(&["-kernel", &k, "-serial", "none", "-no-reboot"]);
+    assert!(out.status.success(), "{out:?}");
 }

@@ -108,6 +108,8 @@ fn send(stream: &mut UnixStream, msg: &Value) -> io::Result<()> {
 pub struct Server {
     /// Set once the first client has connected (for QEMU's `wait=on`).
     connected: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// Commands being run or answered, by every client.
+    busy: Arc<crate::executor::InFlight>,
 }
 
 impl Server {
@@ -129,6 +131,8 @@ impl Server {
         let ev = events;
         let connected = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let first = Arc::clone(&connected);
+        let busy = Arc::new(crate::executor::InFlight::default());
+        let busy_clients = Arc::clone(&busy);
         std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || {
@@ -136,12 +140,13 @@ impl Server {
                     *first.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
                     first.1.notify_all();
                     let (handler, ev) = (Arc::clone(&handler), ev.clone());
+                    let busy = Arc::clone(&busy_clients);
                     let _ =
                         std::thread::Builder::new()
                             .name("qmp-client".into())
                             .spawn(move || {
                                 let hang_up = stream.try_clone();
-                                let _ = serve_client(stream, handler.as_ref(), &ev, version);
+                                let _ = serve_client(stream, handler.as_ref(), &ev, version, &busy);
                                 // The event sink may still hold the stream: hang up for real.
                                 if let Ok(s) = hang_up {
                                     let _ = s.shutdown(std::net::Shutdown::Both);
@@ -149,7 +154,14 @@ impl Server {
                             });
                 }
             })?;
-        Ok(Server { connected })
+        Ok(Server { connected, busy })
+    }
+
+    /// Waits until every command that has started has been answered: a `quit` ends the
+    /// machine from inside the command, and its reply must still reach the client before the
+    /// process exits.
+    pub fn finish_replies(&self) {
+        self.busy.wait_idle();
     }
 
     /// Blocks until a client has connected (QEMU's `-qmp ...,server=on,wait=on` holds the
@@ -171,6 +183,7 @@ fn serve_client(
     handler: &dyn Handler,
     events: &Events,
     (major, minor, micro): (u32, u32, u32),
+    busy: &crate::executor::InFlight,
 ) -> io::Result<()> {
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
     let reply = |msg: Value| send(&mut writer.lock().unwrap_or_else(|e| e.into_inner()), &msg);
@@ -248,6 +261,7 @@ fn serve_client(
             }
             continue;
         }
+        busy.start();
         let result = match cmd {
             "qmp_capabilities" => Err(QmpError {
                 class: "CommandNotFound",
@@ -257,10 +271,12 @@ fn serve_client(
                 .execute(cmd, args)
                 .unwrap_or_else(|| Err(QmpError::command_not_found(cmd))),
         };
-        match result {
-            Ok(v) => reply(answer(v, id))?,
-            Err(e) => reply(error(&e, id))?,
-        }
+        let sent = match result {
+            Ok(v) => reply(answer(v, id)),
+            Err(e) => reply(error(&e, id)),
+        };
+        busy.finish();
+        sent?;
     }
 }
 

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use args::{Args, Serial};
 use devices::Devices;
-use vmm::machine::{Config, ExitReason, Machine};
+use vmm::machine::serial::{self, SerialInput};
+use vmm::machine::{Config, ControlOptions, ExitReason, Machine, ShutdownCause, VmControl};
 use vmm::qmp;
 
 /// A usage error or a failure, printed as `vmm: MESSAGE`.
@@ -34,46 +35,56 @@ fn serial_out(s: &Serial) -> Result<Box<dyn Write + Send>, Fail> {
     })
 }
 
-/// Builds a machine with the devices on it and the kernel loaded (everything that can fail
-/// because of the user's input).
-fn build(o: &Args, devices: &Devices) -> Result<Machine, Fail> {
+/// What every machine of this run is built from: a reboot builds a new machine from the same
+/// configuration (the serial console, its input thread and the run control carry over).
+fn machine_config(o: &Args, events: &qmp::Events) -> Result<Config, Fail> {
     // The guest reads stdin only when the console is stdio, as with QEMU's `-serial stdio`.
     let serial_in = match o.serial {
         Serial::Stdio => Some(
-            vmm::machine::serial::SerialInput::spawn(
-                Box::new(std::io::stdin()) as Box<dyn Read + Send>
-            )
-            .map_err(|e| Fail(format!("serial input thread: {e}")))?,
+            SerialInput::spawn(Box::new(std::io::stdin()) as Box<dyn Read + Send>)
+                .map_err(|e| Fail(format!("serial input thread: {e}")))?,
         ),
         _ => None,
     };
-    let config = Config {
+    Ok(Config {
         ram: o.ram,
         vcpus: o.vcpus,
-        serial_out: vmm::machine::serial::serial_out(serial_out(&o.serial)?),
+        serial_out: serial::serial_out(serial_out(&o.serial)?),
         serial_in,
         kvm_path: "/dev/kvm".into(),
-        // `run` does not build a new machine after a reset yet: a reset still ends the VMM.
-        control: vmm::machine::VmControl::new(vmm::machine::ControlOptions {
+        control: VmControl::new(ControlOptions {
             start_paused: o.start_paused,
             no_reboot: o.no_reboot,
-            events: None,
+            events: Some(events.clone()),
         }),
-    };
-    let mut m = Machine::new(config).map_err(|e| Fail(e.to_string()))?;
+    })
+}
+
+/// Builds a machine with the devices on it and the kernel loaded (everything that can fail
+/// because of the user's input).
+fn build(o: &Args, devices: &Devices, config: &Config) -> Result<Machine, Fail> {
+    let mut m = Machine::new(config.clone()).map_err(|e| Fail(e.to_string()))?;
     devices.attach(&mut m)?;
     m.load_linux(&o.kernel, o.initrd.as_deref(), &o.append)
         .map_err(|e| Fail(e.to_string()))?;
     Ok(m)
 }
 
-/// Starts the QMP servers over the drives (and, later, the machine).
-fn start_qmp(o: &Args, devices: &Devices) -> Result<Vec<qmp::Server>, Fail> {
-    let events = qmp::Events::default();
-    let handler: Arc<dyn qmp::Handler> = Arc::new(qmp::block::BlockCommands::new(
-        devices.named.clone(),
-        events.clone(),
-    ));
+/// Starts the QMP servers: the block commands over the drives and the machine commands over
+/// the run control.
+fn start_qmp(
+    o: &Args,
+    devices: &Devices,
+    control: &Arc<VmControl>,
+    events: &qmp::Events,
+) -> Result<Vec<qmp::Server>, Fail> {
+    let handler: Arc<dyn qmp::Handler> = Arc::new(qmp::Handlers(vec![
+        Arc::new(qmp::block::BlockCommands::new(
+            devices.named.clone(),
+            events.clone(),
+        )),
+        Arc::new(qmp::machine::MachineCommands::new(control.clone())),
+    ]));
     o.qmp
         .iter()
         .map(|q| {
@@ -194,15 +205,17 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
     let signals = StopSignals::block()?;
     let setup = (|| {
         let devices = Devices::open(&o)?;
-        let m = build(&o, &devices)?;
-        let qmp = start_qmp(&o, &devices)?;
+        let events = qmp::Events::default();
+        let config = machine_config(&o, &events)?;
+        let m = build(&o, &devices, &config)?;
+        let qmp = start_qmp(&o, &devices, &config.control, &events)?;
         if let Some(p) = &o.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .map_err(|e| Fail(format!("{}: {e}", p.display())))?;
         }
-        Ok((m, devices, qmp))
+        Ok((m, devices, config, qmp))
     })();
-    let (m, devices, qmp) = match (setup, report) {
+    let (mut m, devices, config, qmp) = match (setup, report) {
         (Ok(s), Some(pipe)) => {
             // Closing the pipe without a message tells the parent we are running.
             drop(pipe);
@@ -216,14 +229,31 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
         }
         (Err(e), None) => return Err(e),
     };
-    let exit = m.exit_signal();
-    signals.on_signal(move || exit.raise(ExitReason::Terminated))?;
+    let control = config.control.clone();
+    signals.on_signal(move || control.request_shutdown(ShutdownCause::HostSignal))?;
     for (server, q) in qmp.iter().zip(&o.qmp) {
         if q.wait {
             server.wait_for_client();
         }
     }
-    let mut result = m.run().map_err(|e| Fail(e.to_string()));
+    // A reset (the guest's, or QMP's system_reset) builds a new machine on the same devices,
+    // unless -no-reboot says that a reset ends the VMM.
+    let mut result = loop {
+        match m.run() {
+            Ok(reason) if config.control.reboots_after(reason) => {
+                match build(&o, &devices, &config) {
+                    Ok(next) => m = next,
+                    Err(e) => break Err(e),
+                }
+            }
+            Ok(reason) => break Ok(reason),
+            Err(e) => break Err(Fail(e.to_string())),
+        }
+    };
+    // A `quit` is answered before the process goes.
+    for server in &qmp {
+        server.finish_replies();
+    }
     // Requests still running finish first (close waits for them); then caches reach the file.
     if let (Err(e), true) = (devices.close(), result.is_ok()) {
         result = Err(e);
