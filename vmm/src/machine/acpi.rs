@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn tables_fit_in_the_bios_area() {
-        let mem = super::super::memory::create_guest_memory(16 << 20).unwrap();
+        let (mem, _ram) = super::super::memory::create_guest_memory(16 << 20).unwrap();
         assert_eq!(
             write_tables(&mem, 64, &[]).unwrap(),
             GuestAddress(ACPI_START)

@@ -424,7 +424,7 @@ mod tests {
         let (none, _, m) = build_pvh(None, &map, 0);
         assert_eq!((none.nr_modules, none.modlist_paddr, m.len()), (0, 0, 0));
         // Written where the start info says, and readable back.
-        let mem = memory::create_guest_memory(256 << 20).unwrap();
+        let (mem, _ram) = memory::create_guest_memory(256 << 20).unwrap();
         write_pvh(&mem, &info, &memmap, &mods).unwrap();
         let back: hvm_memmap_table_entry = mem.read_obj(GuestAddress(PVH_MEMMAP + 24 * 2)).unwrap();
         assert_eq!(back, memmap[2]);
@@ -439,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        let mem = memory::create_guest_memory(16 << 20).unwrap();
+        let (mem, _ram) = memory::create_guest_memory(16 << 20).unwrap();
         let e = load_kernel(&mem, &p).unwrap_err().to_string();
         assert!(e.contains("not an ELF vmlinux or a bzImage"), "{e}");
         std::fs::write(&p, b"short").unwrap();
@@ -449,7 +449,7 @@ mod tests {
 
     #[test]
     fn command_line_is_written_nul_terminated() {
-        let mem = memory::create_guest_memory(16 << 20).unwrap();
+        let (mem, _ram) = memory::create_guest_memory(16 << 20).unwrap();
         assert_eq!(write_cmdline(&mem, "console=ttyS0 panic=-1").unwrap(), 22);
         let mut b = [0u8; 23];
         mem.read_slice(&mut b, GuestAddress(CMDLINE)).unwrap();

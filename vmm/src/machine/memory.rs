@@ -67,8 +67,78 @@ pub fn ram_ranges(ram: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
-/// Allocates guest RAM (anonymous, private mappings) for `ram` bytes.
-pub fn create_guest_memory(ram: u64) -> Result<GuestMemoryMmap> {
+/// The alignment of guest RAM in the VMM's address space: a huge page.
+///
+/// KVM maps a guest page with a 2 MiB nested-page-table entry only where the guest-physical and
+/// the host-virtual addresses agree modulo 2 MiB and the host backs the range with a huge page;
+/// `mmap` alone gives an address aligned to 4 KiB, which leaves every guest access on 4 KiB
+/// nested mappings (measured in the nested lab: the guest booted 1.5 times slower). QEMU aligns
+/// its RAM blocks for the same reason.
+pub const RAM_ALIGN: usize = 2 << 20;
+
+/// The host mappings behind guest RAM, unmapped when the last holder lets go: the machine,
+/// and every device transport (whose requests may still be running on worker threads after
+/// the machine stopped).
+#[derive(Debug)]
+pub struct HostRam {
+    /// `(address, length)` of each mapping.
+    mappings: Vec<(usize, usize)>,
+}
+
+impl Drop for HostRam {
+    fn drop(&mut self) {
+        for &(addr, len) in &self.mappings {
+            // SAFETY: each range was mapped by `map_aligned` and is unmapped only here, once;
+            // every `GuestMemoryMmap` built over it is held only by holders of this `HostRam`.
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
+
+/// Maps `len` bytes of private anonymous memory at a [`RAM_ALIGN`]-aligned address, asking for
+/// transparent huge pages.
+fn map_aligned(len: usize) -> std::io::Result<usize> {
+    let reserve = len
+        .checked_add(RAM_ALIGN)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing; it touches no
+    // existing memory.
+    let raw = unsafe { libc::mmap(std::ptr::null_mut(), reserve, libc::PROT_NONE, flags, -1, 0) };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(RAM_ALIGN);
+    // Give back the slack before and after the aligned range.
+    // SAFETY: both ranges lie inside the reservation just made, which nothing else uses.
+    unsafe {
+        if aligned > start {
+            libc::munmap(raw, aligned - start);
+        }
+        let end = aligned + len;
+        if start + reserve > end {
+            libc::munmap(end as *mut libc::c_void, start + reserve - end);
+        }
+    }
+    let addr = aligned as *mut libc::c_void;
+    // SAFETY: [aligned, aligned + len) is the rest of our reservation.
+    if unsafe { libc::mprotect(addr, len, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: as above; the range is ours and unused.
+        unsafe { libc::munmap(addr, len) };
+        return Err(e);
+    }
+    // Hosts whose THP setting is `madvise` back the range with huge pages only when asked. A
+    // failure (THP compiled out) only costs speed.
+    // SAFETY: advice on our own mapping.
+    unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
+    Ok(aligned)
+}
+
+/// Allocates guest RAM (anonymous, private, 2 MiB-aligned mappings) for `ram` bytes. The
+/// returned [`HostRam`] owns the mappings: keep it for as long as the memory is used.
+pub fn create_guest_memory(ram: u64) -> Result<(GuestMemoryMmap, std::sync::Arc<HostRam>)> {
     if ram < MIN_RAM {
         return Err(Error::Config(format!(
             "guest RAM must be at least {} MiB",
@@ -81,12 +151,28 @@ pub fn create_guest_memory(ram: u64) -> Result<GuestMemoryMmap> {
             "guest RAM size {ram} is not a multiple of 4 KiB"
         )));
     }
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(ram)
-        .into_iter()
-        .map(|(a, l)| (a, l as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| Error::Memory(format!("cannot allocate {ram} bytes of guest RAM: {e}")))
+    let fail = |e: String| Error::Memory(format!("cannot allocate {ram} bytes of guest RAM: {e}"));
+    let mut host = HostRam {
+        mappings: Vec::new(),
+    };
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(ram) {
+        let len = usize::try_from(len).map_err(|e| fail(e.to_string()))?;
+        let addr = map_aligned(len).map_err(|e| fail(e.to_string()))?;
+        host.mappings.push((addr, len));
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: `addr` is a fresh mapping of `len` bytes, readable and writable, that
+        // `host` unmaps only once every holder of the returned memory is gone.
+        let region = unsafe { vm_memory::MmapRegion::build_raw(addr as *mut u8, len, prot, flags) }
+            .map_err(|e| fail(e.to_string()))?;
+        regions.push(
+            vm_memory::GuestRegionMmap::new(region, start)
+                .ok_or_else(|| fail(format!("bad region at {:#x}", start.0)))?,
+        );
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))?;
+    Ok((mem, std::sync::Arc::new(host)))
 }
 
 /// Registers every region of `mem` with KVM as a memory slot. Crate-private: the caller must
@@ -245,5 +331,29 @@ mod tests {
         assert!(create_guest_memory(4096).is_err());
         assert!(create_guest_memory(MIN_RAM + 512).is_err());
         assert!(create_guest_memory(MIN_RAM).is_ok());
+    }
+
+    #[test]
+    fn guest_ram_is_aligned_for_huge_pages_and_usable() {
+        use vm_memory::Bytes;
+        let (mem, host) = create_guest_memory(64 << 20).unwrap();
+        for region in mem.iter() {
+            let addr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .unwrap() as usize;
+            assert_eq!(
+                addr % RAM_ALIGN,
+                0,
+                "region at {:#x}",
+                region.start_addr().0
+            );
+        }
+        mem.write_obj(0x1234_5678u32, GuestAddress(63 << 20))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(63 << 20)).unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(host.mappings.len(), 1);
     }
 }

@@ -110,6 +110,9 @@ pub struct Machine {
     nr_vcpus: u8,
     virtio_mmio: Vec<acpi::MmioDevice>,
     iothreads: Vec<Arc<IoThread>>,
+    /// Owns the mappings behind `mem`; declared last so that it is dropped after the VM and
+    /// every other field.
+    host_ram: Arc<memory::HostRam>,
 }
 
 /// Where the virtio-mmio register windows go: one page each from here, in the MMIO hole.
@@ -140,7 +143,7 @@ impl Machine {
             kvm.create_vm()
                 .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?,
         );
-        let mem = memory::create_guest_memory(config.ram)?;
+        let (mem, host_ram) = memory::create_guest_memory(config.ram)?;
         memory::register_memory(&vm, &mem)?;
         irqchip::setup_irqchip(&vm)?;
 
@@ -219,6 +222,7 @@ impl Machine {
             nr_vcpus: config.vcpus,
             virtio_mmio: Vec::new(),
             iothreads: Vec::new(),
+            host_ram,
         })
     }
 
@@ -285,6 +289,7 @@ impl Machine {
             .register_irqfd(&irq, gsi)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
         let transport = MmioTransport::new(backend, Arc::new(self.mem.clone()), irq)
+            .map(|t| t.keeping(self.host_ram.clone()))
             .map_err(|e| dev_err("transport", e))?;
         self.vm
             .register_ioevent(

@@ -158,6 +158,9 @@ struct Shared {
     inflight: Vec<Arc<InFlight>>,
     interrupt_status: AtomicU32,
     irq: EventFd,
+    /// What must stay mapped while requests run (the machine's RAM, when `mem` does not own
+    /// its mappings).
+    keep_alive: Mutex<Option<Arc<crate::machine::memory::HostRam>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -261,6 +264,7 @@ impl MmioTransport {
                 inflight,
                 interrupt_status: AtomicU32::new(0),
                 irq,
+                keep_alive: Mutex::new(None),
             }),
             notify: Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?),
             device_features_sel: 0,
@@ -270,6 +274,14 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
         })
+    }
+
+    /// The transport with `ram` kept mapped for as long as the transport or any of its requests
+    /// lives: the requests' completions hold the transport's state, so guest memory outlives
+    /// the last request that touches it, even after the machine has stopped.
+    pub fn keeping(self, ram: Arc<crate::machine::memory::HostRam>) -> Self {
+        *lock(&self.shared.keep_alive) = Some(ram);
+        self
     }
 
     /// The eventfd a `QueueNotify` write signals: register it as an ioeventfd at
