@@ -29,9 +29,10 @@
 # default 3), BENCH_DEVICES (default blk), BENCH_SECS (seconds per fio job, default 4),
 # BENCH_IMG_MB (default 1024), BENCH_PREALLOC (off|metadata|falloc|full, default metadata),
 # BENCH_CACHE (the -drive cache= mode, default none), BENCH_VMM (the vmm binary to measure,
-# default target/release/vmm, built first), BENCH_MEM (guest MiB, default 512), BENCH_SMP (guest vCPUs, default 1), KEEP=1 (keep the work
-# dir with every console), IMG_LAB_DIR, KVM_LAB_SCRIPT, KVM_LAB_MEM (L1's MiB, default here
-# 4096), KVM_LAB_TIMEOUT (default here 3000 s).
+# default target/release/vmm, built first), BENCH_MEM (guest MiB, default 512), BENCH_SMP
+# (guest vCPUs, default 1), KEEP=1 (keep the work dir with every console), IMG_LAB_DIR,
+# KVM_LAB_SCRIPT, KVM_LAB_MEM (L1's MiB, default here 4096), KVM_LAB_TIMEOUT (default here
+# 3000 s).
 #
 # What both sides run from, for a fair start (L1 reads the host's files over 9p, which would
 # otherwise dominate and favour the smaller binary): the kernel, the initramfs images, both VMM
@@ -162,23 +163,26 @@ while [ ! -b "/dev/$DEV" ]; do
     fi
     usleep 100000
 done
-echo "BENCH-DEV $DEV sectors=$(cat /sys/block/$DEV/size) cpus=$(nproc) scheduler=$(cat /sys/block/$DEV/queue/scheduler)"
+# Guest uptimes (the kernel's clock) split the boot from the fio jobs.
+echo "BENCH-DEV $DEV sectors=$(cat /sys/block/$DEV/size) cpus=$(nproc) uptime=$(cut -d' ' -f1 /proc/uptime)"
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 for t in write:1M:16 read:1M:16 randwrite:4k:32 randread:4k:32; do
     rw=${t%%:*}
     r=${t#*:}
     bs=${r%%:*}
     qd=${r#*:}
+    t0=$(cut -d' ' -f1 /proc/uptime)
     if out=$(fio --name=$rw --filename=/dev/$DEV --direct=1 --ioengine=libaio --rw=$rw --bs=$bs \
         --iodepth=$qd --runtime=@SECS@ --time_based --ramp_time=1 --numjobs=1 \
         --output-format=terse --terse-version=3 2>&1); then
         # terse v3: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS
         echo "BENCH-FIO $rw $(echo "$out" | grep '^3;' | cut -d';' -f7,8,48,49)"
+        echo "BENCH-TIME $rw $t0 $(cut -d' ' -f1 /proc/uptime)"
     else
         echo "BENCH-FAIL fio $rw: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
     fi
 done
-echo "BENCH-DONE"
+echo "BENCH-DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 INIT
 sed -i "s/@SECS@/$BENCH_SECS/" "$d/init"
@@ -288,17 +292,25 @@ def disk(dev, side, run):
         argv(side, f"{T}/initrd-disk", f"console=ttyS0 panic=-1 quiet bench.dev={gdev}", extra),
         name, b"BENCH-DONE")
     jobs = 0
+    dev_s = done_s = "n/a"
     for line in out.decode(errors="replace").replace("\r", "").splitlines():
         w = line.split()
+        if w and w[0] in ("BENCH-DEV", "BENCH-DONE"):
+            for word in w:
+                if word.startswith("uptime="):
+                    if w[0] == "BENCH-DEV":
+                        dev_s = word[7:]
+                    else:
+                        done_s = word[7:]
         if len(w) == 3 and w[0] == "BENCH-FIO":
             vals = w[2].split(";")
             if len(vals) == 4:
                 results.write(f"fio {dev} {side} {run} {w[1]} {' '.join(vals)}\n")
                 jobs += 1
-        elif line.startswith(("BENCH-FAIL", "BENCH-DEV", "BENCH-INFO")):
+        elif line.startswith(("BENCH-FAIL", "BENCH-DEV", "BENCH-INFO", "BENCH-TIME")):
             log(f"{name}: {line}")
     ok = rc == 0 and jobs == 4
-    results.write(f"disk {dev} {side} {run} ok={int(ok)} exit_ms={t_exit * 1000:.0f}\n")
+    results.write(f"disk {dev} {side} {run} ok={int(ok)} exit_ms={t_exit * 1000:.0f} dev_s={dev_s} done_s={done_s}\n")
     log(f"{name}: status {rc}, {jobs} fio jobs reported, {t_exit:.1f} s")
     if not ok:
         tail = out.decode(errors="replace").replace("\r", "").splitlines()[-15:]
@@ -390,6 +402,9 @@ med() { # the median of the numbers on stdin, nothing when there are none
 boot_median() { # boot_median SIDE KEY
     awk -v s="$1" '$1 == "boot" && $2 == s && / ok=1 /' "$WORK/results" | field "$2" | med
 }
+disk_median() { # disk_median DEV SIDE KEY
+    awk -v d="$1" -v s="$2" '$1 == "disk" && $2 == d && $3 == s && / ok=1 /' "$WORK/results" | field "$3" | med
+}
 # fio lines: fio DEV SIDE RUN JOB read-KiB/s read-IOPS write-KiB/s write-IOPS
 fio_median() { # fio_median DEV SIDE JOB MB/s|IOPS
     awk -v d="$1" -v s="$2" -v j="$3" -v u="$4" '
@@ -401,7 +416,7 @@ fio_median() { # fio_median DEV SIDE JOB MB/s|IOPS
 }
 fio_count() { awk -v d="$1" -v s="$2" -v j="$3" '$1 == "fio" && $2 == d && $3 == s && $5 == j' "$WORK/results" | wc -l; }
 show() { # show VALUE UNIT
-    if [ -z "$1" ]; then echo n/a; elif [ "$2" = MB/s ]; then printf '%.1f MB/s' "$1"; elif [ "$2" = IOPS ]; then printf '%.0f IOPS' "$1"; else printf '%s %s' "$1" "$2"; fi
+    if [ -z "$1" ]; then echo n/a; elif [ "$2" = MB/s ]; then printf '%.1f MB/s' "$1"; elif [ "$2" = IOPS ] || [ "$2" = ms ]; then printf '%.0f %s' "$1" "$2"; else printf '%s %s' "$1" "$2"; fi
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a > 0 && b > 0) printf "%.2f", a / b; else print "n/a"}'; }
 echo
@@ -431,6 +446,14 @@ if [ "$BENCH_ONLY" != boot ]; then
             q=$(fio_median "$dev" qemu "$job" "$unit")
             printf '%-22s %16s %16s %8s  %s\n' "$dev $label" "$(show "$v" "$unit")" "$(show "$q" "$unit")" \
                 "$(ratio "${v:-0}" "${q:-0}")" "(median of $(fio_count "$dev" vmm "$job")/$(fio_count "$dev" qemu "$job"); ratio vmm/qemu)"
+        done
+        # The disk boots' guest uptime when the disk appeared (the big initramfs unpacked,
+        # modules loaded) and after the four fio jobs: where the rest of a disk run's time goes.
+        for m in dev_s:"$dev disk-ready" done_s:"$dev fio-done"; do
+            v=$(disk_median "$dev" vmm "${m%%:*}")
+            q=$(disk_median "$dev" qemu "${m%%:*}")
+            printf '%-22s %16s %16s %8s  %s\n' "${m#*:}" "$(show "$v" s)" "$(show "$q" s)" \
+                "$(ratio "${q:-0}" "${v:-0}")" "(guest uptime; ratio qemu/vmm)"
         done
     done
 fi
