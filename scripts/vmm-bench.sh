@@ -151,9 +151,11 @@ DEV=vda
 for w in $(cat /proc/cmdline); do
     case "$w" in bench.dev=*) DEV=${w#bench.dev=} ;; esac
 done
+echo "BENCH-STAGE init uptime=$(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /modules.order); do
     insmod "/lib/modules/$m" 2>/dev/null || echo "BENCH-INFO insmod $m refused"
 done
+echo "BENCH-STAGE modules uptime=$(cut -d' ' -f1 /proc/uptime)"
 i=0
 while [ ! -b "/dev/$DEV" ]; do
     i=$((i + 1))
@@ -231,6 +233,7 @@ def launch(cmd, name, marker):
     fd = p.stdout.fileno()
     buf = bytearray()
     t_mark = None
+    ram = None
     deadline = t0 + LAUNCH_TIMEOUT
     timed_out = False
     while True:
@@ -247,6 +250,8 @@ def launch(cmd, name, marker):
         buf += chunk
         if t_mark is None and marker in buf:
             t_mark = now - t0
+        if ram is None and b"BENCH-DEV" in buf:
+            ram = guest_ram(p.pid)
     rc = p.wait()
     t_exit = time.monotonic() - t0
     p.stdout.close()
@@ -255,7 +260,34 @@ def launch(cmd, name, marker):
         f.write(buf)
     if timed_out:
         rc = 124
+    if ram:
+        log(f"{name}: guest RAM mapping (largest VMA) {ram}")
     return rc, t_mark, t_exit, bytes(buf)
+
+def guest_ram(pid):
+    """The VMM's largest mapping (its guest RAM): whether it starts 2 MiB-aligned and how much
+    of it is backed by transparent huge pages. KVM can map guest memory with 2 MiB pages in
+    the nested page tables only where guest-physical and host-virtual addresses agree modulo
+    2 MiB; fewer such pages mean more nested TLB misses, which TCG makes expensive."""
+    best = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            cur = None
+            for line in f:
+                w = line.split()
+                if "-" in w[0] and len(w) >= 5 and ":" not in w[0]:
+                    a, b = (int(x, 16) for x in w[0].split("-"))
+                    cur = {"start": a, "size": b - a, "thp": 0}
+                    if best is None or cur["size"] > best["size"]:
+                        best = cur
+                elif w[0] == "AnonHugePages:" and cur is not None:
+                    cur["thp"] = int(w[1])
+    except OSError as e:
+        return f"unreadable ({e})"
+    if best is None:
+        return "none"
+    return (f"start {best['start']:#x} (mod 2 MiB: {best['start'] % (2 << 20):#x}), "
+            f"{best['size'] >> 20} MiB, AnonHugePages {best['thp'] >> 10} MiB")
 
 def boot(side, run):
     name = f"boot-{side}-{run}"
@@ -307,7 +339,7 @@ def disk(dev, side, run):
             if len(vals) == 4:
                 results.write(f"fio {dev} {side} {run} {w[1]} {' '.join(vals)}\n")
                 jobs += 1
-        elif line.startswith(("BENCH-FAIL", "BENCH-DEV", "BENCH-INFO", "BENCH-TIME")):
+        elif line.startswith(("BENCH-FAIL", "BENCH-DEV", "BENCH-INFO", "BENCH-TIME", "BENCH-STAGE")):
             log(f"{name}: {line}")
     ok = rc == 0 and jobs == 4
     results.write(f"disk {dev} {side} {run} ok={int(ok)} exit_ms={t_exit * 1000:.0f} dev_s={dev_s} done_s={done_s}\n")
