@@ -44,7 +44,8 @@
 #
 # Output: a table on stdout; per-run numbers on stderr. Exit 0 only if every run completed
 # (boot: status 0 and the marker; disk: all four fio jobs reported); 1 otherwise; 125 when the
-# lab itself failed. No timing assertions.
+# lab itself failed. No timing assertions. Method, caveats and measured results:
+# vmm/docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOP=$PWD
