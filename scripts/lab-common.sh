@@ -132,3 +132,17 @@ pack_initramfs() {
 
 # median: the median of the numbers on stdin, one a line.
 median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+# add_host_binary ROOT BIN [NAME]: copies the host's program BIN (a path or a command name) into
+# ROOT/bin as NAME (default its own name), with every shared library ldd names for it at the
+# path it has on the host, so that it runs in a guest whose /init sets
+# LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu (fio for guest benchmarks).
+add_host_binary() {
+    local root=$1 bin lib
+    bin=$(command -v "$2") || die "no $2 on the host"
+    cp "$bin" "$root/bin/${3:-$(basename "$bin")}"
+    for lib in $(ldd "$bin" | awk '/=> \// {print $3} /^\t\// {print $1}'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+}
