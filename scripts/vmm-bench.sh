@@ -16,17 +16,17 @@
 #            identical -drive/-device options to both. BENCH_DISK_RUNS pairs per device set,
 #            interleaved. Ratio = vmm / qemu: above 1, our vmm moves more data.
 #
-# Device sets (BENCH_DEVICES, space-separated, default "blk"):
+# Device sets (BENCH_DEVICES, space-separated, default "blk scsi"):
 #   blk   -drive file=IMG,format=qcow2,if=virtio,cache=none
 #         (QEMU: virtio-blk-pci; vmm: virtio-blk over virtio-mmio declared in ACPI); /dev/vda
 #   scsi  -drive file=IMG,if=none,id=d0,format=qcow2,cache=none
 #         -device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=d0; /dev/sda
 #
-#   scripts/vmm-bench.sh                          boot and disk (blk)
+#   scripts/vmm-bench.sh                          boot and disk (blk and scsi)
 #   BENCH_ONLY=boot | BENCH_ONLY=disk             only one part
 #
 # Environment: BENCH_RUNS (boot pairs, default 5), BENCH_DISK_RUNS (disk pairs per device set,
-# default 3), BENCH_DEVICES (default blk), BENCH_SECS (seconds per fio job, default 4),
+# default 3), BENCH_DEVICES (default "blk scsi"), BENCH_SECS (seconds per fio job, default 4),
 # BENCH_IMG_MB (default 1024), BENCH_PREALLOC (off|metadata|falloc|full, default metadata),
 # BENCH_CACHE (the -drive cache= mode, default none), BENCH_VMM (the vmm binary to measure,
 # default target/release/vmm, built first), BENCH_MEM (guest MiB, default 512), BENCH_SMP
@@ -55,7 +55,7 @@ LAB_NAME=vmm-bench
 
 BENCH_RUNS=${BENCH_RUNS:-5}
 BENCH_DISK_RUNS=${BENCH_DISK_RUNS:-3}
-BENCH_DEVICES=${BENCH_DEVICES:-blk}
+BENCH_DEVICES=${BENCH_DEVICES:-blk scsi}
 BENCH_SECS=${BENCH_SECS:-4}
 BENCH_IMG_MB=${BENCH_IMG_MB:-1024}
 BENCH_PREALLOC=${BENCH_PREALLOC:-metadata}
