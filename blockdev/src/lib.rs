@@ -70,6 +70,13 @@ pub trait Storage: Send + Sync + Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; a read that crosses the end is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
+    /// Reads exactly the total length of `bufs` at `offset`, filling them in order (a
+    /// scatter read: a guest's buffers are filled without a copy through one of ours). The
+    /// default reads each buffer in turn; a file does it with one vectored request.
+    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        read_each(self, bufs, offset)
+    }
+
     /// Writes all of `buf` at `offset`, growing the storage if it is a file.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 
@@ -103,6 +110,21 @@ pub trait Storage: Send + Sync + Debug {
     fn as_file(&self) -> Option<&std::fs::File> {
         None
     }
+}
+
+/// Reads each of `bufs` in turn with [`Storage::read_at`], from `offset` on: the vectored
+/// read of a storage that has no better way.
+pub fn read_each<S: Storage + ?Sized>(
+    storage: &S,
+    bufs: &mut [std::io::IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let mut at = offset;
+    for buf in bufs.iter_mut() {
+        storage.read_at(buf, at)?;
+        at += buf.len() as u64;
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` inside the kernel

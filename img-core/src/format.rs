@@ -33,6 +33,23 @@ pub enum Mapping {
     },
 }
 
+impl Mapping {
+    /// The mapping of the part of an extent that starts `delta` bytes into it: host offsets
+    /// move along; a compressed cluster stays whole (the guest position selects the bytes).
+    pub fn advanced(self, delta: u64) -> Mapping {
+        match self {
+            Mapping::Data { offset, writable } => Mapping::Data {
+                offset: offset + delta,
+                writable,
+            },
+            Mapping::ZeroAllocated { offset } => Mapping::ZeroAllocated {
+                offset: offset + delta,
+            },
+            other => other,
+        }
+    }
+}
+
 /// A guest range that maps uniformly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {

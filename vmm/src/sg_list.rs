@@ -1,8 +1,10 @@
 //! Guest buffers as byte streams: the device-readable and device-writable parts of a
 //! descriptor chain, whatever way the driver split them across descriptors.
 
+use std::io::IoSliceMut;
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Why a chain is not a request the device can even answer.
@@ -122,6 +124,62 @@ impl SgList {
         })
     }
 
+    /// Runs `f` on the guest's own buffers that hold the `len` bytes starting `offset` bytes
+    /// into the list, as host memory, so that data can be read into them without a copy
+    /// through a buffer of ours (`preadv` straight into the guest). `None`, without calling
+    /// `f`, when that cannot be done safely: a piece outside guest memory or across two of
+    /// its regions, or pieces that overlap (a driver may not do that, but a hostile one
+    /// could, and two `&mut` to the same bytes must not exist); the caller then copies.
+    /// The pieces are marked dirty for the memory's bitmap (vhost-user's dirty log).
+    pub fn with_guest_slices<M: GuestMemory + ?Sized, T>(
+        &self,
+        mem: &M,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&mut [IoSliceMut<'_>]) -> T,
+    ) -> Option<T> {
+        let mut pieces = Vec::with_capacity(self.segments.len());
+        let ok = self.walk(offset, len, |addr, _, n| {
+            pieces.push((addr, n));
+            Ok(())
+        });
+        if ok.is_err() || !disjoint(&pieces) {
+            return None;
+        }
+        let mut slices = Vec::with_capacity(pieces.len());
+        for &(addr, n) in &pieces {
+            // One slice for the whole piece, or the piece crosses regions.
+            let slice = mem
+                .get_slices(addr, n, vm_memory::Permissions::Write)
+                .ok()?
+                .next()?
+                .ok()?;
+            if slice.len() != n {
+                return None;
+            }
+            slices.push(slice);
+        }
+        let mut bufs: Vec<IoSliceMut<'_>> = slices
+            .iter()
+            .map(|s| {
+                // SAFETY: the slice is `s.len()` bytes of mapped guest memory that stays mapped
+                // while `mem` is borrowed; the pieces were checked not to overlap, so no two of
+                // these slices alias. The guest gave these buffers to the device until the
+                // request completes; a guest that touches them meanwhile only races with its
+                // own I/O, as with any DMA.
+                IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(s.ptr_guard_mut().as_ptr(), s.len())
+                })
+            })
+            .collect();
+        let result = f(&mut bufs);
+        drop(bufs);
+        for s in &slices {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+        Some(result)
+    }
+
     /// Calls `f(guest address, offset in the caller's buffer, length)` for each piece of the
     /// `len` bytes starting `offset` bytes into the list.
     fn walk<F>(&self, offset: u64, len: u64, mut f: F) -> Result<(), vm_memory::GuestMemoryError>
@@ -157,6 +215,15 @@ impl SgList {
     }
 }
 
+/// Whether no two of the `(address, length)` ranges share a byte.
+fn disjoint(pieces: &[(GuestAddress, usize)]) -> bool {
+    let mut sorted: Vec<(u64, u64)> = pieces.iter().map(|&(a, n)| (a.0, n as u64)).collect();
+    sorted.sort_unstable();
+    sorted
+        .windows(2)
+        .all(|w| w[0].0.checked_add(w[0].1).is_some_and(|end| end <= w[1].0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +248,43 @@ mod tests {
         let mut short = list(&[(0, 3)]);
         assert_eq!(short.split_back(5), list(&[(0, 3)]));
         assert!(short.is_empty());
+    }
+
+    #[test]
+    fn guest_slices_are_the_guest_bytes_and_refused_when_unsafe() {
+        use vm_memory::GuestMemoryMmap;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap();
+        let l = list(&[(0x1000, 8), (0x3000, 8)]);
+        let n = l
+            .with_guest_slices(&mem, 4, 8, |bufs| {
+                assert_eq!(bufs.len(), 2);
+                bufs[0].copy_from_slice(b"abcd");
+                bufs[1].copy_from_slice(b"efgh");
+                bufs.len()
+            })
+            .unwrap();
+        assert_eq!(n, 2);
+        let mut back = [0u8; 8];
+        mem.read_slice(&mut back[..4], GuestAddress(0x1004))
+            .unwrap();
+        mem.read_slice(&mut back[4..], GuestAddress(0x3000))
+            .unwrap();
+        assert_eq!(&back, b"abcdefgh");
+        // Overlapping pieces, a piece across two regions, a piece outside memory: no slices.
+        for bad in [
+            list(&[(0x1000, 8), (0x1004, 8)]),
+            list(&[(0xfff8, 16)]),
+            list(&[(0x40000, 8)]),
+        ] {
+            let len = bad.len();
+            assert!(
+                bad.with_guest_slices(&mem, 0, len, |_| ()).is_none(),
+                "{bad:?}"
+            );
+        }
     }
 }

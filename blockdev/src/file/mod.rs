@@ -372,6 +372,23 @@ impl FileStorage {
         }
     }
 
+    /// One vectored read through the engine; may be short, 0 at the end of the file.
+    fn readv_once(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+        match self.ring() {
+            None => threads::readv_once(&self.file, bufs, offset),
+            // SAFETY: the buffers (IoSliceMut is ABI-compatible with iovec) are exclusively
+            // borrowed for the whole call, and execute does not return before the kernel is
+            // done writing to them.
+            Some(ring) => unsafe {
+                ring.execute(uring::Op::Readv {
+                    iov: bufs.as_ptr().cast::<libc::iovec>(),
+                    count: bufs.len().min(IOV_MAX) as u32,
+                    offset,
+                })
+            },
+        }
+    }
+
     /// One write through the engine; may be short.
     fn write_once(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         match self.ring() {
@@ -621,6 +638,10 @@ fn retryable(e: &io::Error, retries: &mut u32) -> bool {
     }
 }
 
+/// Most buffers one vectored request takes (Linux's `IOV_MAX`); a longer list is read in
+/// several requests.
+const IOV_MAX: usize = 1024;
+
 fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -647,6 +668,48 @@ impl Storage for FileStorage {
         let n = self.read_full(buf, offset)?;
         if n < buf.len() {
             return Err(self.past_end(offset, buf.len()));
+        }
+        Ok(())
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let aligned = || {
+            let mut at = offset;
+            bufs.iter().all(|b| {
+                let ok = self.is_aligned(b.as_ptr() as usize, at, b.len());
+                at += b.len() as u64;
+                ok
+            })
+        };
+        // O_DIRECT needs every buffer aligned; otherwise each goes its own way (and bounces).
+        if total == 0 || (self.cache.direct() && !aligned()) {
+            return crate::read_each(self, bufs, offset);
+        }
+        let mut rest: &mut [io::IoSliceMut<'_>] = bufs;
+        let mut done = 0usize;
+        let mut retries = 0u32;
+        while done < total {
+            let at = offset + done as u64;
+            match self.readv_once(rest, at) {
+                Ok(0) => return Err(self.past_end(offset, total)),
+                Ok(n) => {
+                    done += n;
+                    retries = 0;
+                    io::IoSliceMut::advance_slices(&mut rest, n);
+                    let next = at + n as u64;
+                    if done < total
+                        && self.cache.direct()
+                        && !next.is_multiple_of(self.alignment.request as u64)
+                    {
+                        // A short O_DIRECT read that ends mid-block ends at the end of the
+                        // file; read_at knows how to tell that from a file that grew.
+                        return crate::read_each(self, rest, next);
+                    }
+                }
+                Err(e) if retryable(&e, &mut retries) => {}
+                Err(e) => return Err(self.io_err("read", at, e)),
+            }
         }
         Ok(())
     }

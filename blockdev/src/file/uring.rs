@@ -91,6 +91,12 @@ pub(super) enum Op {
         len: usize,
         offset: u64,
     },
+    /// Read into the `count` buffers of the iovec array at `iov`, from `offset`.
+    Readv {
+        iov: *const libc::iovec,
+        count: u32,
+        offset: u64,
+    },
     /// fdatasync.
     DataSync,
 }
@@ -473,6 +479,9 @@ fn build_sqe(op: &Op, target: impl Into<FileTarget> + Copy) -> squeue::Entry {
                     opcode::Write::new($t, *buf, (*len).min(MAX_SQE_LEN) as u32)
                         .offset(*offset)
                         .build()
+                }
+                Op::Readv { iov, count, offset } => {
+                    opcode::Readv::new($t, *iov, *count).offset(*offset).build()
                 }
                 Op::DataSync => opcode::Fsync::new($t)
                     .flags(types::FsyncFlags::DATASYNC)

@@ -344,6 +344,18 @@ impl Lun {
         };
         // The initiator's buffer bounds the transfer; the transport reports the residue.
         let len = len.min(din.len());
+        // Straight into the initiator's buffers when they can be handed out.
+        let mut direct = None;
+        if din.scatter(0, len, &mut |bufs| {
+            direct = Some(image.read_vectored_at(bufs, offset))
+        }) {
+            if let Some(Err(e)) = direct {
+                return self.failed(Sense::READ_ERROR, "read", offset, &e);
+            }
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.stats.read_bytes.fetch_add(len, Ordering::Relaxed);
+            return Outcome::good(len);
+        }
         with_bounce(len, |buf| {
             let mut done = 0u64;
             while done < len {

@@ -40,6 +40,17 @@ pub trait DataIn {
     }
     /// Copies `buf` in, starting `offset` bytes in.
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), TransferError>;
+    /// Runs `f` on the initiator's own buffers for the `len` bytes starting `offset` bytes
+    /// in, so that data can be read into them without a copy; `false`, without calling `f`,
+    /// when they cannot be handed out (the caller then uses [`DataIn::write_at`]).
+    fn scatter(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _f: &mut dyn FnMut(&mut [std::io::IoSliceMut<'_>]),
+    ) -> bool {
+        false
+    }
 }
 
 /// The initiator's buffers could not be accessed (outside its memory).

@@ -74,6 +74,16 @@ impl<M: GuestMemory + ?Sized> DataIn for GuestIn<'_, M> {
             .write_from(self.mem, offset, buf)
             .map_err(|_| TransferError)
     }
+    fn scatter(
+        &self,
+        offset: u64,
+        len: u64,
+        f: &mut dyn FnMut(&mut [std::io::IoSliceMut<'_>]),
+    ) -> bool {
+        self.list
+            .with_guest_slices(self.mem, offset, len, f)
+            .is_some()
+    }
 }
 
 impl Controller {
