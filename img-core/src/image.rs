@@ -4,7 +4,7 @@
 use crate::format::{Allocation, Extent, Format, Mapping, ZeroMode};
 use crate::open::{DetectZeroes, DiscardMode};
 use crate::{Error, Result};
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
@@ -246,6 +246,43 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _io = self.io_shared();
         self.read_inner(buf, offset)
+    }
+
+    /// Writes `bufs`, one after the other, at guest `offset` (a gather write: a VMM writes
+    /// straight from a guest's buffers). Ranges already allocated and writable in place go
+    /// out in one vectored request each; from the first range that needs allocation (or when
+    /// zero writes are detected) the rest is gathered and written as [`Image::write_at`] does.
+    pub fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if self.detect_zeroes != DetectZeroes::Off {
+            return self.write_at(&gather(bufs, 0, total), offset);
+        }
+        self.check_writable()?;
+        self.check_range(offset, total)?;
+        self.format.before_write()?;
+        let _io = self.io_shared();
+        let mut done = 0u64;
+        while done < total {
+            let pos = offset + done;
+            let extent = self.format.map(pos, total - done)?;
+            match extent.mapping {
+                Mapping::Data {
+                    offset: host,
+                    writable: true,
+                } => {
+                    let parts: Vec<IoSlice<'_>> = slices(bufs, done, extent.len).collect();
+                    self.format.data_file().write_vectored_at(&parts, host)?;
+                    done += extent.len;
+                }
+                _ => {
+                    // Allocation copies around the data anyway: take the ordinary path.
+                    let rest = gather(bufs, done, total - done);
+                    return self.write_data(&rest, pos);
+                }
+            }
+        }
+        self.invalidate_decompressed();
+        Ok(())
     }
 
     /// Reads guest bytes at `offset` into `bufs`, filled in order (a scatter read: a VMM reads
@@ -755,25 +792,57 @@ fn read_clamped(storage: &dyn blockdev::Storage, buf: &mut [u8], offset: u64) ->
     Ok(())
 }
 
-/// The parts of `bufs` that hold the `len` bytes starting `start` bytes into them.
-fn pieces<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<IoSliceMut<'a>> {
+/// Where the `len` bytes starting `start` bytes into a list of buffers of `lens` lie: the
+/// `(buffer index, from, to)` of each part.
+fn spans(lens: impl Iterator<Item = usize>, start: u64, len: u64) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();
     let (mut skip, mut left) = (start, len);
-    for buf in bufs.iter_mut() {
+    for (i, n) in lens.enumerate() {
         if left == 0 {
             break;
         }
-        let n = buf.len() as u64;
+        let n = n as u64;
         if skip >= n {
             skip -= n;
             continue;
         }
         let take = (n - skip).min(left);
-        out.push(IoSliceMut::new(
-            &mut buf[skip as usize..(skip + take) as usize],
-        ));
+        out.push((i, skip as usize, (skip + take) as usize));
         left -= take;
         skip = 0;
+    }
+    out
+}
+
+/// The parts of `bufs` that hold the `len` bytes starting `start` bytes into them.
+fn pieces<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<IoSliceMut<'a>> {
+    let spans = spans(bufs.iter().map(|b| b.len()), start, len);
+    let mut out = Vec::with_capacity(spans.len());
+    let mut rest: &mut [IoSliceMut<'_>] = bufs;
+    let mut base = 0;
+    for (i, from, to) in spans {
+        // Hand out each buffer once, in order, so that the borrows stay disjoint.
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+        let (buf, tail) = tail.split_first_mut().expect("span within the buffers");
+        out.push(IoSliceMut::new(&mut buf[from..to]));
+        rest = tail;
+        base = i + 1;
+    }
+    out
+}
+
+/// The parts of `bufs` that hold the `len` bytes starting `start` bytes into them.
+fn slices<'a>(bufs: &'a [IoSlice<'_>], start: u64, len: u64) -> impl Iterator<Item = IoSlice<'a>> {
+    spans(bufs.iter().map(|b| b.len()), start, len)
+        .into_iter()
+        .map(|(i, from, to)| IoSlice::new(&bufs[i][from..to]))
+}
+
+/// The `len` bytes starting `start` bytes into `bufs`, copied into one buffer.
+fn gather(bufs: &[IoSlice<'_>], start: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len as usize);
+    for part in slices(bufs, start, len) {
+        out.extend_from_slice(&part);
     }
     out
 }

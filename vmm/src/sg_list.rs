@@ -1,7 +1,7 @@
 //! Guest buffers as byte streams: the device-readable and device-writable parts of a
 //! descriptor chain, whatever way the driver split them across descriptors.
 
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
@@ -124,20 +124,17 @@ impl SgList {
         })
     }
 
-    /// Runs `f` on the guest's own buffers that hold the `len` bytes starting `offset` bytes
-    /// into the list, as host memory, so that data can be read into them without a copy
-    /// through a buffer of ours (`preadv` straight into the guest). `None`, without calling
-    /// `f`, when that cannot be done safely: a piece outside guest memory or across two of
-    /// its regions, or pieces that overlap (a driver may not do that, but a hostile one
-    /// could, and two `&mut` to the same bytes must not exist); the caller then copies.
-    /// The pieces are marked dirty for the memory's bitmap (vhost-user's dirty log).
-    pub fn with_guest_slices<M: GuestMemory + ?Sized, T>(
+    /// The guest memory that holds the `len` bytes starting `offset` bytes into the list, one
+    /// slice per piece; `None` when a piece lies outside guest memory or across two of its
+    /// regions, or when pieces overlap (a driver may not do that, but a hostile one could,
+    /// and two `&mut` to the same bytes must not exist).
+    fn host_slices<'m, M: GuestMemory + ?Sized>(
         &self,
-        mem: &M,
+        mem: &'m M,
         offset: u64,
         len: u64,
-        f: impl FnOnce(&mut [IoSliceMut<'_>]) -> T,
-    ) -> Option<T> {
+        access: vm_memory::Permissions,
+    ) -> Option<Vec<vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, M::Bitmap>>>> {
         let mut pieces = Vec::with_capacity(self.segments.len());
         let ok = self.walk(offset, len, |addr, _, n| {
             pieces.push((addr, n));
@@ -149,16 +146,28 @@ impl SgList {
         let mut slices = Vec::with_capacity(pieces.len());
         for &(addr, n) in &pieces {
             // One slice for the whole piece, or the piece crosses regions.
-            let slice = mem
-                .get_slices(addr, n, vm_memory::Permissions::Write)
-                .ok()?
-                .next()?
-                .ok()?;
+            let slice = mem.get_slices(addr, n, access).ok()?.next()?.ok()?;
             if slice.len() != n {
                 return None;
             }
             slices.push(slice);
         }
+        Some(slices)
+    }
+
+    /// Runs `f` on the guest's own buffers that hold the `len` bytes starting `offset` bytes
+    /// into the list, as host memory, so that data can be read into them without a copy
+    /// through a buffer of ours (`preadv` straight into the guest). `None`, without calling
+    /// `f`, when that cannot be done safely (see `host_slices`); the caller then copies. The
+    /// pieces are marked dirty for the memory's bitmap (vhost-user's dirty log).
+    pub fn with_guest_slices<M: GuestMemory + ?Sized, T>(
+        &self,
+        mem: &M,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&mut [IoSliceMut<'_>]) -> T,
+    ) -> Option<T> {
+        let slices = self.host_slices(mem, offset, len, vm_memory::Permissions::Write)?;
         let mut bufs: Vec<IoSliceMut<'_>> = slices
             .iter()
             .map(|s| {
@@ -178,6 +187,27 @@ impl SgList {
             s.bitmap().mark_dirty(0, s.len());
         }
         Some(result)
+    }
+
+    /// Runs `f` on the guest's own buffers that hold the `len` bytes starting `offset` bytes
+    /// into the list, for reading (`pwritev` straight from the guest); `None` as for
+    /// [`SgList::with_guest_slices`].
+    pub fn with_guest_buffers<M: GuestMemory + ?Sized, T>(
+        &self,
+        mem: &M,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[IoSlice<'_>]) -> T,
+    ) -> Option<T> {
+        let slices = self.host_slices(mem, offset, len, vm_memory::Permissions::Read)?;
+        let bufs: Vec<IoSlice<'_>> = slices
+            .iter()
+            .map(|s| {
+                // SAFETY: as in `with_guest_slices`; these are only read.
+                IoSlice::new(unsafe { std::slice::from_raw_parts(s.ptr_guard().as_ptr(), s.len()) })
+            })
+            .collect();
+        Some(f(&bufs))
     }
 
     /// Calls `f(guest address, offset in the caller's buffer, length)` for each piece of the

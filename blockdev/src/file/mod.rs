@@ -389,6 +389,22 @@ impl FileStorage {
         }
     }
 
+    /// One vectored write through the engine; may be short.
+    fn writev_once(&self, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        match self.ring() {
+            None => threads::writev_once(&self.file, bufs, offset),
+            // SAFETY: the buffers (IoSlice is ABI-compatible with iovec) are borrowed for the
+            // whole call, and execute does not return before the kernel is done reading them.
+            Some(ring) => unsafe {
+                ring.execute(uring::Op::Writev {
+                    iov: bufs.as_ptr().cast::<libc::iovec>(),
+                    count: bufs.len().min(IOV_MAX) as u32,
+                    offset,
+                })
+            },
+        }
+    }
+
     /// One write through the engine; may be short.
     fn write_once(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         match self.ring() {
@@ -709,6 +725,49 @@ impl Storage for FileStorage {
                 }
                 Err(e) if retryable(&e, &mut retries) => {}
                 Err(e) => return Err(self.io_err("read", at, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, bufs: &[io::IoSlice<'_>], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let aligned = || {
+            let mut at = offset;
+            bufs.iter().all(|b| {
+                let ok = self.is_aligned(b.as_ptr() as usize, at, b.len());
+                at += b.len() as u64;
+                ok
+            })
+        };
+        // O_DIRECT needs every buffer aligned; otherwise each goes its own way (and bounces).
+        if total == 0 || (self.cache.direct() && !aligned()) {
+            return crate::write_each(self, bufs, offset);
+        }
+        // As in write_at: an unaligned write that grows and cuts back the file must not cut
+        // this one's data.
+        let _shared = self
+            .cache
+            .direct()
+            .then(|| self.resize.read().unwrap_or_else(|e| e.into_inner()));
+        let mut storage: Vec<io::IoSlice<'_>> = bufs.to_vec();
+        let mut rest: &mut [io::IoSlice<'_>] = &mut storage;
+        let mut done = 0usize;
+        let mut retries = 0u32;
+        while done < total {
+            let at = offset + done as u64;
+            match self.writev_once(rest, at) {
+                Ok(0) => {
+                    return Err(self.io_err("write", at, io::ErrorKind::WriteZero.into()));
+                }
+                Ok(n) => {
+                    done += n;
+                    retries = 0;
+                    io::IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if retryable(&e, &mut retries) => {}
+                Err(e) => return Err(self.io_err("write", at, e)),
             }
         }
         Ok(())

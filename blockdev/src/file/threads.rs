@@ -40,6 +40,29 @@ pub(super) fn readv_once(
     }
 }
 
+/// One `pwritev` of at most `IOV_MAX` buffers; may be short.
+pub(super) fn writev_once(file: &File, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let count = bufs.len().min(super::IOV_MAX) as libc::c_int;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: IoSlice is ABI-compatible with iovec; the buffers are borrowed for the call and
+    // the descriptor stays open.
+    let n = unsafe {
+        libc::pwritev(
+            file.as_raw_fd(),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            count,
+            off,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// One `pwrite`; may be short.
 pub(super) fn write_once(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
     file.write_at(buf, offset)

@@ -97,6 +97,12 @@ pub(super) enum Op {
         count: u32,
         offset: u64,
     },
+    /// Write the `count` buffers of the iovec array at `iov`, at `offset`.
+    Writev {
+        iov: *const libc::iovec,
+        count: u32,
+        offset: u64,
+    },
     /// fdatasync.
     DataSync,
 }
@@ -483,6 +489,9 @@ fn build_sqe(op: &Op, target: impl Into<FileTarget> + Copy) -> squeue::Entry {
                 Op::Readv { iov, count, offset } => {
                     opcode::Readv::new($t, *iov, *count).offset(*offset).build()
                 }
+                Op::Writev { iov, count, offset } => opcode::Writev::new($t, *iov, *count)
+                    .offset(*offset)
+                    .build(),
                 Op::DataSync => opcode::Fsync::new($t)
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),

@@ -386,7 +386,40 @@ impl Lun {
         if out.len() < len {
             return Outcome::check(Sense::TRANSFER_FAILED);
         }
-        let written = with_bounce(len, |buf| {
+        // Straight from the initiator's buffers when they can be handed out.
+        let mut direct = None;
+        let written = if out.gather(0, len, &mut |bufs| {
+            direct = Some(image.write_vectored_at(bufs, offset))
+        }) {
+            match direct {
+                Some(Err(e)) => Err(self.failed(Sense::WRITE_ERROR, "write", offset, &e)),
+                _ => Ok(()),
+            }
+        } else {
+            self.write_bounced(image, out, offset, len)
+        };
+        if let Err(o) = written {
+            return o;
+        }
+        if t.fua {
+            if let Err(e) = image.flush() {
+                return self.failed(Sense::WRITE_ERROR, "flush", offset, &e);
+            }
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        Outcome::good(0)
+    }
+
+    /// A write through the bounce buffer, a piece at a time.
+    fn write_bounced(
+        &self,
+        image: &Image,
+        out: &dyn DataOut,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Outcome> {
+        with_bounce(len, |buf| {
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(buf.len() as u64) as usize;
@@ -399,18 +432,7 @@ impl Lun {
                 done += n as u64;
             }
             Ok(())
-        });
-        if let Err(o) = written {
-            return o;
-        }
-        if t.fua {
-            if let Err(e) = image.flush() {
-                return self.failed(Sense::WRITE_ERROR, "flush", offset, &e);
-            }
-        }
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
-        Outcome::good(0)
+        })
     }
 
     fn unmap(&self, image: &Image, cdb: &[u8], out: &dyn DataOut) -> Outcome {

@@ -28,6 +28,12 @@ pub trait DataOut {
     }
     /// Copies `buf.len()` bytes starting `offset` bytes in.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), TransferError>;
+    /// Runs `f` on the initiator's own buffers for the `len` bytes starting `offset` bytes
+    /// in, so that they can be written out without a copy; `false`, without calling `f`,
+    /// when they cannot be handed out (the caller then uses [`DataOut::read_at`]).
+    fn gather(&self, _offset: u64, _len: u64, _f: &mut dyn FnMut(&[std::io::IoSlice<'_>])) -> bool {
+        false
+    }
 }
 
 /// Where the command's data for the initiator goes (a read's blocks, INQUIRY's answer).

@@ -232,6 +232,31 @@ impl BlockDevice {
         }
         let len = req.readable.len();
         let offset = self.data_range(req, len)?;
+        // Straight from the guest's buffers when they can be handed out safely.
+        let direct = req
+            .readable
+            .with_guest_buffers(mem, 0, len, |bufs| image.write_vectored_at(bufs, offset));
+        match direct {
+            Some(r) => r.map_err(|e| self.log(e, "write", offset))?,
+            None => self.write_bounced(image, req, mem, offset, len)?,
+        }
+        if self.is_write_through() {
+            image.flush().map_err(|e| self.log(e, "flush", offset))?;
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(0)
+    }
+
+    /// A write through the bounce buffer, a piece at a time.
+    fn write_bounced<M: GuestMemory + ?Sized>(
+        &self,
+        image: &Image,
+        req: &Request,
+        mem: &M,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Fail> {
         with_bounce(len, |buf| {
             let mut done = 0u64;
             while done < len {
@@ -245,13 +270,7 @@ impl BlockDevice {
                 done += n as u64;
             }
             Ok(())
-        })?;
-        if self.is_write_through() {
-            image.flush().map_err(|e| self.log(e, "flush", offset))?;
-        }
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(0)
+        })
     }
 
     /// DISCARD and WRITE_ZEROES: every range is checked before any is carried out.

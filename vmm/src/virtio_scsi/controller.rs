@@ -57,6 +57,11 @@ impl<M: GuestMemory + ?Sized> DataOut for GuestOut<'_, M> {
             .read_into(self.mem, offset, buf)
             .map_err(|_| TransferError)
     }
+    fn gather(&self, offset: u64, len: u64, f: &mut dyn FnMut(&[std::io::IoSlice<'_>])) -> bool {
+        self.list
+            .with_guest_buffers(self.mem, offset, len, f)
+            .is_some()
+    }
 }
 
 /// The device-writable room after the response header.
