@@ -167,7 +167,9 @@ fn gather_writes_leave_the_image_plain_writes_leave() {
         let gathered = dir.path().join(format!("gathered{round}.qcow2"));
         for p in [&plain, &gathered] {
             let p = p.to_str().unwrap();
-            qemu_img(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", p, "6M"]);
+            qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", p, "6M",
+            ]);
             // Some clusters allocated (written in place), some compressed, some zero.
             qemu_io(
                 "qcow2",

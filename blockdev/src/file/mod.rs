@@ -503,6 +503,18 @@ impl FileStorage {
         }
     }
 
+    /// Whether buffers `(address, length)`, one after the other from `offset`, can go in one
+    /// vectored request: always with the page cache; with O_DIRECT when each is aligned.
+    fn vectored_ok(&self, mut parts: impl Iterator<Item = (usize, usize)>, offset: u64) -> bool {
+        let mut at = offset;
+        !self.cache.direct()
+            || parts.all(|(addr, len)| {
+                let ok = self.is_aligned(addr, at, len);
+                at += len as u64;
+                ok
+            })
+    }
+
     fn is_aligned(&self, addr: usize, offset: u64, len: usize) -> bool {
         let a = self.alignment;
         addr.is_multiple_of(a.memory)
@@ -690,16 +702,9 @@ impl Storage for FileStorage {
 
     fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let aligned = || {
-            let mut at = offset;
-            bufs.iter().all(|b| {
-                let ok = self.is_aligned(b.as_ptr() as usize, at, b.len());
-                at += b.len() as u64;
-                ok
-            })
-        };
         // O_DIRECT needs every buffer aligned; otherwise each goes its own way (and bounces).
-        if total == 0 || (self.cache.direct() && !aligned()) {
+        let parts = bufs.iter().map(|b| (b.as_ptr() as usize, b.len()));
+        if total == 0 || !self.vectored_ok(parts, offset) {
             return crate::read_each(self, bufs, offset);
         }
         let mut rest: &mut [io::IoSliceMut<'_>] = bufs;
@@ -733,16 +738,8 @@ impl Storage for FileStorage {
     fn write_vectored_at(&self, bufs: &[io::IoSlice<'_>], offset: u64) -> Result<()> {
         self.check_writable()?;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let aligned = || {
-            let mut at = offset;
-            bufs.iter().all(|b| {
-                let ok = self.is_aligned(b.as_ptr() as usize, at, b.len());
-                at += b.len() as u64;
-                ok
-            })
-        };
-        // O_DIRECT needs every buffer aligned; otherwise each goes its own way (and bounces).
-        if total == 0 || (self.cache.direct() && !aligned()) {
+        let parts = bufs.iter().map(|b| (b.as_ptr() as usize, b.len()));
+        if total == 0 || !self.vectored_ok(parts, offset) {
             return crate::write_each(self, bufs, offset);
         }
         // As in write_at: an unaligned write that grows and cuts back the file must not cut

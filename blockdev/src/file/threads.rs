@@ -19,43 +19,39 @@ pub(super) fn readv_once(
     bufs: &mut [io::IoSliceMut<'_>],
     offset: u64,
 ) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let count = bufs.len().min(super::IOV_MAX) as libc::c_int;
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let iov = bufs.as_mut_ptr().cast::<libc::iovec>();
     // SAFETY: IoSliceMut is ABI-compatible with iovec; the buffers are exclusively borrowed
     // for the call and the descriptor stays open.
-    let n = unsafe {
-        libc::preadv(
-            file.as_raw_fd(),
-            bufs.as_mut_ptr().cast::<libc::iovec>(),
-            count,
-            off,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    vectored(file, bufs.len(), offset, |fd, n, off| unsafe {
+        libc::preadv(fd, iov, n, off)
+    })
 }
 
 /// One `pwritev` of at most `IOV_MAX` buffers; may be short.
 pub(super) fn writev_once(file: &File, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let count = bufs.len().min(super::IOV_MAX) as libc::c_int;
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let iov = bufs.as_ptr().cast::<libc::iovec>();
     // SAFETY: IoSlice is ABI-compatible with iovec; the buffers are borrowed for the call and
     // the descriptor stays open.
-    let n = unsafe {
-        libc::pwritev(
-            file.as_raw_fd(),
-            bufs.as_ptr().cast::<libc::iovec>(),
-            count,
-            off,
-        )
-    };
+    vectored(file, bufs.len(), offset, |fd, n, off| unsafe {
+        libc::pwritev(fd, iov, n, off)
+    })
+}
+
+/// Runs a positioned vectored call on at most `IOV_MAX` of `count` buffers.
+fn vectored(
+    file: &File,
+    count: usize,
+    offset: u64,
+    call: impl FnOnce(libc::c_int, libc::c_int, libc::off_t) -> isize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let n = call(
+        file.as_raw_fd(),
+        count.min(super::IOV_MAX) as libc::c_int,
+        off,
+    );
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
