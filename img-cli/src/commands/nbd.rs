@@ -1,6 +1,6 @@
 //! `img nbd`: serves an image over NBD, with qemu-nbd's options.
 
-use crate::daemon::{self, PidFile};
+use crate::daemon;
 use crate::getopt::{opt, parse};
 use crate::open::{open_with_aio, ImageSpec};
 use crate::{CliError, CmdResult};
@@ -347,7 +347,7 @@ fn serve(a: &Args, readiness: &mut daemon::Readiness) -> CmdResult {
             })?)
         }
     };
-    let pid_file = a.pid_file.as_deref().map(PidFile::create).transpose()?;
+    let pid_file = a.pid_file.as_deref().map(daemon::pid_file).transpose()?;
     // SAFETY: ignoring a signal installs no handler. A client hanging up mid-reply must fail
     // the write, not kill the server.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };

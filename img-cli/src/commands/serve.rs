@@ -5,7 +5,7 @@
 //! SIGINT or SIGHUP); it is flushed whenever a front end disconnects, and flushed and closed
 //! on the way out.
 
-use crate::daemon::{self, PidFile};
+use crate::daemon;
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{open_with_aio, parse_cache, ImageSpec};
 use crate::{CliError, CmdResult};
@@ -120,7 +120,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let device = Arc::new(BlockDevice::new(image, device));
     let pidfile = pidfile
         .as_deref()
-        .map(PidFile::create)
+        .map(daemon::pid_file)
         .transpose()?
         .map(Arc::new);
 

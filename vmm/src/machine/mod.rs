@@ -288,9 +288,13 @@ impl Machine {
         self.vm
             .register_irqfd(&irq, gsi)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-        let transport = MmioTransport::new(backend, Arc::new(self.mem.clone()), irq)
-            .map(|t| t.keeping(self.host_ram.clone()))
-            .map_err(|e| dev_err("transport", e))?;
+        let transport = MmioTransport::new(
+            backend,
+            Arc::new(self.mem.clone()),
+            irq,
+            Some(self.host_ram.clone()),
+        )
+        .map_err(|e| dev_err("transport", e))?;
         self.vm
             .register_ioevent(
                 transport.notify_event(),

@@ -159,8 +159,9 @@ struct Shared {
     interrupt_status: AtomicU32,
     irq: EventFd,
     /// What must stay mapped while requests run (the machine's RAM, when `mem` does not own
-    /// its mappings).
-    keep_alive: Mutex<Option<Arc<crate::machine::memory::HostRam>>>,
+    /// its mappings): the requests' completions hold this state, so guest memory outlives the
+    /// last request that touches it, even after the machine has stopped.
+    _keep_alive: Option<Arc<crate::machine::memory::HostRam>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -241,11 +242,13 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// A transport for `backend` over guest memory `mem`, interrupting through `irq` (an eventfd
-    /// the caller registers as an irqfd).
+    /// the caller registers as an irqfd). `keep_alive` owns `mem`'s mappings when `mem` does
+    /// not (the machine's [`HostRam`](crate::machine::memory::HostRam)).
     pub fn new(
         backend: Arc<dyn Backend>,
         mem: Arc<GuestMemoryMmap>,
         irq: EventFd,
+        keep_alive: Option<Arc<crate::machine::memory::HostRam>>,
     ) -> std::io::Result<Self> {
         let max = backend.queue_size();
         let queues = (0..backend.num_queues().max(1))
@@ -264,7 +267,7 @@ impl MmioTransport {
                 inflight,
                 interrupt_status: AtomicU32::new(0),
                 irq,
-                keep_alive: Mutex::new(None),
+                _keep_alive: keep_alive,
             }),
             notify: Arc::new(EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?),
             device_features_sel: 0,
@@ -274,14 +277,6 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
         })
-    }
-
-    /// The transport with `ram` kept mapped for as long as the transport or any of its requests
-    /// lives: the requests' completions hold the transport's state, so guest memory outlives
-    /// the last request that touches it, even after the machine has stopped.
-    pub fn keeping(self, ram: Arc<crate::machine::memory::HostRam>) -> Self {
-        *lock(&self.shared.keep_alive) = Some(ram);
-        self
     }
 
     /// The eventfd a `QueueNotify` write signals: register it as an ioeventfd at

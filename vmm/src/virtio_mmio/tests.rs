@@ -102,6 +102,7 @@ fn rig() -> Rig {
         Arc::new(BlockBackend::new(device, executor.clone())),
         mem.clone(),
         irq.try_clone().unwrap(),
+        None,
     )
     .unwrap();
     Rig {
@@ -329,8 +330,13 @@ fn scsi_commands_complete_and_event_buffers_wait() {
         Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap());
     let irq = EventFd::new(libc::EFD_CLOEXEC).unwrap();
     let backend = ScsiBackend::new(Arc::new(controller), executor.clone(), "scsi0");
-    let mut dev =
-        MmioTransport::new(Arc::new(backend), mem.clone(), irq.try_clone().unwrap()).unwrap();
+    let mut dev = MmioTransport::new(
+        Arc::new(backend),
+        mem.clone(),
+        irq.try_clone().unwrap(),
+        None,
+    )
+    .unwrap();
     assert_eq!(rd(&mut dev, 0x08), 8, "SCSI host");
     let mut num_queues = [0u8; 4];
     dev.read(0x100, &mut num_queues);

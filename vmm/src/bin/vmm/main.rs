@@ -11,7 +11,6 @@ mod options;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -97,140 +96,37 @@ fn start_qmp(
 /// The QEMU version QMP announces: the one whose protocol the commands follow.
 const QMP_VERSION: (u32, u32, u32) = (10, 0, 2);
 
-/// Forks; the parent waits for the child's verdict on its set-up and exits with it. KVM ties a
-/// VM to the process that created it, so this must happen before the machine is built. Returns
-/// the pipe on which the child reports: an empty message is success.
-fn daemonize() -> Result<File, Fail> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Fail(format!("pipe: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the process is single-threaded here (no vCPU or other thread started yet), so the
-    // child may run arbitrary code after fork.
-    match unsafe { libc::fork() } {
-        -1 => Err(Fail(format!("fork: {}", std::io::Error::last_os_error()))),
-        0 => {
-            drop(rd);
-            // SAFETY: setsid has no memory-safety preconditions.
-            unsafe { libc::setsid() };
-            Ok(File::from(wr))
-        }
-        _ => {
-            drop(wr);
-            let mut msg = String::new();
-            let _ = File::from(rd).read_to_string(&mut msg);
-            if msg.is_empty() {
-                std::process::exit(0);
-            }
-            // The child died or reported a failure.
-            eprint!("{msg}");
-            std::process::exit(1);
-        }
-    }
-}
-
-/// SIGTERM, SIGINT and SIGHUP, blocked in every thread so that one thread can wait for them.
-struct StopSignals(libc::sigset_t);
-
-impl StopSignals {
-    /// Blocks the signals in the calling thread, which every thread started later inherits:
-    /// call it before any other thread exists.
-    fn block() -> Result<Self, Fail> {
-        // SAFETY: sigset_t is a plain bitmask that sigemptyset initialises.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-                libc::sigaddset(&mut set, sig);
-            }
-        }
-        // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(Fail(format!(
-                "pthread_sigmask: {}",
-                std::io::Error::from_raw_os_error(rc)
-            )));
-        }
-        Ok(Self(set))
-    }
-
-    /// Turns the first signal into a clean stop (the pid file is removed, the exit status is
-    /// 0, as QEMU does): `stop` runs on a thread that waits for it.
-    fn on_signal(self, stop: impl FnOnce() + Send + 'static) -> Result<(), Fail> {
-        let set = self.0;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let mut sig = 0;
-                // SAFETY: `set` and `sig` are valid for the call.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    eprintln!("vmm: terminating on signal {sig}");
-                    stop();
-                }
-            })
-            .map_err(|e| Fail(format!("signal thread: {e}")))?;
-        Ok(())
-    }
-}
-
-/// Points stdin, stdout and stderr at /dev/null (a daemon has no terminal).
-fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
-        use std::os::fd::AsRawFd;
-        for fd in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors; `null` stays open for the call.
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
-        }
-    }
-}
-
 fn run(args: &[String]) -> Result<ExitReason, Fail> {
     let Some(o) = args::parse(args)? else {
         return Ok(ExitReason::PowerOff);
     };
-    let report = if o.daemonize {
-        Some(daemonize()?)
-    } else {
-        None
-    };
-    let signals = StopSignals::block()?;
-    let setup = (|| {
-        let devices = Devices::open(&o)?;
-        let events = qmp::Events::default();
-        let config = machine_config(&o, &events)?;
-        let m = build(&o, &devices, &config)?;
-        let qmp = start_qmp(&o, &devices, &config.control, &events)?;
-        if let Some(p) = &o.pidfile {
-            std::fs::write(p, format!("{}\n", std::process::id()))
-                .map_err(|e| Fail(format!("{}: {e}", p.display())))?;
-        }
-        Ok((m, devices, config, qmp))
-    })();
-    let (mut m, devices, config, qmp) = match (setup, report) {
-        (Ok(s), Some(pipe)) => {
-            // Closing the pipe without a message tells the parent we are running.
-            drop(pipe);
-            detach_stdio();
-            s
-        }
-        (Ok(s), None) => s,
-        (Err(Fail(msg)), Some(mut pipe)) => {
-            let _ = writeln!(pipe, "vmm: {msg}");
-            std::process::exit(1);
-        }
-        (Err(e), None) => return Err(e),
-    };
+    // KVM ties a VM to the process that created it, so the fork comes before the machine;
+    // the parent exits once the child has built it (or with the child's status when it
+    // failed, the child having printed why).
+    let mut readiness = daemon::fork_when_ready(o.daemonize).map_err(|e| Fail(e.to_string()))?;
+    daemon::block_stop_signals();
+    let devices = Devices::open(&o)?;
+    let events = qmp::Events::default();
+    let config = machine_config(&o, &events)?;
+    let mut m = build(&o, &devices, &config)?;
+    let qmp = start_qmp(&o, &devices, &config.control, &events)?;
+    let _pid_file = o
+        .pidfile
+        .as_deref()
+        .map(|p| daemon::PidFile::create(&p.to_string_lossy()))
+        .transpose()
+        .map_err(|e| Fail(e.to_string()))?;
+    readiness.ready();
+    if o.daemonize {
+        daemon::detach_stdio();
+    }
     let control = config.control.clone();
-    signals.on_signal(move || control.request_shutdown(ShutdownCause::HostSignal))?;
+    daemon::on_stop_signal(move |sig| {
+        eprintln!("vmm: terminating on signal {sig}");
+        control.request_shutdown(ShutdownCause::HostSignal);
+        true
+    })
+    .map_err(|e| Fail(format!("signal thread: {e}")))?;
     for (server, q) in qmp.iter().zip(&o.qmp) {
         if q.wait {
             server.wait_for_client();
@@ -257,9 +153,6 @@ fn run(args: &[String]) -> Result<ExitReason, Fail> {
     // Requests still running finish first (close waits for them); then caches reach the file.
     if let (Err(e), true) = (devices.close(), result.is_ok()) {
         result = Err(e);
-    }
-    if let Some(p) = &o.pidfile {
-        let _ = std::fs::remove_file(p);
     }
     for q in &o.qmp {
         let _ = std::fs::remove_file(&q.path);

@@ -124,26 +124,16 @@ fn split_commas(s: &str) -> Vec<String> {
     parts
 }
 
-/// A size: a number with an optional B, K, M, G or T suffix; a bare number is shifted by
-/// `default_shift` (QEMU's `-m` counts MiB, its block options bytes).
+/// A size as QEMU takes it (`img_core::size::parse_size`: an optional K, M, G, T, P, E
+/// suffix, fractions with one); a bare number is shifted by `default_shift` (QEMU's `-m`
+/// counts MiB, its block options bytes).
 pub fn parse_size(s: &str, default_shift: u32) -> Result<u64, String> {
     let bad = || format!("expects a non-negative number below 2^64 (got '{s}')");
-    let (num, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, default_shift),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let n: u64 = s.parse().map_err(|_| bad())?;
+        return n.checked_mul(1 << default_shift).ok_or_else(bad);
+    }
+    img_core::size::parse_size(s).ok_or_else(bad)
 }
 
 #[cfg(test)]
