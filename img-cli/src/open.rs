@@ -310,7 +310,23 @@ impl ImageSpec {
         })
     }
 
-    /// Builds the spec for an image argument from the command's options.
+    /// The image a command names, refusing `--image-opts` together with `--format` with
+    /// qemu-img's message (what most commands check before opening their image).
+    pub fn from_args_checked(
+        arg: &str,
+        image_opts: bool,
+        format: Option<&str>,
+    ) -> Result<Self, CliError> {
+        if image_opts && format.is_some() {
+            return Err(CliError::new(
+                "--image-opts and --format are mutually exclusive",
+            ));
+        }
+        Self::from_args(arg, image_opts, format)
+    }
+
+    /// The image a command names: an `--image-opts` string or a file name with an optional
+    /// `-f` format (which `--image-opts` ignores; see [`ImageSpec::from_args_checked`]).
     pub fn from_args(arg: &str, image_opts: bool, format: Option<&str>) -> Result<Self, CliError> {
         if image_opts {
             Self::from_image_opts(arg)

@@ -338,12 +338,7 @@ fn amend(
     };
     let cache_mode = open::parse_cache(cache)
         .ok_or_else(|| CliError::new(format!("Invalid cache option: {cache}")))?;
-    if image_opts && fmt.is_some() {
-        return Err(CliError::new(
-            "--image-opts and --format are mutually exclusive",
-        ));
-    }
-    let spec = ImageSpec::from_args(filename, image_opts, fmt)?;
+    let spec = ImageSpec::from_args_checked(filename, image_opts, fmt)?;
     let mut image = open::open(&spec, false, cache_mode)?;
     // (`open` warns about a probed raw image opened for writing, as qemu-img does.)
     let driver = image.format().driver();

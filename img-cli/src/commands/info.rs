@@ -340,13 +340,8 @@ pub fn run(args: &[String]) -> CmdResult {
     if pos.len() != 1 {
         return Err(CliError::usage("Expecting one image file name"));
     }
-    if image_opts && fmt.is_some() {
-        return Err(CliError::new(
-            "--image-opts and --format are mutually exclusive",
-        ));
-    }
     // As qemu-img: the data is not read, so no "consistent read" lock is taken.
-    let spec = ImageSpec::from_args(&pos[0], image_opts, fmt.as_deref())?
+    let spec = ImageSpec::from_args_checked(&pos[0], image_opts, fmt.as_deref())?
         .with_force_share(force_share)
         .with_usage(Usage {
             metadata_only: true,

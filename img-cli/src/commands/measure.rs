@@ -276,12 +276,7 @@ pub fn run(args: &[String]) -> CmdResult {
 
 /// Opens the source read-only and, with `-l`, finds the snapshot to measure.
 fn open_source(name: &str, a: &Args) -> Result<Image, CliError> {
-    if a.image_opts && a.format.is_some() {
-        return Err(CliError::new(
-            "--image-opts and --format are mutually exclusive",
-        ));
-    }
-    let spec = ImageSpec::from_args(name, a.image_opts, a.format.as_deref())?
+    let spec = ImageSpec::from_args_checked(name, a.image_opts, a.format.as_deref())?
         .with_force_share(a.force_share);
     let cache = open::parse_cache("writeback").expect("writeback is a cache mode");
     let mut image = open::open(&spec, true, cache)?;

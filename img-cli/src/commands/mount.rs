@@ -176,12 +176,7 @@ pub fn run(args: &[String]) -> CmdResult {
             "Expecting an image file name and a mount point",
         ));
     }
-    if image_opts && fmt.is_some() {
-        return Err(CliError::new(
-            "--image-opts and --format are mutually exclusive",
-        ));
-    }
-    let mut spec = ImageSpec::from_args(&pos[0], image_opts, fmt.as_deref())?;
+    let mut spec = ImageSpec::from_args_checked(&pos[0], image_opts, fmt.as_deref())?;
     if discard.is_some() {
         spec.options.discard = discard;
     }

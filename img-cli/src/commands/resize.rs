@@ -169,12 +169,7 @@ pub fn run(args: &[String]) -> CmdResult {
             ))
         }
     };
-    if a.image_opts && a.format.is_some() {
-        return Err(CliError::new(
-            "--image-opts and --format are mutually exclusive",
-        ));
-    }
-    let mut spec = ImageSpec::from_args(filename, a.image_opts, a.format.as_deref())?;
+    let mut spec = ImageSpec::from_args_checked(filename, a.image_opts, a.format.as_deref())?;
     if spec.options.discard.is_none() {
         // qemu-img opens the image without unmap: clusters freed by a shrink keep their
         // blocks in the file (only the cut tail goes), unless the options ask for discards.

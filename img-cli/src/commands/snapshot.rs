@@ -142,12 +142,7 @@ pub fn run(args: &[String]) -> CmdResult {
     let Some(a) = parse_args(args)? else {
         return Ok(0);
     };
-    if a.image_opts && a.format.is_some() {
-        return Err(CliError::new(
-            "--image-opts and --format are mutually exclusive",
-        ));
-    }
-    let spec = ImageSpec::from_args(&a.filename, a.image_opts, a.format.as_deref())?
+    let spec = ImageSpec::from_args_checked(&a.filename, a.image_opts, a.format.as_deref())?
         .with_force_share(a.force_share);
     let read_only = a.action == Action::List;
     let mut image = open::open(&spec, read_only, CacheMode::Writeback)?;
