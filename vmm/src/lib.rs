@@ -19,6 +19,8 @@ pub mod qmp;
 pub mod scsi;
 pub mod sg_list;
 pub mod stats;
+#[cfg(test)]
+mod test_images;
 pub mod vhost_user;
 pub mod virtio_blk;
 pub mod virtio_mmio;

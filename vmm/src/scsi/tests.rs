@@ -1,45 +1,11 @@
 //! The SCSI target against real images, command by command.
 
 use super::*;
-use img_core::{open_image, OpenOptions};
+use crate::test_images::image;
 use std::cell::RefCell;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
-
-fn image(dir: &Path, name: &str, size: u64, format: &str, read_only: bool) -> img_core::Image {
-    let path = dir.join(name);
-    if !path.exists() {
-        match format {
-            "qcow2" => img_core::qcow2::create(
-                &path,
-                &img_core::qcow2::Qcow2CreateOptions {
-                    size,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-            _ => img_core::raw::create(
-                &path,
-                &img_core::raw::RawCreateOptions {
-                    size,
-                    preallocation: img_core::raw::Preallocation::Off,
-                },
-            )
-            .unwrap(),
-        }
-    }
-    open_image(
-        &path,
-        &OpenOptions {
-            format: Some(format.into()),
-            read_only,
-            discard: img_core::DiscardMode::Unmap,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
 
 fn disk(dir: &Path, options: LunOptions) -> Lun {
     let ro = options.read_only;

@@ -41,24 +41,7 @@ fn header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
 }
 
 fn raw_device(dir: &Path, size: u64, options: DeviceOptions) -> BlockDevice {
-    let path = dir.join("disk.raw");
-    img_core::raw::create(
-        &path,
-        &img_core::raw::RawCreateOptions {
-            size,
-            preallocation: img_core::raw::Preallocation::Off,
-        },
-    )
-    .unwrap();
-    let image = open_image(
-        &path,
-        &OpenOptions {
-            format: Some("raw".into()),
-            read_only: options.read_only,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let image = crate::test_images::image(dir, "disk.raw", size, "raw", options.read_only);
     BlockDevice::new(image, options)
 }
 

@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::virtio_blk::{features, DeviceOptions, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use img_core::{open_image, OpenOptions};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const MIB: u64 = 1 << 20;
@@ -76,23 +75,7 @@ struct Rig {
 
 fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.raw");
-    img_core::raw::create(
-        &path,
-        &img_core::raw::RawCreateOptions {
-            size: 4 * MIB,
-            preallocation: img_core::raw::Preallocation::Off,
-        },
-    )
-    .unwrap();
-    let image = open_image(
-        &path,
-        &OpenOptions {
-            format: Some("raw".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let image = crate::test_images::image(dir.path(), "disk.raw", 4 * MIB, "raw", false);
     let device = Arc::new(BlockDevice::new(image, DeviceOptions::default()));
     let executor = Arc::new(Executor::new("test", 2).unwrap());
     let mem =
@@ -318,9 +301,7 @@ fn scsi_commands_complete_and_event_buffers_wait() {
     use crate::scsi::{Lun, LunOptions};
     use crate::virtio_scsi::{Controller, ControllerOptions};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("lun.raw");
-    std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
-    let image = open_image(&path, &OpenOptions::default()).unwrap();
+    let image = crate::test_images::image(dir.path(), "lun.raw", MIB, "raw", false);
     let mut controller = Controller::new(ControllerOptions::default());
     controller
         .target_mut(0)

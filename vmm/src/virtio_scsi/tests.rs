@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::scsi::{Lun, LunKind, LunOptions};
-use img_core::{open_image, OpenOptions};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -11,23 +10,7 @@ const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as
 const MIB: u64 = 1 << 20;
 
 fn controller(dir: &std::path::Path) -> Controller {
-    let path = dir.join("d.raw");
-    img_core::raw::create(
-        &path,
-        &img_core::raw::RawCreateOptions {
-            size: 16 * MIB,
-            preallocation: img_core::raw::Preallocation::Off,
-        },
-    )
-    .unwrap();
-    let image = open_image(
-        &path,
-        &OpenOptions {
-            format: Some("raw".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let image = crate::test_images::image(dir, "d.raw", 16 * MIB, "raw", false);
     let mut c = Controller::new(ControllerOptions::default());
     c.target_mut(0)
         .insert(0, Lun::new(Some(image), LunOptions::default()));
