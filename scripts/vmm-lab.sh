@@ -71,7 +71,7 @@ initrd() {
 /bin/busybox $action -f
 INIT
     chmod +x "$d/init"
-    (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-$action.gz"
+    pack_initramfs "$d" "$WORK/initrd-$action.cpio"
 }
 initrd poweroff
 initrd reboot
@@ -114,7 +114,7 @@ fi
 \$B reboot -f
 INIT
     chmod +x "$d/init"
-    (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-reset.gz"
+    pack_initramfs "$d" "$WORK/initrd-reset.cpio"
 fi
 
 # The disk case: an ext4 made on a raw image, converted to qcow2 (what the guest mounts).
@@ -142,7 +142,7 @@ fi
 \$B poweroff -f
 INIT
     chmod +x "$d/init"
-    (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-disk.gz"
+    pack_initramfs "$d" "$WORK/initrd-disk.cpio"
 fi
 
 # The qmp case: two ext4 disks (virtio-blk and scsi-hd) and two CD media of random bytes.
@@ -200,7 +200,7 @@ done
 \$B poweroff -f
 INIT
     chmod +x "$d/init"
-    (cd "$d" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1) > "$WORK/initrd-qmp.gz"
+    pack_initramfs "$d" "$WORK/initrd-qmp.cpio"
 fi
 
 cat > "$WORK/run.sh" <<RUN
@@ -216,16 +216,16 @@ run_case() {
     echo "\$name rc=\$rc ms=\$(( (end - start) / 1000000 ))" >> "$WORK/results"
 }
 VMM="$VMM"
-run_case poweroff -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
-run_case smp2 -smp 2 -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
-run_case bzimage -kernel "$BZ" -initrd "$WORK/initrd-poweroff.gz"
-run_case reboot -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reboot.gz"
-run_case reset -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reset.gz" -drive "file=$WORK/reset.raw,format=raw,if=virtio"
-run_case disk -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-disk.gz" -drive "file=$WORK/disk.qcow2,format=qcow2,if=virtio"
+run_case poweroff -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.cpio"
+run_case smp2 -smp 2 -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.cpio"
+run_case bzimage -kernel "$BZ" -initrd "$WORK/initrd-poweroff.cpio"
+run_case reboot -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reboot.cpio"
+run_case reset -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reset.cpio" -drive "file=$WORK/reset.raw,format=raw,if=virtio"
+run_case disk -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-disk.cpio" -drive "file=$WORK/disk.qcow2,format=qcow2,if=virtio"
 if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
     start=\$(date +%s%N)
     timeout 300 "\$VMM" -m 256 -append 'console=ttyS0 panic=-1' -serial "file:$WORK/console-qmp" \
-        -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-qmp.gz" \
+        -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-qmp.cpio" \
         -qmp "unix:/run/vmm-lab-qmp.sock,server=on,wait=off" \
         -drive "file=$WORK/blk.qcow2,format=qcow2,if=virtio,cache=none,l2-cache-size=1M" \
         -object iothread,id=io0 -device virtio-scsi-pci,id=scsi0,iothread=io0 \
@@ -246,7 +246,7 @@ if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
     echo "qmp rc=\$rc ms=\$(( (end - start) / 1000000 ))" >> "$WORK/results"
 fi
 VMM="$TOP/scripts/qemu-system.sh"  # same options: -m, -append, -serial file:
-run_case qemu -accel kvm -cpu host -display none -monitor none -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.gz"
+run_case qemu -accel kvm -cpu host -display none -monitor none -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-poweroff.cpio"
 RUN
 chmod +x "$WORK/run.sh"
 
