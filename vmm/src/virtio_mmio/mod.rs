@@ -336,17 +336,21 @@ impl MmioTransport {
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
-        let features = self.shared.backend.features();
         match offset {
             0x00 => MAGIC,
             0x04 => VERSION,
             0x08 => self.shared.backend.device_id(),
             0x0c => VENDOR_ID,
-            0x10 => match self.device_features_sel {
-                0 => features as u32,
-                1 => (features >> 32) as u32,
-                _ => 0,
-            },
+            // Asked only for this register: the others (InterruptStatus on every interrupt)
+            // are read on the hot path.
+            0x10 => {
+                let features = self.shared.backend.features();
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
             0x34 => self.selected().map_or(0, |q| u32::from(q.max_size())),
             0x44 => self.selected().map_or(0, |q| u32::from(q.ready())),
             0x60 => self.shared.interrupt_status.load(Ordering::SeqCst),
