@@ -97,7 +97,8 @@ start() {
     done
     rm -f "$DIR/urls"
     # -f keeps tgtd in the foreground so that the pid we record is the daemon's own.
-    setsid tgtd -f -C "$PORT" --iscsi "portal=127.0.0.1:$PORT" >>"$DIR/tgtd.log" 2>&1 </dev/null &
+    # 9>&- : tgtd must not inherit the start lock, or it would hold it for its whole life.
+    setsid tgtd -f -C "$PORT" --iscsi "portal=127.0.0.1:$PORT" >>"$DIR/tgtd.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/tgtd.pid"
     local i
     for i in $(seq 1 100); do
