@@ -11,6 +11,10 @@ use std::ptr::NonNull;
 /// The initiator name we log in with (targets may restrict access by it).
 const INITIATOR: &str = "iqn.2026-11.org.img:initiator";
 
+/// How often one command is reissued after UNIT ATTENTION (each new condition, such as power on
+/// then a changed capacity, is reported once).
+const UNIT_ATTENTION_RETRIES: u32 = 4;
+
 /// Capacity and provisioning facts from READ CAPACITY(16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
@@ -129,6 +133,24 @@ impl Context {
     }
 
     /// Checks a finished command: NULL (transport failure) or a bad status is an error.
+    /// Issues a command with `issue` and checks it (see [`Context::finish`]). A UNIT ATTENTION
+    /// is retried: after libiscsi logs in again behind our back (a restarted target, a dropped
+    /// connection), the new session's first command reports one (power on or bus reset) though
+    /// nothing is wrong with the data, and the command was not executed.
+    fn run(
+        &self,
+        command: &'static str,
+        mut issue: impl FnMut() -> *mut sys::scsi_task,
+    ) -> Result<Task, IscsiError> {
+        let mut tries = 0;
+        loop {
+            match self.finish(command, issue()) {
+                Err(e) if e.is_unit_attention() && tries < UNIT_ATTENTION_RETRIES => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
     fn finish(&self, command: &'static str, task: *mut sys::scsi_task) -> Result<Task, IscsiError> {
         let task = Task(NonNull::new(task).ok_or_else(|| self.session_error(command))?);
         let t = task.get();
@@ -165,7 +187,7 @@ impl Context {
     /// READ CAPACITY(16).
     pub fn read_capacity(&mut self) -> Result<Capacity, IscsiError> {
         // SAFETY: live context, used by this thread alone (`&mut self`).
-        let task = self.finish("READ CAPACITY(16)", unsafe {
+        let task = self.run("READ CAPACITY(16)", || unsafe {
             sys::iscsi_readcapacity16_sync(self.raw(), self.lun)
         })?;
         let rc: &sys::scsi_readcapacity16 = task
@@ -209,7 +231,7 @@ impl Context {
 
     fn inquiry(&mut self, page: u32) -> Result<Task, IscsiError> {
         // SAFETY: live context, exclusive use.
-        self.finish("INQUIRY", unsafe {
+        self.run("INQUIRY", || unsafe {
             sys::iscsi_inquiry_sync(self.raw(), self.lun, 1, page as c_int, 255)
         })
     }
@@ -218,7 +240,7 @@ impl Context {
     pub fn read16(&mut self, lba: u64, buf: &mut [u8], block_size: u32) -> Result<(), IscsiError> {
         let len = u32::try_from(buf.len()).expect("callers split reads below 4 GiB");
         // SAFETY: live context, exclusive use.
-        let task = self.finish("READ(16)", unsafe {
+        let task = self.run("READ(16)", || unsafe {
             sys::iscsi_read16_sync(
                 self.raw(),
                 self.lun,
@@ -249,7 +271,7 @@ impl Context {
         let len = u32::try_from(buf.len()).expect("callers split writes below 4 GiB");
         // SAFETY: live context, exclusive use. libiscsi takes a `*mut` but only reads the data-out
         // buffer, and the synchronous call is done with it before returning, while `buf` lives.
-        let task = unsafe {
+        self.run("WRITE(16)", || unsafe {
             sys::iscsi_write16_sync(
                 self.raw(),
                 self.lun,
@@ -263,22 +285,23 @@ impl Context {
                 0,
                 0,
             )
-        };
-        self.finish("WRITE(16)", task).map(drop)
+        })
+        .map(drop)
     }
 
     /// SYNCHRONIZE CACHE(16) of the whole LUN, or (10) if the target refuses (16).
     pub fn synchronize_cache(&mut self) -> Result<(), IscsiError> {
         // SAFETY: live context, exclusive use; LBA 0 and 0 blocks mean the whole medium.
-        let r16 = self.finish("SYNCHRONIZE CACHE(16)", unsafe {
+        let r16 = self.run("SYNCHRONIZE CACHE(16)", || unsafe {
             sys::iscsi_synchronizecache16_sync(self.raw(), self.lun, 0, 0, 0, 0)
         });
         match r16 {
             Err(e) if e.is_illegal_request() => {
                 // SAFETY: as above.
-                let task =
-                    unsafe { sys::iscsi_synchronizecache10_sync(self.raw(), self.lun, 0, 0, 0, 0) };
-                self.finish("SYNCHRONIZE CACHE(10)", task).map(drop)
+                self.run("SYNCHRONIZE CACHE(10)", || unsafe {
+                    sys::iscsi_synchronizecache10_sync(self.raw(), self.lun, 0, 0, 0, 0)
+                })
+                .map(drop)
             }
             r => r.map(drop),
         }
@@ -289,8 +312,10 @@ impl Context {
         let mut list = sys::unmap_list { lba, num: blocks };
         // SAFETY: live context, exclusive use; `list` is one valid descriptor that outlives the
         // synchronous call.
-        let task = unsafe { sys::iscsi_unmap_sync(self.raw(), self.lun, 0, 0, &mut list, 1) };
-        self.finish("UNMAP", task).map(drop)
+        self.run("UNMAP", || unsafe {
+            sys::iscsi_unmap_sync(self.raw(), self.lun, 0, 0, &mut list, 1)
+        })
+        .map(drop)
     }
 
     /// WRITE SAME(16) of one block of zeros over `blocks` blocks at `lba`, with the UNMAP bit
@@ -305,7 +330,7 @@ impl Context {
         let zeros = vec![0u8; block_size as usize];
         // SAFETY: live context, exclusive use; `zeros` is one block, only read, and outlives the
         // synchronous call.
-        let task = unsafe {
+        self.run("WRITE SAME(16)", || unsafe {
             sys::iscsi_writesame16_sync(
                 self.raw(),
                 self.lun,
@@ -318,8 +343,8 @@ impl Context {
                 0,
                 0,
             )
-        };
-        self.finish("WRITE SAME(16)", task).map(drop)
+        })
+        .map(drop)
     }
 }
 

@@ -34,6 +34,12 @@ impl IscsiError {
         matches!(self, IscsiError::Scsi { key: 0x05, .. })
     }
 
+    /// Whether the target reported a UNIT ATTENTION (a new session, a reset, a changed LUN): the
+    /// command was not executed and may be reissued.
+    pub fn is_unit_attention(&self) -> bool {
+        matches!(self, IscsiError::Scsi { key: 0x06, .. })
+    }
+
     /// The error as an `io::Error`, so it can travel as the source of [`crate::Error`].
     pub fn into_io(self) -> std::io::Error {
         std::io::Error::other(self)
