@@ -19,6 +19,7 @@ const FUNCTIONS: &[&str] = &[
     "iscsi_set_timeout",
     "iscsi_full_connect_sync",
     "iscsi_reconnect_sync",
+    "iscsi_set_reconnect_max_retries",
     "iscsi_disconnect",
     "iscsi_is_logged_in",
     "iscsi_get_error",

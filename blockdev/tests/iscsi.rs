@@ -319,3 +319,24 @@ fn target_restart_reconnects() {
         "write after the restart was lost"
     );
 }
+
+#[test]
+fn target_gone_gives_an_error_not_a_hang() {
+    let Some(lab) = Lab::start(1) else { return };
+    let s = Arc::new(lab.open());
+    s.write_at(&pattern(4096, 7), 0).unwrap();
+    lab_cmd(lab.dir.path(), &["stop"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = Arc::clone(&s);
+    std::thread::spawn(move || {
+        let mut back = vec![0u8; 4096];
+        let _ = tx.send(s2.read_at(&mut back, 0));
+    });
+    let started = std::time::Instant::now();
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(90))
+        .expect("a read from a stopped target hung for 90 s");
+    let e = r.expect_err("a read from a stopped target succeeded");
+    eprintln!("after {:?}: {e}", started.elapsed());
+    assert!(e.to_string().contains(lab.url()), "{e}");
+}

@@ -11,6 +11,10 @@ use std::ptr::NonNull;
 /// The initiator name we log in with (targets may restrict access by it).
 const INITIATOR: &str = "iqn.2026-11.org.img:initiator";
 
+/// Attempts libiscsi makes to log in again after the connection drops (each waits longer than
+/// the one before) before failing the commands in flight.
+const RECONNECT_RETRIES: c_int = 4;
+
 /// How often one command is reissued after UNIT ATTENTION (each new condition, such as power on
 /// then a changed capacity, is reported once).
 const UNIT_ATTENTION_RETRIES: u32 = 4;
@@ -101,6 +105,11 @@ impl Context {
                 return Err(me.session_error("setting the CHAP credentials"));
             }
         }
+        // libiscsi logs in again after a dropped connection, by default forever: a target that
+        // is gone for good would hang every request. After this many failed attempts the
+        // pending commands fail instead.
+        // SAFETY: live context; the call only stores the number.
+        unsafe { sys::iscsi_set_reconnect_max_retries(me.raw(), RECONNECT_RETRIES) };
         // SAFETY: live context, valid portal string; blocks until logged in or failed.
         if unsafe { sys::iscsi_full_connect_sync(me.raw(), portal.as_ptr(), me.lun) } != 0 {
             return Err(me.session_error("login"));
