@@ -340,3 +340,52 @@ fn target_gone_gives_an_error_not_a_hang() {
     eprintln!("after {:?}: {e}", started.elapsed());
     assert!(e.to_string().contains(lab.url()), "{e}");
 }
+
+#[test]
+fn no_write_is_lost_across_a_restart_mid_stream() {
+    let Some(lab) = Lab::start(1) else { return };
+    let s = Arc::new(lab.open());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A writer streams 64 KiB writes (unaligned by 100 bytes, so edge read-modify-writes are in
+    // the mix) while tgtd is killed and restarted under it; it notes which writes succeeded.
+    let writer = {
+        let (s, stop) = (Arc::clone(&s), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut done = Vec::new();
+            let mut errors = Vec::new();
+            for i in 0..400u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) && i > 100 {
+                    break;
+                }
+                let off = 100 + i * (64 << 10);
+                match s.write_at(&pattern(64 << 10, (i % 250) as u8 + 1), off) {
+                    Ok(()) => done.push(i),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (done, errors)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    lab_cmd(lab.dir.path(), &["restart"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (done, errors) = writer.join().unwrap();
+    eprintln!(
+        "{} writes succeeded, {} failed: {:?}",
+        done.len(),
+        errors.len(),
+        errors.first()
+    );
+    for e in &errors {
+        assert!(e.contains(lab.url()), "{e}");
+    }
+    s.flush().unwrap();
+    let file = std::fs::read(lab.lun_file(1)).unwrap();
+    for i in done {
+        let off = (100 + i * (64 << 10)) as usize;
+        assert!(
+            file[off..off + (64 << 10)] == pattern(64 << 10, (i % 250) as u8 + 1)[..],
+            "write {i} reported success but is not on the target"
+        );
+    }
+}
