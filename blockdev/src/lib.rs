@@ -15,6 +15,7 @@ mod aligned;
 mod cache_mode;
 mod error;
 mod file;
+pub mod iscsi;
 pub mod nbd;
 
 pub use aio::Aio;

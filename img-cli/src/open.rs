@@ -513,10 +513,17 @@ pub fn open_with_aio(
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported
     // by open_image below, first, as qemu does.
+    // Network names (NBD, iSCSI) have no file to look at first.
     let nbd = blockdev::nbd::is_nbd_name(&spec.path);
-    if meta.is_ok() || nbd {
+    let iscsi = blockdev::iscsi::is_iscsi_name(&spec.path);
+    let protocol = match (nbd, iscsi) {
+        (true, _) => "nbd",
+        (_, true) => "iscsi",
+        _ => "file",
+    };
+    if meta.is_ok() || nbd || iscsi {
         if let Some(k) = &o.unknown_file_option {
-            let proto = if nbd { "nbd" } else { "file" };
+            let proto = protocol;
             return Err(fail(format!(
                 "Block protocol '{proto}' doesn't support the option '{k}'"
             )));
@@ -554,7 +561,7 @@ pub fn open_with_aio(
     }
     let image = open_image(path, &opts).map_err(|e| match e {
         // An NBD connection failure is worded once, as qemu words it.
-        img_core::Error::Storage(blockdev::Error::Open { source, .. }) if nbd => {
+        img_core::Error::Storage(blockdev::Error::Open { source, .. }) if nbd || iscsi => {
             fail(blockdev::os_message(&source))
         }
         e => fail(open_reason(&e)),
@@ -570,8 +577,7 @@ pub fn open_with_aio(
         .find(|(k, _)| !(qcow2 && QCOW2_OPTIONS.contains(&k.as_str())))
     {
         let what = if spec.protocol_only {
-            let proto = if nbd { "nbd" } else { "file" };
-            format!("Block protocol '{proto}' doesn't support the option '{k}'")
+            format!("Block protocol '{protocol}' doesn't support the option '{k}'")
         } else {
             format!(
                 "Block format '{}' does not support the option '{k}'",

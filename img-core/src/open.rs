@@ -123,6 +123,14 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let storage = blockdev::nbd::NbdStorage::open(name, opts.read_only)?;
         return open_storage(Arc::new(storage), opts);
     }
+    // iSCSI names (iscsi://) log in to the LUN; image locking does not apply either.
+    if let Some(name) = path.to_str().filter(|n| blockdev::iscsi::is_iscsi_name(n)) {
+        let iscsi = blockdev::iscsi::IscsiOptions {
+            read_only: opts.read_only,
+        };
+        let storage = blockdev::iscsi::IscsiStorage::open(name, &iscsi)?;
+        return open_storage(Arc::new(storage), opts);
+    }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
         path,
         FileOptions {

@@ -226,8 +226,11 @@ pub fn run(args: &[String]) -> CmdResult {
     let total: u64 = sources.iter().map(|s| s.size()).sum();
     // An NBD export is not created: as qemu, only its size is checked, and it does not
     // read as zeros beforehand.
-    let nbd_target = blockdev::nbd::is_nbd_name(out);
-    if nbd_target && !a.no_create {
+    let iscsi_target = blockdev::iscsi::is_iscsi_name(out);
+    let nbd_target = blockdev::nbd::is_nbd_name(out) || iscsi_target;
+    if iscsi_target && !a.no_create {
+        check_iscsi_target(out, &a.out_fmt, total)?;
+    } else if nbd_target && !a.no_create {
         if a.out_fmt != "raw" {
             return Err(CliError::new(format!(
                 "{out}: error while converting {}: img creates only raw images on NBD exports",
@@ -324,4 +327,28 @@ fn writes_only_compressed(target: &Image) -> bool {
             .and_then(|s| s.get("create-type"))
             .and_then(|t| t.as_str())
             == Some("streamOptimized")
+}
+
+/// An iSCSI LUN as the target of a convert: nothing is created, as with NBD; the LUN must be big
+/// enough, and only raw goes on it for now.
+fn check_iscsi_target(out: &str, out_fmt: &str, total: u64) -> Result<(), CliError> {
+    if out_fmt != "raw" {
+        return Err(CliError::new(format!(
+            "{out}: error while converting {out_fmt}: img creates only raw images on iSCSI LUNs"
+        )));
+    }
+    let lun = blockdev::iscsi::IscsiStorage::open(out, &Default::default()).map_err(|e| {
+        CliError::new(match &e {
+            blockdev::Error::Open { name, source } => {
+                format!("Could not open '{name}': {}", blockdev::os_message(source))
+            }
+            e => e.to_string(),
+        })
+    })?;
+    if blockdev::Storage::size(&lun)? < total {
+        return Err(CliError::new(format!(
+            "{out}: error while converting raw: Cannot grow device files"
+        )));
+    }
+    Ok(())
 }

@@ -247,6 +247,13 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         file.format = "nbd".to_string();
         file.specific = None;
     }
+    if blockdev::iscsi::is_iscsi_name(&spec.path) {
+        // An iSCSI LUN: no file facts either (and the name shown never holds a password).
+        file.filename = fmt.file().name().to_string();
+        file.format = "iscsi".to_string();
+        file.actual_size = None;
+        file.specific = None;
+    }
     if spec.protocol_only {
         return Ok(file);
     }
@@ -288,7 +295,7 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
     }
     children.push(("file".to_string(), file));
     Ok(NodeInfo {
-        filename: if nbd {
+        filename: if nbd || blockdev::iscsi::is_iscsi_name(&spec.path) {
             fmt.file().name().to_string()
         } else {
             spec.path.clone()
