@@ -16,6 +16,8 @@ mod cache_mode;
 mod error;
 mod file;
 pub mod nbd;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 
 pub use aio::Aio;
 pub use aligned::AlignedBuf;
