@@ -15,6 +15,7 @@ const RADOS_FUNCTIONS: &[&str] = &[
     "rados_shutdown",
     "rados_ioctx_create",
     "rados_ioctx_destroy",
+    "rados_ioctx_set_namespace",
 ];
 
 /// librbd calls: images, their snapshots, and asynchronous I/O.

@@ -209,3 +209,59 @@ fn missing_image_and_pool_are_open_errors() {
     let e = RbdStorage::open("rbd:rbd/x:conf=/nonexistent/ceph.conf", false).unwrap_err();
     assert!(e.to_string().contains("No such file"), "{e}");
 }
+
+#[test]
+fn vectored_reads_and_writes() {
+    let Some(conf) = cluster() else { return };
+    let (img, name) = image(conf, "vec");
+    let s = RbdStorage::create(&name, 8 << 20).unwrap();
+    let (a, b, c) = (pattern(4096, 1), pattern(100_000, 2), pattern(7, 3));
+    let at = (4 << 20) - 50_000;
+    s.write_vectored_at(
+        &[
+            std::io::IoSlice::new(&a),
+            std::io::IoSlice::new(&b),
+            std::io::IoSlice::new(&c),
+        ],
+        at,
+    )
+    .unwrap();
+    let whole = [a.as_slice(), b.as_slice(), c.as_slice()].concat();
+    let mut back = vec![0u8; whole.len()];
+    s.read_at(&mut back, at).unwrap();
+    assert!(back == whole, "vectored write did not land in order");
+
+    let (mut x, mut y) = (vec![0u8; 5000], vec![0u8; whole.len() - 5000]);
+    s.read_vectored_at(
+        &mut [
+            std::io::IoSliceMut::new(&mut x),
+            std::io::IoSliceMut::new(&mut y),
+        ],
+        at,
+    )
+    .unwrap();
+    assert!([x, y].concat() == whole, "vectored read differs");
+    drop(s);
+    rbd(conf, &["rm", &format!("rbd/{img}")]);
+}
+
+#[test]
+fn namespaces() {
+    let Some(conf) = cluster() else { return };
+    let ns = format!("ns{}", std::process::id());
+    rbd(conf, &["namespace", "create", &format!("rbd/{ns}")]);
+    let name = format!("rbd:rbd/{ns}/img:conf={}", conf.display());
+    let s = RbdStorage::create(&name, 1 << 20).unwrap();
+    s.write_at(&pattern(4096, 5), 0).unwrap();
+    drop(s);
+    // The image is in the namespace, not in the pool's default one.
+    let listed = rbd(conf, &["ls", &format!("rbd/{ns}")]);
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "img");
+    let e = RbdStorage::open(&format!("rbd:rbd/img:conf={}", conf.display()), true);
+    assert!(
+        e.is_err(),
+        "the image must not appear outside its namespace"
+    );
+    rbd(conf, &["rm", &format!("rbd/{ns}/img")]);
+    rbd(conf, &["namespace", "remove", &format!("rbd/{ns}")]);
+}

@@ -95,12 +95,10 @@ impl Pool {
     }
 
     fn set_namespace(&self, ns: &str) -> io::Result<()> {
-        // Namespaces need rados_ioctx_set_namespace, not in the bindings yet.
-        let _ = ns;
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "RADOS namespaces are not supported yet",
-        ))
+        let ns = cstring(ns)?;
+        // SAFETY: the ioctx is open; librados copies the string.
+        unsafe { sys::rados_ioctx_set_namespace(self.ioctx, ns.as_ptr()) };
+        Ok(())
     }
 
     /// The raw I/O context, for librbd calls.

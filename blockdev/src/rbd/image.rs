@@ -1,7 +1,7 @@
 //! An open RBD image and its I/O through librbd's asynchronous completions.
 
 use std::ffi::c_char;
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::ptr;
 
 use librbd_sys as sys;
@@ -51,6 +51,11 @@ impl Drop for Completion {
         // only dropped after its request completed or when it was never submitted.
         unsafe { sys::rbd_aio_release(self.0) };
     }
+}
+
+/// The buffer count as librbd's `int`.
+fn iov_count(n: usize) -> io::Result<i32> {
+    i32::try_from(n).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// An open image with the pool connection it was opened through.
@@ -145,6 +150,46 @@ impl Image {
                     offset,
                     buf.len(),
                     buf.as_ptr() as *const c_char,
+                    c,
+                )
+            }
+        })
+        .map(drop)
+    }
+
+    /// Reads into several buffers from `offset` on, in one request; returns the bytes read.
+    pub(crate) fn read_vectored(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> io::Result<u64> {
+        let count = iov_count(bufs.len())?;
+        Completion::run(|c| {
+            // SAFETY: IoSliceMut is ABI-compatible with struct iovec on Unix (std documents
+            // it); the buffers stay borrowed until run() has waited for the completion.
+            unsafe {
+                sys::rbd_aio_readv(
+                    self.image,
+                    bufs.as_ptr() as *const sys::iovec,
+                    count,
+                    offset,
+                    c,
+                )
+            }
+        })
+    }
+
+    /// Writes several buffers from `offset` on, in one request.
+    pub(crate) fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let count = iov_count(bufs.len())?;
+        Completion::run(|c| {
+            // SAFETY: as for read_vectored; librbd only reads the buffers.
+            unsafe {
+                sys::rbd_aio_writev(
+                    self.image,
+                    bufs.as_ptr() as *const sys::iovec,
+                    count,
+                    offset,
                     c,
                 )
             }

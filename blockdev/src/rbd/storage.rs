@@ -1,6 +1,6 @@
 //! `RbdStorage`: an RBD image behind the [`Storage`] trait.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 
 use super::image::Image;
 use super::name::RbdName;
@@ -127,6 +127,25 @@ impl Storage for RbdStorage {
         self.check_range(offset, buf.len() as u64)?;
         self.image
             .write(buf, offset)
+            .map_err(|e| self.io_error("write", offset, e))
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check_range(offset, len as u64)?;
+        let n = self
+            .image
+            .read_vectored(bufs, offset)
+            .map_err(|e| self.io_error("read", offset, e))?;
+        self.short("read", offset, len, n)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check_range(offset, len as u64)?;
+        self.image
+            .write_vectored(bufs, offset)
             .map_err(|e| self.io_error("write", offset, e))
     }
 
