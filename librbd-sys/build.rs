@@ -31,6 +31,7 @@ const RBD_FUNCTIONS: &[&str] = &[
     "rbd_get_size",
     "rbd_resize",
     "rbd_snap_set",
+    "rbd_diff_iterate2",
     "rbd_read",
     "rbd_write",
     "rbd_flush",

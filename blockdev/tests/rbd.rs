@@ -352,3 +352,30 @@ fn conf_options_from_the_name() {
     assert!(e.to_string().contains("no_such_option"), "{e}");
     rbd(conf, &["rm", &format!("rbd/{img}")]);
 }
+
+#[test]
+fn allocation_follows_writes_and_discards() {
+    use blockdev::Allocation::{Data, Hole};
+    let Some(conf) = cluster() else { return };
+    let (img, name) = image(conf, "alloc");
+    let s = RbdStorage::create(&name, 16 << 20).unwrap();
+    assert_eq!(s.allocation(0, 16 << 20).unwrap(), (Hole, 16 << 20));
+    s.write_at(&pattern(1 << 20, 1), 5 << 20).unwrap();
+    s.write_at(&pattern(1 << 20, 2), 6 << 20).unwrap();
+    // librbd reports whole objects (4 MiB here) when the image has an object map, so the
+    // data may start before 5 MiB and end after 7 MiB, but never the other way round.
+    let (kind, hole) = s.allocation(0, 16 << 20).unwrap();
+    assert_eq!(kind, Hole);
+    assert!(hole > 0 && hole <= 5 << 20, "hole before the data: {hole}");
+    let (kind, data) = s.allocation(5 << 20, 11 << 20).unwrap();
+    assert_eq!(kind, Data);
+    assert!(data >= 2 << 20, "data run: {data}");
+    // Objects 2 and 3 were never written.
+    assert_eq!(s.allocation(8 << 20, 8 << 20).unwrap(), (Hole, 8 << 20));
+    s.discard(4 << 20, 4 << 20).unwrap();
+    assert_eq!(s.allocation(0, 16 << 20).unwrap(), (Hole, 16 << 20));
+    // Past the end: nothing left to describe.
+    assert_eq!(s.allocation(16 << 20, 4096).unwrap().1, 0);
+    drop(s);
+    rbd(conf, &["rm", &format!("rbd/{img}")]);
+}

@@ -218,6 +218,11 @@ impl Image {
             .map(drop)
     }
 
+    /// Whether `[offset, offset+len)` starts with allocated data, and for how many bytes.
+    pub(crate) fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        super::extents::allocation(self.image, offset, len)
+    }
+
     /// Grows or shrinks the image.
     pub(crate) fn resize(&self, size: u64) -> io::Result<()> {
         // SAFETY: the image is open.

@@ -182,10 +182,23 @@ impl Storage for RbdStorage {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
-        // Allocation status would need rbd_diff_iterate2; until then everything is data,
-        // which is always correct (only less sparse).
         let size = self.size()?;
-        Ok((Allocation::Data, len.min(size.saturating_sub(offset))))
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return Ok((Allocation::Data, 0));
+        }
+        let (data, n) = self
+            .image
+            .allocation(offset, len)
+            .map_err(|e| self.io_error("block status", offset, e))?;
+        Ok((
+            if data {
+                Allocation::Data
+            } else {
+                Allocation::Hole
+            },
+            n,
+        ))
     }
 
     fn is_read_only(&self) -> bool {
