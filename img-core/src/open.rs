@@ -123,6 +123,13 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let storage = blockdev::nbd::NbdStorage::open(name, opts.read_only)?;
         return open_storage(Arc::new(storage), opts);
     }
+    // RBD names (rbd:pool/image...) open the image through librbd; no file locks either
+    // (librbd has its own exclusive lock).
+    #[cfg(feature = "rbd")]
+    if let Some(name) = path.to_str().filter(|n| blockdev::rbd::is_rbd_name(n)) {
+        let storage = blockdev::rbd::RbdStorage::open(name, opts.read_only)?;
+        return open_storage(Arc::new(storage), opts);
+    }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
         path,
         FileOptions {
