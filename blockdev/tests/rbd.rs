@@ -379,3 +379,21 @@ fn allocation_follows_writes_and_discards() {
     drop(s);
     rbd(conf, &["rm", &format!("rbd/{img}")]);
 }
+
+#[test]
+fn writes_past_the_end_grow_the_image() {
+    let Some(conf) = cluster() else { return };
+    let (img, name) = image(conf, "grow");
+    let s = RbdStorage::create(&name, 0).unwrap();
+    let data = pattern(70_000, 9);
+    s.write_at(&data, 1 << 20).unwrap();
+    assert_eq!(s.size().unwrap(), (1 << 20) + 70_000);
+    let mut back = vec![0u8; data.len()];
+    s.read_at(&mut back, 1 << 20).unwrap();
+    assert!(back == data);
+    // A write inside the image leaves its size alone.
+    s.write_at(&data[..100], 0).unwrap();
+    assert_eq!(s.size().unwrap(), (1 << 20) + 70_000);
+    drop(s);
+    rbd(conf, &["rm", &format!("rbd/{img}")]);
+}

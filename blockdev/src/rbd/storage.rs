@@ -1,6 +1,7 @@
 //! `RbdStorage`: an RBD image behind the [`Storage`] trait.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::Mutex;
 
 use super::image::Image;
 use super::name::RbdName;
@@ -12,6 +13,9 @@ pub struct RbdStorage {
     name: String,
     image: Image,
     read_only: bool,
+    /// Held while growing the image for a write past its end, so that two such writes never
+    /// resize it below each other's end.
+    grow: Mutex<()>,
 }
 
 impl std::fmt::Debug for RbdStorage {
@@ -40,6 +44,7 @@ impl RbdStorage {
             name: name.to_string(),
             image,
             read_only,
+            grow: Mutex::new(()),
         })
     }
 
@@ -87,6 +92,28 @@ impl RbdStorage {
         Ok(())
     }
 
+    /// Grows the image so that a write of `len` bytes at `offset` fits. Files grow when
+    /// written past their end and formats rely on it (qcow2 allocates clusters there); librbd
+    /// refuses such writes, so the image is resized first, as QEMU's rbd driver does.
+    fn grow_for_write(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).ok_or_else(|| Error::PastEnd {
+            name: self.name.clone(),
+            offset,
+            len,
+            size: u64::MAX,
+        })?;
+        if end <= self.size()? {
+            return Ok(());
+        }
+        let _guard = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        if end > self.size()? {
+            self.image
+                .resize(end)
+                .map_err(|e| self.io_error("write", offset, e))?;
+        }
+        Ok(())
+    }
+
     /// A short read from librbd: it should never happen inside the image, so it is an
     /// error rather than a silent partial result.
     fn short(&self, op: &'static str, offset: u64, want: usize, got: u64) -> Result<()> {
@@ -124,7 +151,7 @@ impl Storage for RbdStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
+        self.grow_for_write(offset, buf.len() as u64)?;
         self.image
             .write(buf, offset)
             .map_err(|e| self.io_error("write", offset, e))
@@ -143,7 +170,7 @@ impl Storage for RbdStorage {
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         self.check_writable()?;
         let len: usize = bufs.iter().map(|b| b.len()).sum();
-        self.check_range(offset, len as u64)?;
+        self.grow_for_write(offset, len as u64)?;
         self.image
             .write_vectored(bufs, offset)
             .map_err(|e| self.io_error("write", offset, e))
