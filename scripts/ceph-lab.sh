@@ -227,7 +227,10 @@ case "${1:-}" in
 start) cmd_start ;;
 stop) cmd_stop ;;
 restart) cmd_restart ;;
-status) ceph_cmd -s ;;
+status)
+    [ -f "$DIR/.ready" ] || die "no cluster in $DIR"
+    ceph_cmd -s
+    ;;
 conf)
     [ -f "$DIR/.ready" ] || die "no cluster in $DIR"
     echo "$CONF"
