@@ -17,6 +17,7 @@ mod error;
 mod file;
 pub mod iscsi;
 pub mod nbd;
+pub mod rbd;
 
 pub use aio::Aio;
 pub use aligned::AlignedBuf;

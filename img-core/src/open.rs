@@ -131,6 +131,12 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let storage = blockdev::iscsi::IscsiStorage::open(name, &iscsi)?;
         return open_storage(Arc::new(storage), opts);
     }
+    // RBD names (rbd:pool/image...) open the image through librbd; no file locks either
+    // (librbd has its own exclusive lock).
+    if let Some(name) = path.to_str().filter(|n| blockdev::rbd::is_rbd_name(n)) {
+        let storage = blockdev::rbd::RbdStorage::open(name, opts.read_only)?;
+        return open_storage(Arc::new(storage), opts);
+    }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
         path,
         FileOptions {

@@ -57,6 +57,24 @@ pub struct RawCreateOptions {
 
 /// Creates a raw image file.
 pub fn create(path: &Path, opts: &RawCreateOptions) -> Result<()> {
+    if let Some(name) = path.to_str().filter(|n| blockdev::rbd::is_rbd_name(n)) {
+        // librbd creates the image at its size; objects are allocated when written, so only
+        // the modes that allocate nothing up front apply.
+        if !matches!(
+            opts.preallocation,
+            Preallocation::Off | Preallocation::Metadata
+        ) {
+            return Err(blockdev::Error::InvalidOptions {
+                message: format!(
+                    "Unsupported preallocation mode '{}' for rbd",
+                    opts.preallocation.as_str()
+                ),
+            }
+            .into());
+        }
+        blockdev::rbd::RbdStorage::create(name, opts.size)?;
+        return Ok(());
+    }
     let storage = FileStorage::create(path)?;
     allocate(&storage, 0, opts.size, opts.preallocation)?;
     if opts.size > 0 && opts.preallocation != Preallocation::Full {
