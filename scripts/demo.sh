@@ -3,6 +3,7 @@
 # (plain and compressed), inspected, checked, compared with the source, and converted back.
 set -eu
 cd "$(dirname "$0")/.."
+scripts/build-deps.sh
 cargo build --release -q -p img-cli
 IMG="$PWD/target/release/img"
 work=$(mktemp -d)

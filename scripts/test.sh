@@ -3,6 +3,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 
+# The client libraries the workspace links (libiscsi, librbd/librados) and libclang for bindgen.
+scripts/build-deps.sh
+
 # qemu-img, qemu-io (the oracle) come from qemu-utils; install it only when missing, since a
 # newer backport may already be there.
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
