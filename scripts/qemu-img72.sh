@@ -28,10 +28,16 @@ if [ ! -x "$ROOT/usr/bin/qemu-img" ] || [ ! -f "$MODULES/block-rbd.so" ]; then
             apt-get install -y -qq --no-install-recommends libiscsi7 librbd1 librados2 liburing2 \
                 libaio1 libglib2.0-0 libgnutls30 libnuma1 libfuse3-3 >/dev/null
         }
-        apt-get download -qq qemu-utils qemu-block-extra >/dev/null 2>&1 || {
+        # The candidate may be a newer backport (the installed oracle): ask for Debian 12's 7.2.
+        version() { apt-cache madison "$1" | awk -F' [|] ' '$2 ~ /^1:7\.2/ {print $2; exit}'; }
+        v=$(version qemu-utils)
+        if [ -z "$v" ]; then
             apt-get update -qq >/dev/null
-            apt-get download -qq qemu-utils qemu-block-extra >/dev/null
-        }
+            v=$(version qemu-utils)
+        fi
+        [ -n "$v" ] || { echo "qemu-img72: apt knows no qemu-utils 7.2" >&2; exit 1; }
+        apt-get download -qq "qemu-utils=$v" "qemu-block-extra=$v" >/dev/null 2>&1 ||
+            apt-get download "qemu-utils=$v" "qemu-block-extra=$v"
         for d in ./*.deb; do dpkg -x "$d" ROOT; done
         rm -f ./*.deb
     )
