@@ -45,6 +45,18 @@ pub enum Error {
         /// Size of the storage.
         size: u64,
     },
+    /// A network backend's own failure, worded as qemu words it ("error rbd create: ...").
+    #[error("{message}")]
+    Backend {
+        /// The message.
+        message: String,
+    },
+    /// The backend cannot do what was asked (qemu's wording).
+    #[error("{message}")]
+    Unsupported {
+        /// What the backend cannot do, as qemu says it.
+        message: String,
+    },
     /// The options given to open the storage cannot be honoured together (qemu's wording).
     #[error("{message}")]
     InvalidOptions {

@@ -17,6 +17,7 @@ mod error;
 mod file;
 pub mod iscsi;
 pub mod nbd;
+pub mod network;
 pub mod rbd;
 
 pub use aio::Aio;
@@ -114,6 +115,12 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Whether the storage was opened read-only.
     fn is_read_only(&self) -> bool;
+
+    /// The unit the backend allocates in, when qemu reports it as the node's cluster size
+    /// (an RBD object). Files have none.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
 
     /// The local file underneath, for copies that stay in the kernel ([`copy_file_range`]).
     fn as_file(&self) -> Option<&std::fs::File> {

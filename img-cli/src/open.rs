@@ -513,17 +513,11 @@ pub fn open_with_aio(
     };
     // What follows is checked once the file opened; a file that cannot be opened is reported
     // by open_image below, first, as qemu does.
-    // Network names (NBD, iSCSI) have no file to look at first.
-    let nbd = blockdev::nbd::is_nbd_name(&spec.path);
-    let iscsi = blockdev::iscsi::is_iscsi_name(&spec.path);
-    let protocol = match (nbd, iscsi) {
-        (true, _) => "nbd",
-        (_, true) => "iscsi",
-        _ => "file",
-    };
-    if meta.is_ok() || nbd || iscsi {
+    // Network names (NBD, iSCSI, RBD) have no file to look at first.
+    let protocol = blockdev::network::Protocol::of(&spec.path);
+    if meta.is_ok() || protocol.is_network() {
         if let Some(k) = &o.unknown_file_option {
-            let proto = protocol;
+            let proto = protocol.driver();
             return Err(fail(format!(
                 "Block protocol '{proto}' doesn't support the option '{k}'"
             )));
@@ -560,8 +554,8 @@ pub fn open_with_aio(
         }
     }
     let image = open_image(path, &opts).map_err(|e| match e {
-        // An NBD connection failure is worded once, as qemu words it.
-        img_core::Error::Storage(blockdev::Error::Open { source, .. }) if nbd || iscsi => {
+        // A network connection failure is worded once, as qemu words it.
+        img_core::Error::Storage(blockdev::Error::Open { source, .. }) if protocol.is_network() => {
             fail(blockdev::os_message(&source))
         }
         e => fail(open_reason(&e)),
@@ -577,6 +571,7 @@ pub fn open_with_aio(
         .find(|(k, _)| !(qcow2 && QCOW2_OPTIONS.contains(&k.as_str())))
     {
         let what = if spec.protocol_only {
+            let protocol = protocol.driver();
             format!("Block protocol '{protocol}' doesn't support the option '{k}'")
         } else {
             format!(

@@ -80,6 +80,55 @@ pub fn to_json_pretty(v: &QValue) -> String {
     out
 }
 
+/// Renders `v` on one line as qemu's compact JSON (`{"a": 1, "b": [2, 3]}`), the form of its
+/// `json:` file names.
+pub fn to_json_compact(v: &QValue) -> String {
+    let mut out = String::new();
+    write_compact(v, &mut out);
+    out
+}
+
+fn write_compact(v: &QValue, out: &mut String) {
+    match v {
+        QValue::List(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_compact(item, out);
+            }
+            out.push(']');
+        }
+        QValue::Dict(entries) => {
+            out.push('{');
+            for (i, (k, val)) in qdict_order(entries).into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                quote(k, out);
+                out.push_str(": ");
+                write_compact(val, out);
+            }
+            out.push('}');
+        }
+        scalar => write_json(scalar, 0, out),
+    }
+}
+
+/// qemu's name for an image on network storage that has no URL of its own (iSCSI, RBD):
+/// `json:{...}` of the protocol driver's options, under `{"driver": FORMAT, "file": ...}` when
+/// `format` names the format node above it. `None` when the plain name is what qemu shows.
+pub fn json_filename(path: &str, format: Option<&str>) -> Option<String> {
+    let options = blockdev::network::driver_options(path)?;
+    let file = QValue::Dict(options.into_iter().map(|(k, v)| (k, v.into())).collect());
+    let node = match format {
+        Some(f) => QValue::Dict(vec![("driver".into(), f.into()), ("file".into(), file)]),
+        None => file,
+    };
+    Some(format!("json:{}", to_json_compact(&node)))
+}
+
 fn newline(out: &mut String, indent: usize) {
     out.push('\n');
     out.push_str(&" ".repeat(indent * 4));

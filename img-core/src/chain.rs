@@ -76,13 +76,22 @@ pub fn resolve_backing_name(image: &str, backing: &str) -> String {
     }
 }
 
-/// A file's identity (device and inode), so that a loop is found whatever names its members
-/// go by.
-type FileId = (u64, u64);
+/// An image's identity, so that a loop is found whatever names its members go by: a file's
+/// device and inode, or the name of network storage (which has no inode).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FileId {
+    File(u64, u64),
+    Network(String),
+}
 
 fn file_id(storage: &dyn Storage) -> Option<FileId> {
-    let meta = storage.as_file()?.metadata().ok()?;
-    Some((meta.dev(), meta.ino()))
+    match storage.as_file() {
+        Some(file) => {
+            let meta = file.metadata().ok()?;
+            Some(FileId::File(meta.dev(), meta.ino()))
+        }
+        None => Some(FileId::Network(storage.name().to_string())),
+    }
 }
 
 /// Opens the backing chain beneath `top` (already opened from `opts`) and returns the whole
@@ -141,8 +150,15 @@ fn open_below(
     let name = resolve_backing_name(above.file_name(), &recorded);
     // A loop is found before the file is opened again: a second open of a file this process
     // holds would first trip over its own image locks.
-    if let Ok(meta) = std::fs::metadata(&name) {
-        if !seen.insert((meta.dev(), meta.ino())) {
+    let id = if blockdev::network::Protocol::of(&name).is_network() {
+        Some(FileId::Network(name.clone()))
+    } else {
+        std::fs::metadata(&name)
+            .ok()
+            .map(|meta| FileId::File(meta.dev(), meta.ino()))
+    };
+    if let Some(id) = id {
+        if !seen.insert(id) {
             return Err(Error::invalid(
                 top_name,
                 format!("Backing file '{recorded}' creates an infinite loop."),
@@ -187,6 +203,16 @@ fn open_backing(
     };
     // The permissions depend on the format; a format that must be probed is probed through an
     // unlocked open first, as the top image is.
+    // A backing file on network storage (qemu accepts any name there) is opened through its
+    // backend, without file locks.
+    if let Some(storage) = blockdev::network::open(name, !writable) {
+        let storage = storage?;
+        let format = match recorded_format {
+            Some(f) => f.to_string(),
+            None => probe_format(storage.as_ref())?.to_string(),
+        };
+        return open_format(storage, &backing_options(format, writable, opts));
+    }
     let format = match recorded_format {
         Some(f) => f.to_string(),
         None => {
@@ -199,14 +225,19 @@ fn open_backing(
         permissions.shared = locking::Perm::ALL;
     }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, file_opts(permissions))?);
-    let backing_opts = OpenOptions {
+    open_format(storage, &backing_options(format, writable, opts))
+}
+
+/// The options a backing image is opened with: its format, read-only unless a commit writes
+/// into it, and the top image's other options.
+fn backing_options(format: String, writable: bool, opts: &OpenOptions) -> OpenOptions {
+    OpenOptions {
         format: Some(format),
         read_only: !writable,
         // Cache options given for the top image are not inherited, as in qemu.
         qcow2_cache: Default::default(),
         ..opts.clone()
-    };
-    open_format(storage, &backing_opts)
+    }
 }
 
 #[cfg(test)]

@@ -118,24 +118,13 @@ pub fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
 
 /// Opens the image at `path`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
-    // NBD names (nbd://, nbd+unix://, nbd:...) open the export; image locking does not apply.
-    if let Some(name) = path.to_str().filter(|n| blockdev::nbd::is_nbd_name(n)) {
-        let storage = blockdev::nbd::NbdStorage::open(name, opts.read_only)?;
-        return open_storage(Arc::new(storage), opts);
-    }
-    // iSCSI names (iscsi://) log in to the LUN; image locking does not apply either.
-    if let Some(name) = path.to_str().filter(|n| blockdev::iscsi::is_iscsi_name(n)) {
-        let iscsi = blockdev::iscsi::IscsiOptions {
-            read_only: opts.read_only,
-        };
-        let storage = blockdev::iscsi::IscsiStorage::open(name, &iscsi)?;
-        return open_storage(Arc::new(storage), opts);
-    }
-    // RBD names (rbd:pool/image...) open the image through librbd; no file locks either
-    // (librbd has its own exclusive lock).
-    if let Some(name) = path.to_str().filter(|n| blockdev::rbd::is_rbd_name(n)) {
-        let storage = blockdev::rbd::RbdStorage::open(name, opts.read_only)?;
-        return open_storage(Arc::new(storage), opts);
+    // Network names (nbd:, iscsi://, rbd:) open their backend; QEMU's file locks do not apply
+    // there (librbd has its own exclusive lock, a LUN or an export its server).
+    if let Some(storage) = path
+        .to_str()
+        .and_then(|n| blockdev::network::open(n, opts.read_only))
+    {
+        return open_storage(storage?, opts);
     }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
         path,

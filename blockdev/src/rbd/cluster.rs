@@ -13,6 +13,13 @@ pub(crate) fn errno(ret: i64) -> io::Error {
     io::Error::from_raw_os_error((-ret) as i32)
 }
 
+/// `errno` with what failed in front, as qemu's rbd driver words it ("error opening pool
+/// rbd: No such file or directory").
+pub(crate) fn errno_in(what: impl std::fmt::Display, ret: i64) -> io::Error {
+    let e = errno(ret);
+    io::Error::new(e.kind(), format!("{what}: {}", crate::os_message(&e)))
+}
+
 pub(crate) fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|e: NulError| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
@@ -53,7 +60,7 @@ impl Pool {
         // SAFETY: the handle is configured and not yet connected.
         let r = unsafe { sys::rados_connect(pool.cluster) };
         if r < 0 {
-            return Err(errno(r.into()));
+            return Err(errno_in("error connecting", r.into()));
         }
         let pool_name = cstring(&name.pool)?;
         // SAFETY: the cluster is connected; `ioctx` is a valid out pointer.
@@ -61,7 +68,10 @@ impl Pool {
             unsafe { sys::rados_ioctx_create(pool.cluster, pool_name.as_ptr(), &mut pool.ioctx) };
         if r < 0 {
             pool.ioctx = ptr::null_mut();
-            return Err(errno(r.into()));
+            return Err(errno_in(
+                format_args!("error opening pool {}", name.pool),
+                r.into(),
+            ));
         }
         if let Some(ns) = &name.namespace {
             pool.set_namespace(ns)?;

@@ -90,7 +90,8 @@ impl Image {
             }
         };
         if r < 0 {
-            return Err(errno(r.into()));
+            let what = format_args!("error reading header from {}", name.image);
+            return Err(super::cluster::errno_in(what, r.into()));
         }
         Ok(Image { image, _pool: pool })
     }
@@ -121,6 +122,24 @@ impl Image {
             return Err(errno(r.into()));
         }
         Ok(size)
+    }
+
+    /// The size of the image's objects, the unit RADOS allocates in.
+    pub(crate) fn object_size(&self) -> io::Result<u64> {
+        // SAFETY: rbd_image_info_t is plain data for which all zeros is a valid value.
+        let mut info: sys::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the image is open; `info` is an out pointer of the size passed.
+        let r = unsafe {
+            sys::rbd_stat(
+                self.image,
+                &mut info,
+                std::mem::size_of::<sys::rbd_image_info_t>(),
+            )
+        };
+        if r < 0 {
+            return Err(errno(r.into()));
+        }
+        Ok(info.obj_size)
     }
 
     /// Reads `buf.len()` bytes at `offset`; returns how many librbd read.

@@ -56,7 +56,14 @@ impl RbdStorage {
                 message: format!("Can't use snapshot name for image creation: '{name}'"),
             });
         }
-        Image::create(&parsed, size).map_err(|e| open_error(name, e))?;
+        Image::create(&parsed, size).map_err(|e| Error::Backend {
+            // A pool that cannot be opened says so itself; librbd's own refusal is worded
+            // as qemu words it.
+            message: match e.get_ref() {
+                Some(_) => e.to_string(),
+                None => format!("error rbd create: {}", crate::os_message(&e)),
+            },
+        })?;
         RbdStorage::open(name, false)
     }
 
@@ -78,18 +85,15 @@ impl RbdStorage {
         Ok(())
     }
 
-    /// librbd refuses requests past the end with a bare EINVAL; say which range instead.
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let size = self.size()?;
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(Error::PastEnd {
-                name: self.name.clone(),
-                offset,
-                len,
-                size,
-            });
-        }
-        Ok(())
+    /// How many of `len` bytes from `offset` lie inside the image.
+    fn inside(&self, offset: u64, len: u64) -> Result<usize> {
+        offset.checked_add(len).ok_or_else(|| Error::PastEnd {
+            name: self.name.clone(),
+            offset,
+            len,
+            size: u64::MAX,
+        })?;
+        Ok(self.size()?.saturating_sub(offset).min(len) as usize)
     }
 
     /// Grows the image so that a write of `len` bytes at `offset` fits. Files grow when
@@ -141,7 +145,14 @@ impl Storage for RbdStorage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
+        // Past the end reads as zeros, as a file does: a format whose last write ended inside
+        // a cluster (a qcow2 snapshot table, say) reads that whole cluster back.
+        let inside = self.inside(offset, buf.len() as u64)?;
+        let (buf, tail) = buf.split_at_mut(inside);
+        tail.fill(0);
+        if buf.is_empty() {
+            return Ok(());
+        }
         let n = self
             .image
             .read(buf, offset)
@@ -159,7 +170,10 @@ impl Storage for RbdStorage {
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
-        self.check_range(offset, len as u64)?;
+        if self.inside(offset, len as u64)? < len {
+            // Rare (only a format's last cluster): the plain path zero-fills past the end.
+            return crate::read_each(self, bufs, offset);
+        }
         let n = self
             .image
             .read_vectored(bufs, offset)
@@ -174,6 +188,10 @@ impl Storage for RbdStorage {
         self.image
             .write_vectored(bufs, offset)
             .map_err(|e| self.io_error("write", offset, e))
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        self.image.object_size().ok()
     }
 
     fn flush(&self) -> Result<()> {
@@ -194,7 +212,8 @@ impl Storage for RbdStorage {
         // librbd decides itself whether zeroed objects are deallocated; either way the range
         // reads back as zeros, which is all the trait promises.
         self.check_writable()?;
-        self.check_range(offset, len)?;
+        // Zeroes past the end grow the image, as they grow a file.
+        self.grow_for_write(offset, len)?;
         self.image
             .write_zeroes(offset, len)
             .map_err(|e| self.io_error("write zeroes", offset, e))
@@ -202,7 +221,12 @@ impl Storage for RbdStorage {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, len)?;
+        // What lies past the end is discarded already (a format frees its last cluster,
+        // which may end beyond the image's last write).
+        let len = self.inside(offset, len)? as u64;
+        if len == 0 {
+            return Ok(());
+        }
         self.image
             .discard(offset, len)
             .map_err(|e| self.io_error("discard", offset, e))

@@ -182,15 +182,14 @@ pub fn run(args: &[String]) -> CmdResult {
             return Err(could_not_open(format!("Unknown driver '{f}'")));
         }
     }
-    if blockdev::nbd::is_nbd_name(&target.path) {
-        // An NBD export: no file locks; the format is looked at over the network.
-        let storage = blockdev::nbd::NbdStorage::open(&target.path, !repair).map_err(|e| {
+    if let Some(storage) = blockdev::network::open(&target.path, !repair) {
+        // Network storage: no file locks; the format is looked at over the network.
+        let storage = storage.map_err(|e| {
             could_not_open(match &e {
                 blockdev::Error::Open { source, .. } => blockdev::os_message(source),
                 e => e.to_string(),
             })
         })?;
-        let storage: Arc<dyn Storage> = Arc::new(storage);
         let driver = match &target.format {
             Some(f) => f.clone(),
             None => img_core::probe_format(storage.as_ref())

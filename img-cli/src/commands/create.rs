@@ -805,8 +805,8 @@ pub(crate) fn print_option_help(fmt: &str, with_file: bool) -> CmdResult {
 /// file gets the No_COW attribute, which Btrfs only honours on empty files; as in qemu, a
 /// filesystem without the attribute is no error.
 fn create_file(path: &Path, filename: &str, nocow: bool) -> Result<(), CliError> {
-    // An RBD image is created by the format's create, with its size: nothing to make here.
-    if blockdev::rbd::is_rbd_name(filename) {
+    // Network storage is created (RBD) or opened (an iSCSI LUN) by the format's create.
+    if blockdev::network::Protocol::of(filename).is_network() {
         return Ok(());
     }
     let opts = FileOptions {

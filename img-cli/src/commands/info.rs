@@ -8,8 +8,9 @@ use crate::commands::snapshot;
 use crate::getopt::{opt, parse, OptSpec};
 use crate::human::size_to_str;
 use crate::open::{self, ImageSpec};
-use crate::qjson::{dump_human, to_json_pretty, QValue};
+use crate::qjson::{self, dump_human, to_json_pretty, QValue};
 use crate::{CliError, CmdResult};
+use blockdev::network::Protocol;
 use img_core::{BackingPolicy, Usage};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -240,19 +241,16 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
         .size()
         .map_err(|e| CliError::new(format!("Could not open '{}': {e}", spec.arg)))?;
     let mut file = file_node(&spec.path, file_len);
-    let nbd = blockdev::nbd::is_nbd_name(&spec.path);
-    if nbd {
-        // An NBD export: qemu names it canonically and shows no file facts.
-        file.filename = fmt.file().name().to_string();
-        file.format = "nbd".to_string();
-        file.specific = None;
-    }
-    if blockdev::iscsi::is_iscsi_name(&spec.path) {
-        // An iSCSI LUN: no file facts either (and the name shown never holds a password).
-        file.filename = fmt.file().name().to_string();
-        file.format = "iscsi".to_string();
+    let protocol = Protocol::of(&spec.path);
+    if protocol.is_network() {
+        // Network storage has no file facts. qemu names an NBD export canonically and an
+        // iSCSI LUN or RBD image by its driver's options (never showing a password).
+        file.filename =
+            qjson::json_filename(&spec.path, None).unwrap_or_else(|| fmt.file().name().to_string());
+        file.format = protocol.driver().to_string();
         file.actual_size = None;
         file.specific = None;
+        file.cluster_size = fmt.file().cluster_size();
     }
     if spec.protocol_only {
         return Ok(file);
@@ -295,15 +293,19 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
     }
     children.push(("file".to_string(), file));
     Ok(NodeInfo {
-        filename: if nbd || blockdev::iscsi::is_iscsi_name(&spec.path) {
-            fmt.file().name().to_string()
-        } else {
-            spec.path.clone()
+        filename: match protocol {
+            Protocol::File => spec.path.clone(),
+            _ => qjson::json_filename(&spec.path, Some(fmt.driver()))
+                .unwrap_or_else(|| fmt.file().name().to_string()),
         },
         format: fmt.driver().to_string(),
         virtual_size,
         actual_size,
-        cluster_size: info.cluster_size,
+        // raw asks its file, so raw over RBD shows the object size as qemu does.
+        cluster_size: info.cluster_size.or_else(|| match fmt.driver() {
+            "raw" => fmt.file().cluster_size(),
+            _ => None,
+        }),
         dirty: info.dirty,
         backing,
         snapshots,

@@ -111,13 +111,16 @@ fn print_map(out: &mut impl Write, walk: MapWalk, json: bool) -> Result<(), CliE
                 ));
             }
             if e.data && !e.zero {
+                let file = e.filename.as_deref().unwrap_or("");
+                // An iSCSI LUN or RBD image is shown by its driver's options, as qemu does.
+                let file = crate::qjson::json_filename(file, None).unwrap_or(file.to_string());
                 writeln!(
                     out,
                     "{:<16}{:<16}{:<16}{}",
                     hex(e.start),
                     hex(e.length),
                     hex(e.offset.unwrap_or(0)),
-                    e.filename.as_deref().unwrap_or("")
+                    file
                 )
                 .map_err(io)?;
             }

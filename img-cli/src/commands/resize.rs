@@ -207,6 +207,11 @@ pub fn run(args: &[String]) -> CmdResult {
             "Use the --shrink option to perform a shrink operation.\nimg: warning: {SHRINK_WARNING}"
         )));
     }
+    let on_lun = blockdev::network::Protocol::of(&spec.path) == blockdev::network::Protocol::Iscsi;
+    if image.format().driver() == "raw" && on_lun {
+        // A LUN's capacity is the target's to change: qemu refuses every exact resize.
+        return Err(CliError::new("Cannot resize iSCSI devices"));
+    }
     image.resize(total as u64, prealloc)?;
     image.close()?;
     if !a.quiet {

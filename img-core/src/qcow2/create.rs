@@ -101,9 +101,10 @@ pub fn size_to_l1(size: u64, cluster_bits: u32) -> u64 {
 /// Creates a qcow2 image at `path`.
 pub fn create(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
     opts.validate()?;
-    // On RBD: an empty image that grows as the qcow2 metadata is written.
-    if let Some(name) = path.to_str().filter(|n| blockdev::rbd::is_rbd_name(n)) {
-        return create_on(Arc::new(blockdev::rbd::RbdStorage::create(name, 0)?), opts);
+    // On network storage: an empty RBD image that grows as the metadata is written, or an
+    // existing LUN or export written over.
+    if let Some(storage) = path.to_str().and_then(|n| blockdev::network::create(n, 0)) {
+        return create_on(storage?, opts);
     }
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(path)?);
     create_on(storage, opts)

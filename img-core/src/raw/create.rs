@@ -57,22 +57,26 @@ pub struct RawCreateOptions {
 
 /// Creates a raw image file.
 pub fn create(path: &Path, opts: &RawCreateOptions) -> Result<()> {
-    if let Some(name) = path.to_str().filter(|n| blockdev::rbd::is_rbd_name(n)) {
-        // librbd creates the image at its size; objects are allocated when written, so only
-        // the modes that allocate nothing up front apply.
+    if let Some(name) = path
+        .to_str()
+        .filter(|n| blockdev::network::Protocol::of(n).is_network())
+    {
+        // librbd creates the image at its size and an iSCSI LUN has its own; blocks are
+        // allocated when written, so only the modes that allocate nothing up front apply.
         if !matches!(
             opts.preallocation,
             Preallocation::Off | Preallocation::Metadata
         ) {
             return Err(blockdev::Error::InvalidOptions {
                 message: format!(
-                    "Unsupported preallocation mode '{}' for rbd",
-                    opts.preallocation.as_str()
+                    "Unsupported preallocation mode '{}' for {}",
+                    opts.preallocation.as_str(),
+                    blockdev::network::Protocol::of(name).driver()
                 ),
             }
             .into());
         }
-        blockdev::rbd::RbdStorage::create(name, opts.size)?;
+        blockdev::network::create(name, opts.size).expect("a network name")?;
         return Ok(());
     }
     let storage = FileStorage::create(path)?;
