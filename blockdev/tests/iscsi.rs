@@ -106,9 +106,13 @@ fn size_block_size_and_flush() {
     assert_eq!(s.alignment().request, 512);
     assert_eq!(s.name(), lab.url());
     s.flush().unwrap();
-    // Resizing a LUN is not ours to do; keeping its size is fine.
+    // Resizing a LUN is not ours to do: a size within it is accepted and changes nothing
+    // (as on a block device), growing is refused with qemu's message.
     s.truncate(LUN_SIZE).unwrap();
-    assert!(s.truncate(LUN_SIZE / 2).is_err());
+    s.truncate(LUN_SIZE / 2).unwrap();
+    assert_eq!(s.size().unwrap(), LUN_SIZE);
+    let e = s.truncate(LUN_SIZE + 512).unwrap_err();
+    assert_eq!(e.to_string(), "Cannot grow iSCSI devices");
 }
 
 #[test]
