@@ -130,8 +130,14 @@ fn zeroes_discard_resize_and_bounds() {
     // discarding there changes nothing, and an offset that overflows is a typed error.
     let mut buf = [7u8; 4096];
     s.read_at(&mut buf, (8 << 20) - 100).unwrap();
-    assert!(buf[..100] == data[(8 << 20) - 100..], "the part inside was not read");
-    assert!(buf[100..].iter().all(|&b| b == 0), "past the end did not read as zeros");
+    assert!(
+        buf[..100] == data[(8 << 20) - 100..],
+        "the part inside was not read"
+    );
+    assert!(
+        buf[100..].iter().all(|&b| b == 0),
+        "past the end did not read as zeros"
+    );
     s.discard((8 << 20) - 512, 1 << 20).unwrap();
     assert_eq!(s.size().unwrap(), 8 << 20);
     match s.read_at(&mut buf, u64::MAX - 100) {

@@ -724,14 +724,14 @@ impl Storage for NbdStorage {
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
-        if size == self.conn.info.size {
+        // The export's size is the server's. As qemu's client, a size within it is accepted
+        // and changes nothing (an image created on the export), growing is refused.
+        if size <= self.conn.info.size {
             return Ok(());
         }
-        Err(self.io_error(
-            "truncate",
-            size,
-            io::Error::new(io::ErrorKind::Unsupported, "Cannot resize NBD nodes"),
-        ))
+        Err(Error::Unsupported {
+            message: "Cannot grow NBD nodes".into(),
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

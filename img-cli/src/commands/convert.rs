@@ -224,33 +224,11 @@ pub fn run(args: &[String]) -> CmdResult {
         snapshot::load(&mut sources[0], selector)?;
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
-    // An NBD export is not created: as qemu, only its size is checked, and it does not
-    // read as zeros beforehand.
-    let iscsi_target = blockdev::iscsi::is_iscsi_name(out);
-    let nbd_target = blockdev::nbd::is_nbd_name(out) || iscsi_target;
-    if iscsi_target && !a.no_create {
-        check_iscsi_target(out, &a.out_fmt, total)?;
-    } else if nbd_target && !a.no_create {
-        if a.out_fmt != "raw" {
-            return Err(CliError::new(format!(
-                "{out}: error while converting {}: img creates only raw images on NBD exports",
-                a.out_fmt
-            )));
-        }
-        let export = blockdev::nbd::NbdStorage::open(out, false).map_err(|e| {
-            CliError::new(match &e {
-                blockdev::Error::Open { source, .. } => {
-                    format!("Could not open '{out}': {}", blockdev::os_message(source))
-                }
-                e => e.to_string(),
-            })
-        })?;
-        if blockdev::Storage::size(&export)? < total {
-            return Err(CliError::new(format!(
-                "{out}: error while converting raw: Cannot grow NBD nodes"
-            )));
-        }
-    } else if !a.no_create {
+    // An NBD export or an iSCSI LUN is not created: the format is written over it (raw
+    // checks it is big enough), and it does not read as zeros beforehand.
+    let reads_zero_when_new =
+        !blockdev::network::Protocol::of(out).is_network() || blockdev::rbd::is_rbd_name(out);
+    if !a.no_create {
         create::CreatePlan::new(
             &a.out_fmt,
             out,
@@ -269,17 +247,15 @@ pub fn run(args: &[String]) -> CmdResult {
     }
     let target = open(&ImageSpec::file(out, Some(&a.out_fmt)), false, a.dst_cache)?;
     if a.no_create && target.size() < total {
-        return Err(CliError::new(format!(
-            "Output image is too small ({} bytes, the input needs {total})",
-            target.size()
-        )));
+        return Err(CliError::new("output file is smaller than input file"));
     }
     let opts = ConvertOptions {
         min_sparse: a.min_sparse,
         // A streamOptimized vmdk holds nothing but compressed grains.
         compress: a.compress || writes_only_compressed(&target),
         // A target with a backing file reads what its backing file holds, not zeros.
-        target_is_zero: ((!a.no_create && !nbd_target) || a.target_is_zero) && a.backing.is_none(),
+        target_is_zero: ((!a.no_create && reads_zero_when_new) || a.target_is_zero)
+            && a.backing.is_none(),
         parallel: a.parallel,
         out_of_order: a.out_of_order,
         copy_offload: a.copy_offload,
@@ -327,28 +303,4 @@ fn writes_only_compressed(target: &Image) -> bool {
             .and_then(|s| s.get("create-type"))
             .and_then(|t| t.as_str())
             == Some("streamOptimized")
-}
-
-/// An iSCSI LUN as the target of a convert: nothing is created, as with NBD; the LUN must be big
-/// enough, and only raw goes on it for now.
-fn check_iscsi_target(out: &str, out_fmt: &str, total: u64) -> Result<(), CliError> {
-    if out_fmt != "raw" {
-        return Err(CliError::new(format!(
-            "{out}: error while converting {out_fmt}: img creates only raw images on iSCSI LUNs"
-        )));
-    }
-    let lun = blockdev::iscsi::IscsiStorage::open(out, &Default::default()).map_err(|e| {
-        CliError::new(match &e {
-            blockdev::Error::Open { name, source } => {
-                format!("Could not open '{name}': {}", blockdev::os_message(source))
-            }
-            e => e.to_string(),
-        })
-    })?;
-    if blockdev::Storage::size(&lun)? < total {
-        return Err(CliError::new(format!(
-            "{out}: error while converting raw: Cannot grow device files"
-        )));
-    }
-    Ok(())
 }

@@ -8,6 +8,7 @@ use crate::cvt::{self, NumError};
 use crate::getopt::{opt, parse, OptSpec};
 use crate::open::{self, ImageSpec};
 use crate::{CliError, CmdResult};
+use blockdev::network::Protocol;
 use img_core::raw::Preallocation;
 
 const SPECS: &[OptSpec] = &[
@@ -207,10 +208,13 @@ pub fn run(args: &[String]) -> CmdResult {
             "Use the --shrink option to perform a shrink operation.\nimg: warning: {SHRINK_WARNING}"
         )));
     }
-    let on_lun = blockdev::network::Protocol::of(&spec.path) == blockdev::network::Protocol::Iscsi;
-    if image.format().driver() == "raw" && on_lun {
-        // A LUN's capacity is the target's to change: qemu refuses every exact resize.
-        return Err(CliError::new("Cannot resize iSCSI devices"));
+    // An export's or a LUN's size is its server's to change: qemu refuses every exact resize.
+    if image.format().driver() == "raw" {
+        match blockdev::network::Protocol::of(&spec.path) {
+            Protocol::Iscsi => return Err(CliError::new("Cannot resize iSCSI devices")),
+            Protocol::Nbd => return Err(CliError::new("Cannot resize NBD nodes")),
+            _ => {}
+        }
     }
     image.resize(total as u64, prealloc)?;
     image.close()?;
