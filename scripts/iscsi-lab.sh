@@ -52,6 +52,9 @@ running_pid() {
     echo "$pid"
 }
 
+# Ports handed to labs, one file per port naming the lab directory that owns it.
+CLAIMS=/var/run/tgtd/img-iscsi-lab.ports
+
 port_in_use() { ss -Htln "sport = :$1" | grep -q .; }
 
 # 3260 when free, else the first free port above it; a restart keeps the port it had.
@@ -60,12 +63,16 @@ choose_port() {
         cat "$DIR/port"
         return
     fi
-    local p
+    local p owner
+    mkdir -p "$CLAIMS"
     for p in 3260 $(seq 3261 3400); do
-        port_in_use "$p" || {
-            echo "$p"
-            return
-        }
+        port_in_use "$p" && continue
+        # A lab being restarted has no listener for a moment: its claim keeps the port its own.
+        owner=$(cat "$CLAIMS/$p" 2>/dev/null || true)
+        [ -n "$owner" ] && [ "$owner" != "$DIR" ] && [ -d "$owner" ] && continue
+        echo "$DIR" >"$CLAIMS/$p"
+        echo "$p"
+        return
     done
     die "no free port in 3260-3400"
 }
@@ -166,6 +173,7 @@ restart)
 urls) print_urls ;;
 clean)
     stop
+    [ -s "$DIR/port" ] && rm -f "$CLAIMS/$(cat "$DIR/port")"
     rm -rf "$DIR"
     ;;
 *) die "usage: $0 start [--luns N] [--size SIZE] | stop | restart | urls | clean" ;;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod holder;
+pub mod netlab;
 pub mod recording;
 
 use std::path::{Path, PathBuf};
