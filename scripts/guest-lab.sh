@@ -5,7 +5,8 @@
 #
 #   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, rw-direct, chain, ro,
 #                                    verify, trim); exit 0 only if all pass
-#   scripts/guest-lab.sh CASE...     only these cases
+#   scripts/guest-lab.sh CASE...     only these cases; rw-iscsi and rw-rbd (not in check:
+#                                    img only) serve a qcow2 image on an iSCSI LUN or on RBD
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
 #   scripts/guest-lab.sh --prepare   only fetch and build what the lab needs
@@ -548,6 +549,47 @@ case_rw() {
     host_sums "$disk" "$fmt" "$d/console.txt" || return 1
 }
 
+# case_net NAME iscsi|rbd: case rw on a qcow2 image that lives on network storage (a LUN of
+# scripts/iscsi-lab.sh's tgtd, or an image in scripts/ceph-lab.sh's cluster), made by img
+# convert and served by img serve. The host checks it with qemu-img 7.2 (scripts/qemu-img72.sh),
+# which has the iscsi and rbd drivers the installed qemu-img lacks. img only: qemu-storage-daemon
+# 10 has no iscsi or rbd driver either.
+case_net() {
+    local name=$1 proto=$2 d="$WORK/$1" disk conf rc=0
+    local q72="$TOP/scripts/qemu-img72.sh"
+    mkdir -p "$d"
+    case "$proto" in
+    iscsi)
+        disk=$(ISCSI_LAB_DIR="$d/iscsi-lab" "$TOP/scripts/iscsi-lab.sh" start --size 128M) ||
+            return 1
+        ;;
+    rbd)
+        conf=$("$TOP/scripts/ceph-lab.sh" start) || return 1
+        rbd -c "$conf" rm "rbd/guest-lab-$$" >/dev/null 2>&1 || true
+        disk="rbd:rbd/guest-lab-$$:conf=$conf"
+        ;;
+    *) die "case_net: unknown protocol $proto" ;;
+    esac
+    {
+        make_fs "$d/fs.raw" &&
+            "$IMG_BIN" convert -f raw -O qcow2 "$d/fs.raw" "$disk" &&
+            start_server img "$disk" qcow2 "$d/sock" "$d/server.log" "" 1 &&
+            boot rw "$d/sock" "$d/console" "$WORK/initrd" 1 &&
+            stop_server &&
+            check_queues "$d/console.txt" 1 &&
+            "$q72" check "$disk" >"$d/check.log" 2>&1 &&
+            grep -q 'No errors were found' "$d/check.log" &&
+            "$q72" convert -O qcow2 "$disk" "$d/back.qcow2" &&
+            host_sums "$d/back.qcow2" qcow2 "$d/console.txt"
+    } || rc=1
+    [ $rc -eq 0 ] || [ ! -s "$d/check.log" ] || cat "$d/check.log" >&2
+    case "$proto" in
+    iscsi) ISCSI_LAB_DIR="$d/iscsi-lab" "$TOP/scripts/iscsi-lab.sh" clean >/dev/null 2>&1 ;;
+    rbd) rbd -c "$conf" rm "rbd/guest-lab-$$" >/dev/null 2>&1 ;;
+    esac
+    return $rc
+}
+
 # corrupt_file IMAGE FORMAT PATH: overwrites the first block of a file in the image behind the guest's
 # back; LAB_FAULT=corrupt uses it to show that the lab notices data that differs from what the
 # guest read.
@@ -699,6 +741,8 @@ run_case() {
     ro) case_ro || rc=$? ;;
     verify) case_verify || rc=$? ;;
     trim) case_trim || rc=$? ;;
+    rw-iscsi) case_net rw-iscsi iscsi || rc=$? ;;
+    rw-rbd) case_net rw-rbd rbd || rc=$? ;;
     *) die "unknown case $name" ;;
     esac
     if [ -n "$QEMU_PID" ]; then kill -TERM "$QEMU_PID" 2>/dev/null || true; fi

@@ -66,6 +66,21 @@ fn guest_lab_qemu_storage_daemon_control() {
     lab("qsd");
 }
 
+/// Disks on network storage: a qcow2 image on an iSCSI LUN (tgtd) and one on RBD (a Ceph
+/// cluster), each served by `img serve` to a guest that writes ext4 on it; the host checks both
+/// with qemu-img 7.2 and debugfs.
+#[test]
+fn guest_lab_network_storage() {
+    let (ok, text) = run_lab(&["rw-iscsi", "rw-rbd"], &[("SERVER", "img")]);
+    assert!(ok, "guest-lab.sh rw-iscsi rw-rbd failed:\n{text}");
+    for case in ["rw-iscsi", "rw-rbd"] {
+        assert!(
+            text.contains(&format!("PASS {case} (SERVER=img,")),
+            "{case}:\n{text}"
+        );
+    }
+}
+
 /// The lab's checks can fail: a block of a file the guest wrote, changed in the image after the
 /// guest read it back, must be caught by the host's comparison.
 #[test]

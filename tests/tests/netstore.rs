@@ -341,3 +341,74 @@ fn convert_onto_rbd_across_a_cluster_restart() {
     assert!(ok, "img convert did not survive a Ceph restart: {err}");
     assert_qemu72_check_clean(&target);
 }
+
+/// `img nbd` serves a qcow2 image that lives on network storage: the installed qemu-img and
+/// qemu-io (no iscsi or rbd driver needed) read and write it over NBD, and qemu-img 7.2 finds
+/// the image clean with the write in it once the server has stopped.
+#[test]
+fn img_nbd_serves_images_on_network_storage() {
+    let lab = IscsiLab::start(1, "128M");
+    let ceph = CephLab::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_image(dir.path());
+    // What the image holds after the write through the server, made locally.
+    let expect = dir.path().join("expect.qcow2");
+    std::fs::copy(&src, &expect).unwrap();
+    qemu_io("qcow2", &expect, &["write -P 0xc4 20M 1M".to_string()]);
+    let mut targets = Vec::new();
+    if let Some(lab) = &lab {
+        targets.push(lab.url(1).to_string());
+    }
+    if let Some(ceph) = ceph {
+        targets.push(ceph.image("nbd"));
+    }
+    for (i, target) in targets.iter().enumerate() {
+        img_ok(&["convert", "-O", "qcow2", &p(&src), target]);
+        let sock = dir.path().join(format!("nbd{i}.sock"));
+        let pid_file = dir.path().join(format!("nbd{i}.pid"));
+        img_ok(&[
+            "nbd",
+            "--fork",
+            "-t",
+            "--pid-file",
+            &p(&pid_file),
+            "-k",
+            &p(&sock),
+            "-f",
+            "qcow2",
+            target,
+        ]);
+        let url = format!("nbd+unix:///?socket={}", sock.display());
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2", &url, &p(&src)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "compare over NBD: {out:?}");
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0xc4 20M 1M", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"),
+            "write over NBD: {out:?}"
+        );
+        // Stopped, the server flushes and closes the image.
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill only sends a signal, to the server this test started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let start = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "img nbd did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_qemu72_check_clean(target);
+        assert_qemu72_identical(&p(&expect), target);
+    }
+}
