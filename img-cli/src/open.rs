@@ -135,7 +135,6 @@ impl ImageSpec {
     /// `driver=qcow2,file.filename=disk.qcow2,l2-cache-size=4M`. Structural errors and bad
     /// flag values are reported here; the rest when the image is opened, as qemu orders them.
     pub fn from_image_opts(arg: &str) -> Result<Self, CliError> {
-        let fail = |m: String| CliError::new(format!("Could not open '{arg}': {m}"));
         let mut pairs = parse_kv(arg)?;
         // A leading value without a key names the `file` option, as in qemu.
         if let Some(first) = arg.split(',').next() {
@@ -143,6 +142,29 @@ impl ImageSpec {
                 pairs[0] = ("file".to_string(), pairs[0].0.clone());
             }
         }
+        Self::from_options(arg, pairs)
+    }
+
+    /// An image named by qemu's `json:{...}` form (what `info` prints for an image on iSCSI
+    /// or RBD): the same options as `--image-opts`, nested objects giving dotted keys.
+    pub fn from_json_name(arg: &str, format: Option<&str>) -> Result<Self, CliError> {
+        let fail = |m: String| CliError::new(format!("Could not open '{arg}': {m}"));
+        let text = arg.strip_prefix("json:").unwrap_or(arg);
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| fail(format!("Could not parse the JSON options: {e}")))?;
+        let mut pairs = Vec::new();
+        flatten_json("", &value, &mut pairs).map_err(fail)?;
+        if let Some(f) = format {
+            if !pairs.iter().any(|(k, _)| k == "driver") {
+                pairs.push(("driver".to_string(), f.to_string()));
+            }
+        }
+        Self::from_options(arg, pairs)
+    }
+
+    /// An image named by options (`--image-opts` or `json:`).
+    fn from_options(arg: &str, pairs: Vec<(String, String)>) -> Result<Self, CliError> {
+        let fail = |m: String| CliError::new(format!("Could not open '{arg}': {m}"));
         // qemu keeps the last value of a repeated option.
         let mut opts: Vec<(String, String)> = Vec::new();
         for (k, v) in pairs {
@@ -158,13 +180,13 @@ impl ImageSpec {
                 "Cannot find device='{v}' nor node-name='{v}'"
             )));
         }
-        if let Some(v) = get("file.driver").filter(|&v| v != "file" && v != "nbd") {
+        if let Some(v) = get("file.driver").filter(|&v| v != "file" && !is_network_driver(v)) {
             return Err(fail(format!("Unknown protocol driver '{v}'")));
         }
-        if driver.as_deref() == Some("nbd") {
-            return Self::nbd_protocol(arg, &opts);
+        if let Some(d) = driver.as_deref().filter(|d| is_network_driver(d)) {
+            return Self::network_protocol(arg, d, &opts);
         }
-        let file_nbd = get("file.driver") == Some("nbd");
+        let file_net = get("file.driver").filter(|d| is_network_driver(d));
         let protocol_only = driver.as_deref() == Some("file");
         // Flags are parsed before anything is opened, in qemu's order.
         let flag = |key: &str, shown: &str| -> Result<Option<bool>, CliError> {
@@ -233,7 +255,7 @@ impl ImageSpec {
         }
         for (k, v) in &opts {
             if let Some(child) = k.strip_prefix("file.") {
-                if file_nbd && NBD_OPTIONS.contains(&child) {
+                if file_net.is_some_and(|d| network_options(d).contains(&child)) {
                     continue;
                 }
                 let known = [
@@ -262,12 +284,11 @@ impl ImageSpec {
                 options.format_options.push((k.clone(), v.clone()));
             }
         }
-        let nbd_url = if file_nbd {
-            Some(nbd_url(&opts, "file.").map_err(fail)?)
-        } else {
-            None
+        let net_name = match file_net {
+            Some(d) => Some(network_name(d, &opts, "file.").map_err(fail)?),
+            None => None,
         };
-        let path = match &nbd_url {
+        let path = match &net_name {
             Some(u) => u.as_str(),
             None => get("file.filename")
                 .ok_or_else(|| fail("A block device must be specified for \"file\"".into()))?,
@@ -284,17 +305,22 @@ impl ImageSpec {
         })
     }
 
-    /// `driver=nbd,...`: an NBD export as a protocol node (its bytes, no format).
-    fn nbd_protocol(arg: &str, opts: &[(String, String)]) -> Result<Self, CliError> {
+    /// `driver=nbd|iscsi|rbd,...`: network storage as a protocol node (its bytes, no format).
+    fn network_protocol(
+        arg: &str,
+        driver: &str,
+        opts: &[(String, String)],
+    ) -> Result<Self, CliError> {
         let fail = |m: String| CliError::new(format!("Could not open '{arg}': {m}"));
         let get = |key: &str| opts.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        let url = nbd_url(opts, "").map_err(fail)?;
+        let url = network_name(driver, opts, "").map_err(fail)?;
+        let known = network_options(driver);
         let options = ImageOptions {
             read_only: get("read-only") == Some("on"),
             unknown_file_option: opts
                 .iter()
                 .map(|(k, _)| k.as_str())
-                .find(|k| !NODE_OPTIONS.contains(k) && *k != "driver" && !NBD_OPTIONS.contains(k))
+                .find(|k| !NODE_OPTIONS.contains(k) && *k != "driver" && !known.contains(k))
                 .map(str::to_string),
             ..Default::default()
         };
@@ -330,6 +356,8 @@ impl ImageSpec {
     pub fn from_args(arg: &str, image_opts: bool, format: Option<&str>) -> Result<Self, CliError> {
         if image_opts {
             Self::from_image_opts(arg)
+        } else if arg.starts_with("json:") {
+            Self::from_json_name(arg, format)
         } else {
             Ok(Self::file(arg, format))
         }
@@ -395,6 +423,114 @@ fn nbd_url(opts: &[(String, String)], prefix: &str) -> Result<String, String> {
             "Parameter 'server.type' does not accept value '{other}'"
         )),
     }
+}
+
+/// Options of qemu's iscsi protocol driver that img understands.
+const ISCSI_OPTIONS: &[&str] = &["transport", "portal", "target", "lun", "user", "password"];
+
+/// Options of qemu's rbd protocol driver that img understands.
+const RBD_OPTIONS: &[&str] = &["pool", "namespace", "image", "snapshot", "conf", "user"];
+
+/// Whether `driver` is one of the network protocol drivers img has.
+fn is_network_driver(driver: &str) -> bool {
+    matches!(driver, "nbd" | "iscsi" | "rbd")
+}
+
+/// The options img understands of a network protocol driver.
+fn network_options(driver: &str) -> &'static [&'static str] {
+    match driver {
+        "nbd" => NBD_OPTIONS,
+        "iscsi" => ISCSI_OPTIONS,
+        "rbd" => RBD_OPTIONS,
+        _ => &[],
+    }
+}
+
+/// The name img opens for a network protocol node given by options (those under `prefix`):
+/// an `nbd://` or `nbd+unix://` URL, an `iscsi://` URL, or an `rbd:` name.
+fn network_name(driver: &str, opts: &[(String, String)], prefix: &str) -> Result<String, String> {
+    let get = |key: &str| {
+        opts.iter()
+            .find(|(k, _)| k.strip_prefix(prefix) == Some(key))
+            .map(|(_, v)| v.as_str())
+    };
+    let missing = |key: &str| format!("Parameter '{key}' is missing");
+    match driver {
+        "nbd" => nbd_url(opts, prefix),
+        "iscsi" => {
+            if let Some(t) = get("transport").filter(|&t| t != "tcp") {
+                return Err(format!("Parameter 'transport' does not accept value '{t}'"));
+            }
+            let portal = get("portal").ok_or_else(|| missing("portal"))?;
+            let target = get("target").ok_or_else(|| missing("target"))?;
+            let auth = match (get("user"), get("password")) {
+                (Some(u), Some(p)) => format!("{u}%{p}@"),
+                (Some(u), None) => format!("{u}@"),
+                (None, _) => String::new(),
+            };
+            Ok(format!(
+                "iscsi://{auth}{portal}/{target}/{}",
+                get("lun").unwrap_or("0")
+            ))
+        }
+        "rbd" => {
+            // The legacy name's separators are escaped with a backslash inside its parts.
+            let esc = |s: &str| {
+                s.chars().fold(String::new(), |mut out, c| {
+                    if matches!(c, ':' | '@' | '/' | '\\' | '=') {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                    out
+                })
+            };
+            let mut name = format!("rbd:{}/", esc(get("pool").ok_or_else(|| missing("pool"))?));
+            if let Some(ns) = get("namespace").filter(|ns| !ns.is_empty()) {
+                name.push_str(&format!("{}/", esc(ns)));
+            }
+            name.push_str(&esc(get("image").ok_or_else(|| missing("image"))?));
+            if let Some(snap) = get("snapshot") {
+                name.push_str(&format!("@{}", esc(snap)));
+            }
+            if let Some(conf) = get("conf") {
+                name.push_str(&format!(":conf={}", esc(conf)));
+            }
+            if let Some(user) = get("user") {
+                name.push_str(&format!(":id={}", esc(user)));
+            }
+            Ok(name)
+        }
+        other => Err(format!("Unknown protocol driver '{other}'")),
+    }
+}
+
+/// Flattens a `json:` name's object into qemu's dotted option keys (`{"file": {"driver":
+/// "rbd"}}` gives `file.driver=rbd`); booleans become on/off.
+fn flatten_json(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_json(&key, v, out)?;
+            }
+        }
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Number(n) => out.push((prefix.to_string(), n.to_string())),
+        Value::Bool(b) => out.push((prefix.to_string(), if *b { "on" } else { "off" }.into())),
+        Value::Null | Value::Array(_) => {
+            return Err(format!("Invalid parameter type for '{prefix}'"));
+        }
+    }
+    Ok(())
 }
 
 /// Parses a `-t`/`-T` cache mode.
@@ -850,6 +986,60 @@ pub fn open_reason(e: &img_core::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_options_become_names() {
+        let s = ImageSpec::from_image_opts(
+            "driver=qcow2,file.driver=iscsi,file.portal=h:3261,file.target=iqn.x:y,file.lun=2,\
+             file.user=u,file.password=p",
+        )
+        .unwrap();
+        assert_eq!(s.path, "iscsi://u%p@h:3261/iqn.x:y/2");
+        assert_eq!(s.format.as_deref(), Some("qcow2"));
+        let s = ImageSpec::from_image_opts(
+            "driver=rbd,pool=p,namespace=n,image=a:b@c,snapshot=s,conf=/e/c.conf,user=admin",
+        )
+        .unwrap();
+        assert_eq!(s.path, "rbd:p/n/a\\:b\\@c@s:conf=\\/e\\/c.conf:id=admin");
+        assert!(s.protocol_only);
+        // The name parses back to the same parts.
+        let n = blockdev::rbd::RbdName::parse(&s.path).unwrap();
+        assert_eq!(
+            (n.image.as_str(), n.conf.as_deref()),
+            ("a:b@c", Some("/e/c.conf"))
+        );
+        let e = ImageSpec::from_image_opts("driver=iscsi,portal=h,target=t,timeout=3").unwrap();
+        assert_eq!(e.options.unknown_file_option.as_deref(), Some("timeout"));
+        assert!(ImageSpec::from_image_opts("driver=rbd,image=x").is_err());
+    }
+
+    #[test]
+    fn json_names() {
+        let s = ImageSpec::from_json_name(
+            r#"json:{"driver": "raw", "file": {"pool": "rbd", "image": "i", "driver": "rbd", "namespace": ""}}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.path, "rbd:rbd/i");
+        assert_eq!(s.format.as_deref(), Some("raw"));
+        let s = ImageSpec::from_json_name(
+            r#"json:{"file": {"driver": "file", "filename": "d.img"}, "read-only": true}"#,
+            Some("qcow2"),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.path.as_str(), s.format.as_deref()),
+            ("d.img", Some("qcow2"))
+        );
+        assert!(s.options.read_only);
+        let e = ImageSpec::from_json_name("json:{\"driver\": ", None).unwrap_err();
+        assert!(
+            e.message.contains("Could not parse the JSON options"),
+            "{}",
+            e.message
+        );
+        assert!(ImageSpec::from_json_name(r#"json:{"driver": ["x"]}"#, None).is_err());
+    }
 
     #[test]
     fn image_opts() {

@@ -78,6 +78,26 @@ fn every_command(target: &str, dir: &Path) {
     for key in ["filename", "format", "virtual-size", "cluster-size"] {
         assert_eq!(json[key], theirs[key], "info --output=json: {key}");
     }
+    // The json: name info prints opens the same image, as qemu accepts it, and so do the
+    // protocol driver's options given with --image-opts.
+    let name = json["filename"].as_str().unwrap();
+    img_ok(&["compare", name, target]);
+    same_output(&["check", name]);
+    let inner: serde_json::Value =
+        serde_json::from_str(name.strip_prefix("json:").unwrap()).unwrap();
+    let opts: Vec<String> = std::iter::once("driver=qcow2".to_string())
+        .chain(
+            inner["file"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("file.{k}={}", v.as_str().unwrap())),
+        )
+        .collect();
+    assert_eq!(
+        img_ok(&["map", "--output=json", "--image-opts", &opts.join(",")]),
+        img_ok(&["map", "--output=json", target])
+    );
     same_output(&["map", target]);
     same_output(&["measure", "-O", "qcow2", target]);
     same_output(&["check", target]);

@@ -67,13 +67,18 @@ struct Target {
 /// driver's caches.
 fn parse_image_opts(spec: &str, cache: &mut blockdev::CacheMode) -> Result<Target, CliError> {
     let s = crate::open::ImageSpec::from_image_opts(spec)?;
+    Ok(target_of(s, cache))
+}
+
+/// The target of an image named by options, and the cache mode they ask for.
+fn target_of(s: crate::open::ImageSpec, cache: &mut blockdev::CacheMode) -> Target {
     *cache = crate::open::file_cache_mode(&s, *cache);
-    Ok(Target {
+    Target {
         display: s.arg,
         path: s.path,
         format: s.format,
         options: s.options,
-    })
+    }
 }
 
 /// Runs `img check` with its arguments.
@@ -149,6 +154,9 @@ pub fn run(args: &[String]) -> CmdResult {
             ));
         }
         parse_image_opts(&pos[0], &mut cache_mode)?
+    } else if pos[0].starts_with("json:") {
+        let s = crate::open::ImageSpec::from_json_name(&pos[0], format.as_deref())?;
+        target_of(s, &mut cache_mode)
     } else {
         Target {
             display: pos[0].clone(),
