@@ -2,7 +2,9 @@
 # A real iSCSI target on loopback for the iSCSI tests: tgt's tgtd with one target whose LUNs are
 # files in a lab directory (see ../shared/LAB.md, "Network storage").
 #
-#   scripts/iscsi-lab.sh start [--luns N] [--size SIZE]   start (or find running) and print URLs
+#   scripts/iscsi-lab.sh start [--luns N] [--size SIZE] [--chap USER:PASSWORD]
+#                                                          start (or find running) and print URLs;
+#                                                          with --chap, logins need CHAP
 #   scripts/iscsi-lab.sh stop                              SIGKILL tgtd; the LUN files stay
 #   scripts/iscsi-lab.sh restart                           stop, then start on the same port and
 #                                                          the same files (reconnection tests)
@@ -22,6 +24,7 @@ DIR=${ISCSI_LAB_DIR:-/tmp/img-iscsi-lab}
 IQN=${ISCSI_LAB_IQN:-iqn.2026-11.test:disk}
 LUNS=1
 SIZE=64M
+CHAP=
 
 die() {
     echo "iscsi-lab: $*" >&2
@@ -123,6 +126,14 @@ start() {
             die "enabling thin provisioning on LUN $n failed"
     done
     tgtadm_ --op bind --mode target --tid 1 -I ALL || die "binding the target failed"
+    if [ -n "$CHAP" ]; then
+        # Initiators must then log in with this CHAP user and password.
+        tgtadm_ --op new --mode account --user "${CHAP%%:*}" --password "${CHAP#*:}" ||
+            die "creating the CHAP account failed"
+        tgtadm_ --op bind --mode account --tid 1 --user "${CHAP%%:*}" ||
+            die "binding the CHAP account failed"
+        echo "$CHAP" >"$DIR/chap"
+    fi
     for n in $(seq 1 "$LUNS"); do
         echo "iscsi://127.0.0.1:$PORT/$IQN/$n"
     done >"$DIR/urls"
@@ -155,6 +166,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --luns) LUNS=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
+    --chap) CHAP=$2; shift 2 ;;
     *) die "unknown option $1" ;;
     esac
 done
@@ -167,6 +179,7 @@ restart)
     [ -s "$DIR/port" ] || die "no lab in $DIR to restart"
     # Keep the number of LUNs the lab had.
     [ -s "$DIR/urls" ] && LUNS=$(wc -l <"$DIR/urls")
+    [ -s "$DIR/chap" ] && CHAP=$(cat "$DIR/chap")
     stop
     start
     ;;
@@ -176,5 +189,5 @@ clean)
     [ -s "$DIR/port" ] && rm -f "$CLAIMS/$(cat "$DIR/port")"
     rm -rf "$DIR"
     ;;
-*) die "usage: $0 start [--luns N] [--size SIZE] | stop | restart | urls | clean" ;;
+*) die "usage: $0 start [--luns N] [--size SIZE] [--chap USER:PASSWORD] | stop | restart | urls | clean" ;;
 esac

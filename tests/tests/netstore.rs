@@ -193,6 +193,33 @@ fn every_command_on_an_iscsi_lun() {
     );
 }
 
+/// `iscsi://user%password@...`: a target that requires CHAP is opened with the credentials in
+/// the name, and refused without them or with a wrong password, in qemu's words.
+#[test]
+fn chap_credentials_in_the_name() {
+    let Some(lab) = IscsiLab::start_with(1, "64M", Some("alice:s3cret-pw")) else {
+        return;
+    };
+    let url = lab.url(1);
+    let with = |cred: &str| url.replacen("iscsi://", &format!("iscsi://{cred}@"), 1);
+    let good = with("alice%s3cret-pw");
+    img_ok(&["create", "-q", "-f", "qcow2", &good, "32M"]);
+    assert_qemu72_check_clean(&good);
+    let info = img_ok(&["info", &good]);
+    assert_eq!(top_node(&info), qemu_img72_ok(&["info", &good]));
+    for name in [url.to_string(), with("alice%wrong")] {
+        let ours = img(&["info", &name]);
+        let theirs = qemu_img72(&["info", &name]);
+        assert_eq!(ours.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&ours.stderr);
+        assert!(err.contains("Authentication failure"), "{err}");
+        assert_eq!(
+            err.strip_prefix("img"),
+            String::from_utf8_lossy(&theirs.stderr).strip_prefix("qemu-img")
+        );
+    }
+}
+
 #[test]
 fn every_command_on_rbd() {
     let Some(ceph) = CephLab::shared() else {

@@ -112,7 +112,8 @@ impl Context {
         unsafe { sys::iscsi_set_reconnect_max_retries(me.raw(), RECONNECT_RETRIES) };
         // SAFETY: live context, valid portal string; blocks until logged in or failed.
         if unsafe { sys::iscsi_full_connect_sync(me.raw(), portal.as_ptr(), me.lun) } != 0 {
-            return Err(me.session_error("login"));
+            // qemu's words, so that scripts matching them keep working.
+            return Err(me.session_error("iSCSI: Failed to connect to LUN "));
         }
         Ok(me)
     }

@@ -108,19 +108,24 @@ impl IscsiLab {
     /// Starts a target with `luns` LUNs of `size` (qemu-img's size syntax), or returns `None`
     /// (having said why) when tgt is not installed and not required.
     pub fn start(luns: usize, size: &str) -> Option<IscsiLab> {
+        Self::start_with(luns, size, None)
+    }
+
+    /// As [`IscsiLab::start`], with logins requiring CHAP as `user:password` when given.
+    pub fn start_with(luns: usize, size: &str, chap: Option<&str>) -> Option<IscsiLab> {
         if !required("IMG_REQUIRE_ISCSI") && !Path::new("/usr/sbin/tgtd").exists() {
             eprintln!("SKIP: tgtd is not installed (set IMG_REQUIRE_ISCSI=1 to fail instead)");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let out = lab_script(
-            "iscsi-lab.sh",
-            &["start", "--luns", &luns.to_string(), "--size", size],
-            &[("ISCSI_LAB_DIR", dir.path())],
-            &[],
-        );
+        let luns = luns.to_string();
+        let mut args = vec!["start", "--luns", &luns, "--size", size];
+        if let Some(chap) = chap {
+            args.extend(["--chap", chap]);
+        }
+        let out = lab_script("iscsi-lab.sh", &args, &[("ISCSI_LAB_DIR", dir.path())], &[]);
         let urls = out.lines().map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(urls.len(), luns, "iscsi-lab.sh printed {out}");
+        assert_eq!(urls.len().to_string(), luns, "iscsi-lab.sh printed {out}");
         Some(IscsiLab { dir, urls })
     }
 
