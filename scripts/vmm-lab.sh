@@ -14,6 +14,10 @@
 #             mounts /dev/vda, writes a file with the nonce and a 4 MiB random file, syncs,
 #             reads them back, unmounts and powers off; on the host `qemu-img check` must be
 #             clean and debugfs (on a raw conversion) must read both files back identical
+#   iscsi     the disk case with the qcow2 image on an iSCSI LUN: tgtd (scripts/iscsi-lab.sh)
+#             runs inside L1 on its loopback, serving a file that holds the qcow2 image, and
+#             vmm opens -drive file=iscsi://127.0.0.1:PORT/IQN/1,format=qcow2; the host checks
+#             the LUN's file as the disk case checks its image
 #   qmp       a qcow2 virtio-blk disk (/dev/vda) and, on a virtio-scsi controller served by an
 #             -object iothread, a qcow2 scsi-hd (/dev/sda) and a scsi-cd (/dev/sr0); the guest
 #             writes and reads files on both disks and digests the CD; a QMP client
@@ -44,7 +48,7 @@ KVER=${KDIR##*/}
 BZ="$KDIR/root/boot/vmlinuz-$KVER"
 [ -f "$KDIR/vmlinux" ] && [ -f "$BZ" ] || { log "no kernel under $LAB/guest"; exit 125; }
 BUSYBOX="$LAB/guest/busybox"
-CASES=${CASES:-poweroff smp2 bzimage reboot reset qemu disk qmp}
+CASES=${CASES:-poweroff smp2 bzimage reboot reset qemu disk iscsi qmp}
 want() { case " $CASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # add_modules (module lists with their dependencies, in load order) comes from lab-common.sh.
 LAB_NAME=vmm-lab
@@ -118,11 +122,16 @@ INIT
 fi
 
 # The disk case: an ext4 made on a raw image, converted to qcow2 (what the guest mounts).
-if want disk; then
+if want disk || want iscsi; then
     qemu-img create -q -f raw "$WORK/disk.raw" 64M
     mkfs.ext4 -q -F "$WORK/disk.raw"
     qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
     rm "$WORK/disk.raw"
+    # The iscsi case's LUN is a file holding the same qcow2 image (with room after it); the
+    # lab script creates missing LUN files only, so tgtd serves this one.
+    mkdir -p "$WORK/iscsi-lab"
+    cp "$WORK/disk.qcow2" "$WORK/iscsi-lab/lun1.img"
+    truncate -s 128M "$WORK/iscsi-lab/lun1.img"
     d="$WORK/rd-disk"
     modules_initrd "$d" virtio_mmio virtio_blk ext4
     cat >> "$d/init" <<INIT
@@ -222,6 +231,17 @@ run_case bzimage -kernel "$BZ" -initrd "$WORK/initrd-poweroff.cpio"
 run_case reboot -no-reboot -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reboot.cpio"
 run_case reset -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-reset.cpio" -drive "file=$WORK/reset.raw,format=raw,if=virtio"
 run_case disk -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-disk.cpio" -drive "file=$WORK/disk.qcow2,format=qcow2,if=virtio"
+if case " $CASES " in *" iscsi "*) true ;; *) false ;; esac; then
+    # L1 has its loopback down; tgtd listens on it. (The chroot starts with no PATH.)
+    export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    ip link set lo up
+    if url=\$(ISCSI_LAB_DIR="$WORK/iscsi-lab" "$TOP/scripts/iscsi-lab.sh" start --size 128M 2>>"$WORK/iscsi-lab.log"); then
+        run_case iscsi -kernel "$KDIR/vmlinux" -initrd "$WORK/initrd-disk.cpio" -drive "file=\$url,format=qcow2,if=virtio"
+        ISCSI_LAB_DIR="$WORK/iscsi-lab" "$TOP/scripts/iscsi-lab.sh" stop 2>>"$WORK/iscsi-lab.log"
+    else
+        echo "iscsi rc=lab ms=0" >> "$WORK/results"
+    fi
+fi
 if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
     start=\$(date +%s%N)
     timeout 300 "\$VMM" -m 256 -append 'console=ttyS0 panic=-1' -serial "file:$WORK/console-qmp" \
@@ -235,7 +255,7 @@ if case " $CASES " in *" qmp "*) true ;; *) false ;; esac; then
         -device scsi-cd,drive=cd0,id=cd &
     vmm_pid=\$!
     /usr/bin/python3 "$TOP/scripts/qmp-lab-driver.py" /run/vmm-lab-qmp.sock "$WORK/console-qmp" \
-        "VMM-LAB-QMP-$NONCE" "$WORK/cd-b.raw" "$CD_B" > "$WORK/qmp-driver.log" 2>&1
+        "VMM-LAB-QMP-$NONCE" "$WORK/cd-b.raw" "${CD_B:-}" > "$WORK/qmp-driver.log" 2>&1
     drc=\$?
     echo "qmp-driver rc=\$drc" >> "$WORK/results"
     # A driver that gave up leaves a guest waiting for its power button.
@@ -293,27 +313,30 @@ check_reset() {
 }
 check_reset
 check qemu 1 "reboot: Power down"
-# check_disk: the guest's verdict, then the image as the host sees it.
+# check_disk CASE IMAGE: the guest's verdict, then the image as the host sees it.
 check_disk() {
-    want disk || return 0
-    check disk 1 "VMM-LAB-DISK-$NONCE unmounted" || return 0
-    if ! grep -q "VMM-LAB-DISK-$NONCE files read back" "$WORK/console-disk"; then
-        log "FAIL disk: the guest did not read its files back"
-    elif ! qemu-img check "$WORK/disk.qcow2" >&2; then
-        log "FAIL disk: qemu-img check"
-    elif ! qemu-img convert -f qcow2 -O raw "$WORK/disk.qcow2" "$WORK/back.raw"; then
-        log "FAIL disk: qemu-img convert"
+    local name=$1 image=$2
+    want "$name" || return 0
+    check "$name" 1 "VMM-LAB-DISK-$NONCE unmounted" || return 0
+    if ! grep -q "VMM-LAB-DISK-$NONCE files read back" "$WORK/console-$name"; then
+        log "FAIL $name: the guest did not read its files back"
+    elif ! qemu-img check -f qcow2 "$image" >&2; then
+        log "FAIL $name: qemu-img check"
+    elif ! qemu-img convert -f qcow2 -O raw "$image" "$WORK/back.raw"; then
+        log "FAIL $name: qemu-img convert"
     elif [ "$(debugfs -R 'cat /hello.txt' "$WORK/back.raw" 2>/dev/null)" != "hello-$NONCE" ]; then
-        log "FAIL disk: debugfs does not read /hello.txt back"
+        log "FAIL $name: debugfs does not read /hello.txt back"
     elif ! debugfs -R 'cat /dir/random.bin' "$WORK/back.raw" 2>/dev/null | cmp -s - "$WORK/random.bin"; then
-        log "FAIL disk: debugfs does not read /dir/random.bin back identical"
+        log "FAIL $name: debugfs does not read /dir/random.bin back identical"
     else
-        log "ok   disk image: qemu-img check clean, debugfs reads both files back"
+        log "ok   $name image: qemu-img check clean, debugfs reads both files back"
         return 0
     fi
     fails=$((fails + 1))
 }
-check_disk
+check_disk disk "$WORK/disk.qcow2"
+# The LUN's file: the qcow2 image the guest wrote through vmm, libiscsi and tgtd.
+check_disk iscsi "$WORK/iscsi-lab/lun1.img"
 # check_qmp: the guest's and the QMP driver's verdicts, then both images as the host sees them.
 check_qmp() {
     want qmp || return 0

@@ -131,7 +131,8 @@ fn kvm_lab_fails_without_kvm() {
 }
 
 /// Our own VMM boots Debian's kernel under the lab's real KVM: PVH and bzImage, one and two
-/// vCPUs, power-off and reset, a qcow2 virtio-blk disk written and checked, and the `qmp` case
+/// vCPUs, power-off and reset, a qcow2 virtio-blk disk written and checked (on a file, and on an
+/// iSCSI LUN that tgtd serves inside the lab), and the `qmp` case
 /// (virtio-blk and virtio-scsi disks, a CD-ROM whose medium changes, stop/cont and the power
 /// button over QMP, both images clean by `qemu-img check` afterwards).
 #[test]
@@ -148,6 +149,7 @@ fn vmm_lab_boots_debian_with_disks_and_qmp() {
         "ok   reset",
         "ok   qemu",
         "ok   disk image",
+        "ok   iscsi image",
         "ok   qmp",
     ] {
         assert!(stderr.contains(case), "no '{case}' line:\n{stderr}");
