@@ -44,8 +44,8 @@ scripts/kvm-lab.sh --prepare
 # Network storage (tests/tests/netstore.rs, iscsi.rs, blockdev's iscsi and rbd tests): the labs
 # install tgt and Ceph's daemons when they first start; qemu-img 7.2 with its iscsi and rbd
 # modules is the oracle there. The tests fail rather than skip when a server cannot run.
-IMG_QEMU72_IMG=$(scripts/qemu-img72.sh --prepare)
-export IMG_QEMU72_IMG IMG_REQUIRE_ISCSI=1 IMG_REQUIRE_CEPH=1
+scripts/qemu-img72.sh --prepare >/dev/null
+export IMG_REQUIRE_ISCSI=1 IMG_REQUIRE_CEPH=1
 
 # Release builds: the interop and property tests move hundreds of MiB through the engine.
 cargo build --release --workspace --all-targets
