@@ -90,6 +90,19 @@ pub fn create(name: &str, size: u64) -> Option<Result<Arc<dyn Storage>>> {
     })
 }
 
+/// `Storage::truncate` of storage whose size is its server's (a LUN, an export): as on a
+/// block device, a size within `capacity` is accepted and changes nothing (a format keeps its
+/// own size in its metadata, and a raw image there is the whole device); growing is refused
+/// with qemu's message, "Cannot grow `what`".
+pub(crate) fn truncate_within(size: u64, capacity: u64, what: &str) -> Result<()> {
+    if size <= capacity {
+        return Ok(());
+    }
+    Err(crate::Error::Unsupported {
+        message: format!("Cannot grow {what}"),
+    })
+}
+
 /// The options qemu's driver makes of a network name, as `(key, value)` pairs in the order
 /// qemu inserts them; `qemu-img` shows them as a `json:{...}` file name. `None` for files and
 /// NBD (whose names qemu prints as URLs), or when the name does not parse.

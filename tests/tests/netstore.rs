@@ -172,6 +172,11 @@ fn every_command_on_an_iscsi_lun() {
     let head = dir.path().join("head.raw");
     std::fs::write(&head, &std::fs::read(&lun).unwrap()[..64 << 20]).unwrap();
     assert_qemu_compare_identical(&src, "qcow2", &head, "raw");
+    // And back from the LUN into a local qcow2.
+    let back = dir.path().join("back.qcow2");
+    img_ok(&["convert", "-f", "raw", "-O", "qcow2", lab.url(2), &p(&back)]);
+    assert_qemu_compare_identical(&lun, "raw", &back, "qcow2");
+    common::assert_qemu_check_clean(&back);
     // The rest of the LUN is the LUN's: a raw image on a LUN is the whole LUN.
     let info = img_ok(&["info", "-f", "raw", lab.url(2)]);
     assert!(info.contains("virtual size: 256 MiB"), "{info}");
@@ -217,6 +222,34 @@ fn chap_credentials_in_the_name() {
             err.strip_prefix("img"),
             String::from_utf8_lossy(&theirs.stderr).strip_prefix("qemu-img")
         );
+    }
+}
+
+/// Names that reach no LUN fail in qemu's words, naming what was given.
+#[test]
+fn bad_iscsi_names_fail_as_in_qemu() {
+    let Some(lab) = IscsiLab::start(1, "64M") else {
+        return;
+    };
+    let no_target = lab.url(1).replace(":disk/1", ":nosuch/1");
+    let no_lun = lab.url(1).replace(":disk/1", ":disk/9");
+    for name in [
+        no_target.as_str(),
+        no_lun.as_str(),
+        "iscsi://127.0.0.1/no-lun",
+    ] {
+        let ours = img(&["info", name]);
+        let theirs = qemu_img72(&["info", name]);
+        let err = String::from_utf8_lossy(&ours.stderr);
+        assert_eq!(ours.status.code(), Some(1), "img info {name}: {err}");
+        assert!(err.contains(name), "img info {name}: {err}");
+        if name != "iscsi://127.0.0.1/no-lun" {
+            // (libiscsi's URL parser words a malformed URL its own way in qemu.)
+            assert_eq!(
+                err.strip_prefix("img"),
+                String::from_utf8_lossy(&theirs.stderr).strip_prefix("qemu-img")
+            );
+        }
     }
 }
 
@@ -372,6 +405,24 @@ fn convert_onto_a_lun_across_a_target_restart() {
         },
         "raw",
     );
+}
+
+/// A target that dies for good under a running convert: img gives up with an error naming the
+/// LUN (libiscsi's reconnection is bounded) instead of hanging or reporting success.
+#[test]
+fn convert_onto_a_lun_whose_target_dies() {
+    let Some(lab) = IscsiLab::start(1, "512M") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = big_source(dir.path());
+    let (ok, err) = convert_across(&src, "raw", lab.url(1), || lab.stop());
+    assert!(!ok, "img convert reported success onto a target that died");
+    assert!(
+        err.starts_with("img: ") && err.contains(lab.url(1)),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

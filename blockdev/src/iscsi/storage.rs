@@ -284,15 +284,7 @@ impl Storage for IscsiStorage {
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
-        // A LUN has the capacity the target gives it. As on a block device, a size within it
-        // is accepted and changes nothing (a format keeps its own size in its metadata, and
-        // a raw image created on a LUN is the whole LUN); growing is impossible.
-        if size <= self.size()? {
-            return Ok(());
-        }
-        Err(Error::Unsupported {
-            message: "Cannot grow iSCSI devices".into(),
-        })
+        crate::network::truncate_within(size, self.size()?, "iSCSI devices")
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

@@ -724,14 +724,7 @@ impl Storage for NbdStorage {
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
-        // The export's size is the server's. As qemu's client, a size within it is accepted
-        // and changes nothing (an image created on the export), growing is refused.
-        if size <= self.conn.info.size {
-            return Ok(());
-        }
-        Err(Error::Unsupported {
-            message: "Cannot grow NBD nodes".into(),
-        })
+        crate::network::truncate_within(size, self.conn.info.size, "NBD nodes")
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

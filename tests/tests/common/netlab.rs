@@ -139,6 +139,16 @@ impl IscsiLab {
         self.dir.path().join(format!("lun{n}.img"))
     }
 
+    /// Kills tgtd; the LUN files stay.
+    pub fn stop(&self) {
+        lab_script(
+            "iscsi-lab.sh",
+            &["stop"],
+            &[("ISCSI_LAB_DIR", self.dir.path())],
+            &[],
+        );
+    }
+
     /// Kills tgtd and starts it again on the same port and files.
     pub fn restart(&self) {
         lab_script(
