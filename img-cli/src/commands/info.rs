@@ -244,7 +244,8 @@ fn collect(spec: &ImageSpec) -> Result<NodeInfo, CliError> {
     let protocol = Protocol::of(&spec.path);
     if protocol.is_network() {
         // Network storage has no file facts. qemu names an NBD export canonically and an
-        // iSCSI LUN or RBD image by its driver's options (never showing a password).
+        // iSCSI LUN or RBD image by its driver's options (a CHAP password among them, as
+        // qemu shows it).
         file.filename =
             qjson::json_filename(&spec.path, None).unwrap_or_else(|| fmt.file().name().to_string());
         file.format = protocol.driver().to_string();
