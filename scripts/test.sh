@@ -41,9 +41,17 @@ scripts/guest-lab.sh --prepare
 # The KVM lab (tests/tests/kvm_lab.rs): the guest lab's kernel and busybox, and QEMU.
 scripts/kvm-lab.sh --prepare
 
-# Network storage (tests/tests/netstore.rs, iscsi.rs, blockdev's iscsi and rbd tests): the labs
-# install tgt and Ceph's daemons when they first start; qemu-img 7.2 with its iscsi and rbd
-# modules is the oracle there. The tests fail rather than skip when a server cannot run.
+# Network storage (tests/tests/netstore.rs, blockdev's iscsi and rbd tests, guest and vmm labs):
+# tgt and Ceph's daemons, installed here once (the lab scripts would install them too, but
+# tests start labs in parallel and apt takes one install at a time); qemu-img 7.2 with its iscsi
+# and rbd modules is the oracle there. The tests fail rather than skip when a server cannot run.
+if ! command -v tgtd >/dev/null 2>&1 || ! command -v iscsi-ls >/dev/null 2>&1 \
+    || ! command -v ceph-mon >/dev/null 2>&1 || ! command -v ceph-osd >/dev/null 2>&1 \
+    || ! command -v rbd >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tgt libiscsi-bin \
+        ceph-mon ceph-osd ceph-common
+fi
 scripts/qemu-img72.sh --prepare >/dev/null
 export IMG_REQUIRE_ISCSI=1 IMG_REQUIRE_CEPH=1
 
