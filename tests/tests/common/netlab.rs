@@ -169,6 +169,25 @@ impl Drop for IscsiLab {
     }
 }
 
+/// Removes the images earlier test processes left in the shared cluster (named `tPID-...` by
+/// [`CephLab::image`], the process gone): its OSD keeps objects in memory, a bounded store.
+fn remove_stale_images(conf: &str) {
+    let Ok(out) = Command::new("rbd").args(["-c", conf, "ls", "rbd"]).output() else {
+        return;
+    };
+    for name in String::from_utf8_lossy(&out.stdout).lines() {
+        let pid = name
+            .strip_prefix('t')
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = Command::new("rbd")
+                .args(["-c", conf, "rm", "--no-progress", &format!("rbd/{name}")])
+                .output();
+        }
+    }
+}
+
 /// A single-node Ceph cluster.
 pub struct CephLab {
     dir: PathBuf,
@@ -201,6 +220,7 @@ impl CephLab {
             }
             let dir = PathBuf::from("/tmp/img-ceph-lab");
             let conf = lab_script("ceph-lab.sh", &["start"], &[("IMG_CEPH_DIR", &dir)], &[]);
+            remove_stale_images(&conf);
             Some(CephLab {
                 dir,
                 conf,
