@@ -10,6 +10,9 @@ use crate::{Image, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
+/// Bytes of a source whose block status one question covers at most (see `zero_status`).
+const STATUS_SPAN: u64 = 1 << 30;
+
 /// How to convert.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvertOptions {
@@ -104,6 +107,7 @@ pub fn convert(
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
         spare_buffers: Mutex::new(Vec::new()),
+        status: sources.iter().map(|_| Mutex::new((0, 0, false))).collect(),
     };
     {
         let mut w = job.written.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,6 +154,8 @@ struct Job<'a, 'p> {
     /// chunk costs a memset of the whole chunk (or page faults), which showed as a tenth of a
     /// convert's time.
     spare_buffers: Mutex<Vec<Vec<u8>>>,
+    /// Per source, the last block status asked: `(start, end, zero)`. See `zero_status`.
+    status: Vec<Mutex<(u64, u64, bool)>>,
 }
 
 impl Job<'_, '_> {
@@ -184,15 +190,15 @@ impl Job<'_, '_> {
         if self.offloading() {
             return self.plan_offloaded(offset, len);
         }
-        // Every byte of a reused buffer is overwritten below: read, or zeroed (holes, skips,
-        // and the tail past the sources).
+        // Every byte of a reused buffer that is used is overwritten below: read, or zeroed
+        // (skips, the tail past the sources, holes when compressing).
         let mut buf = self.take_buffer(len);
         // Ranges of the chunk known to read as zeros without reading them.
         let mut holes: Vec<std::ops::Range<usize>> = Vec::new();
         // Ranges left to the target's backing file (with `target_has_backing`).
         let mut skips: Vec<std::ops::Range<usize>> = Vec::new();
         let mut base = 0u64;
-        for src in self.sources {
+        for (i, src) in self.sources.iter().enumerate() {
             let (start, end) = (base, base + src.size());
             base = end;
             let (from, to) = (offset.max(start), (offset + len as u64).min(end));
@@ -213,11 +219,16 @@ impl Job<'_, '_> {
                         continue;
                     }
                 }
-                let status = src.block_status(pos - start, to - pos)?;
-                let n = status.len.min(to - pos);
+                let (zero, n) = self.zero_status(i, pos - start, to - pos)?;
                 let at = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero && self.opts.min_sparse != 0 {
-                    buf[at.clone()].fill(0);
+                if zero && self.opts.min_sparse != 0 {
+                    // Only compression looks at a hole's bytes (a cluster that is partly
+                    // hole is compressed whole); otherwise holes become Zero ops and their
+                    // bytes are never read, so zeroing them would only cost a memset (and
+                    // page faults on a fresh buffer).
+                    if self.opts.compress {
+                        buf[at.clone()].fill(0);
+                    }
                     holes.push(at);
                 } else {
                     src.read_at(&mut buf[at], pos - start)?;
@@ -242,6 +253,25 @@ impl Job<'_, '_> {
         };
         let ops = without(ops, &skips);
         Ok(Plan { offset, buf, ops })
+    }
+
+    /// Whether source `i` reads as zeros at `pos`, and for how many bytes (at most `max`).
+    /// The status is asked for up to [`STATUS_SPAN`] bytes at once and remembered, so that a
+    /// source is asked once per extent rather than once per chunk: a raw file's
+    /// SEEK_DATA/SEEK_HOLE pair costs up to hundreds of microseconds, a network disk's a round
+    /// trip. The lock is held while asking, so that workers planning neighbouring chunks wait
+    /// for one answer instead of all asking the same question.
+    fn zero_status(&self, i: usize, pos: u64, max: u64) -> Result<(bool, u64)> {
+        let mut cached = self.status[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (start, end, zero) = *cached;
+        if !(start <= pos && pos < end) {
+            let src = self.sources[i];
+            let span = (src.size() - pos).min(STATUS_SPAN).max(max);
+            let status = src.block_status(pos, span)?;
+            *cached = (pos, pos + status.len, status.zero);
+            return Ok((status.zero, status.len.min(max)));
+        }
+        Ok((zero, (end - pos).min(max)))
     }
 
     /// Reads into `buf` the skipped ranges of target clusters that are only partly skipped;
@@ -319,10 +349,9 @@ impl Job<'_, '_> {
             let (from, to) = (offset.max(start), (offset + len as u64).min(end));
             let mut pos = from;
             while pos < to {
-                let status = src.block_status(pos - start, to - pos)?;
-                let n = status.len.min(to - pos);
+                let (zero, n) = self.zero_status(i, pos - start, to - pos)?;
                 let range = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero {
+                if zero {
                     ops.push(Op::Zero(range));
                 } else {
                     ops.push(Op::Copy {
@@ -456,7 +485,9 @@ impl Job<'_, '_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
-        let mut buf = spare.unwrap_or_default();
+        // A fresh buffer comes zeroed from the allocator (untouched pages, faulted in only
+        // where data is read into them), not memset by `resize`.
+        let mut buf = spare.unwrap_or_else(|| vec![0u8; len]);
         buf.resize(len, 0);
         buf
     }
