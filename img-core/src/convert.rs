@@ -433,7 +433,7 @@ impl Job<'_, '_> {
     /// next in order while the others go on reading and planning. Planning runs at most
     /// `2 * parallel` chunks ahead of the writes, which bounds memory.
     fn write_in_turn(&self, index: u64, plan: Plan) -> Result<()> {
-        if self.opts.out_of_order {
+        if self.opts.out_of_order || self.order_is_free() {
             let bytes: u64 = plan.ops.iter().map(Op::len).sum();
             let result = self.write(plan.offset, &plan.buf, plan.ops);
             self.give_back(plan.buf);
@@ -476,6 +476,17 @@ impl Job<'_, '_> {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether writing chunks in any order gives the same target as writing them in order,
+    /// at no cost: a raw target on a network block device (an iSCSI LUN, an RBD image), where
+    /// nothing is allocated in write order (no image format, no local filesystem laying out
+    /// a file). Writing each chunk as soon as it is read keeps several writes in flight
+    /// (qemu-img does the same with `-W`, which its manual recommends for such targets);
+    /// strictly in order, one write at a time is all a single writer can have.
+    fn order_is_free(&self) -> bool {
+        let f = self.target.format();
+        !self.opts.compress && f.driver() == "raw" && f.data_file().as_file().is_none()
     }
 
     /// A buffer of `len` bytes (at most a chunk) whose contents are undefined.
