@@ -82,8 +82,15 @@ stop_labs() {
 trap stop_labs EXIT
 
 LUN_BYTES=$(((SIZE_MIB + 1) << 20))
-"$ROOT/scripts/iscsi-lab.sh" clean >/dev/null 2>&1 || true
-mapfile -t LUNS < <("$ROOT/scripts/iscsi-lab.sh" start --luns 2 --size "$LUN_BYTES")
+# tgtd now and then exits at start on a busy machine (right after another tgtd went away):
+# a few attempts.
+for attempt in 1 2 3; do
+    "$ROOT/scripts/iscsi-lab.sh" clean >/dev/null 2>&1 || true
+    mapfile -t LUNS < <("$ROOT/scripts/iscsi-lab.sh" start --luns 2 --size "$LUN_BYTES" || true)
+    [ "${#LUNS[@]}" -eq 2 ] && break
+    say "iSCSI lab start attempt $attempt failed"
+    sleep 2
+done
 [ "${#LUNS[@]}" -eq 2 ] || die "the iSCSI lab printed ${#LUNS[*]} URLs"
 CONF=$("$ROOT/scripts/ceph-lab.sh" start) || die "the Ceph lab did not start"
 say "iSCSI LUNs: ${LUNS[*]}; Ceph: $CONF"
