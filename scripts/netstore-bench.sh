@@ -93,7 +93,14 @@ for attempt in 1 2 3; do
     sleep 2
 done
 [ "${#LUNS[@]}" -eq 2 ] || die "the iSCSI lab printed ${#LUNS[*]} URLs"
-CONF=$("$ROOT/scripts/ceph-lab.sh" start) || die "the Ceph lab did not start"
+CONF=
+for attempt in 1 2 3; do
+    CONF=$("$ROOT/scripts/ceph-lab.sh" start) && break
+    say "Ceph lab start attempt $attempt failed"
+    "$ROOT/scripts/ceph-lab.sh" stop >/dev/null 2>&1 || true
+    sleep 5
+done
+[ -n "$CONF" ] || die "the Ceph lab did not start"
 say "iSCSI LUNs: ${LUNS[*]}; Ceph: $CONF"
 rbdname() { echo "rbd:rbd/$1:conf=$CONF"; }
 rbd_rm() { rbd -c "$CONF" rm --no-progress "rbd/$1" >/dev/null 2>&1 || true; }
