@@ -7,8 +7,8 @@
 use std::env;
 use std::path::PathBuf;
 
-/// Functions used by the wrapper: context lifecycle, login, the synchronous SCSI commands, and
-/// the task accessors.
+/// Functions used by the wrapper: context lifecycle, login, the synchronous SCSI commands, the
+/// asynchronous READ/WRITE(16) with the event-loop calls, and the task accessors.
 const FUNCTIONS: &[&str] = &[
     "iscsi_create_context",
     "iscsi_destroy_context",
@@ -31,6 +31,16 @@ const FUNCTIONS: &[&str] = &[
     "iscsi_synchronizecache16_sync",
     "iscsi_unmap_sync",
     "iscsi_writesame16_sync",
+    "iscsi_get_lba_status_sync",
+    // The asynchronous path: several READ/WRITE(16) in flight on one session, driven by our own
+    // poll loop, reads landing straight in the caller's buffer.
+    "iscsi_read16_task",
+    "iscsi_write16_task",
+    "iscsi_get_fd",
+    "iscsi_which_events",
+    "iscsi_service",
+    "iscsi_scsi_cancel_task",
+    "scsi_task_add_data_in_buffer",
     "scsi_datain_unmarshall",
     "scsi_free_scsi_task",
     "scsi_sense_key_str",
@@ -46,6 +56,10 @@ const TYPES: &[&str] = &[
     "scsi_inquiry_logical_block_provisioning",
     "scsi_inquiry_block_limits",
     "unmap_list",
+    "scsi_get_lba_status",
+    "scsi_lba_status_descriptor",
+    "scsi_provisioning_type",
+    "scsi_residual",
     "iscsi_session_type",
     "iscsi_header_digest",
     "scsi_status",
@@ -64,6 +78,8 @@ fn main() {
         .constified_enum_module("scsi_status")
         .constified_enum_module("scsi_sense_key")
         .constified_enum_module("scsi_inquiry_pagecode")
+        .constified_enum_module("scsi_provisioning_type")
+        .constified_enum_module("scsi_residual")
         .derive_default(true);
     for f in FUNCTIONS {
         builder = builder.allowlist_function(f);

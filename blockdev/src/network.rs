@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::iscsi::{IscsiOptions, IscsiStorage};
 use crate::nbd::NbdStorage;
 use crate::rbd::RbdStorage;
-use crate::{Result, Storage};
+use crate::{CacheMode, Result, Storage};
 
 /// The backend a name selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,15 +56,18 @@ impl Protocol {
 }
 
 /// Opens the network storage `name` designates, or returns `None` for a file name (files are
-/// opened by the caller, with its cache mode, engine and locks).
-pub fn open(name: &str, read_only: bool) -> Option<Result<Arc<dyn Storage>>> {
+/// opened by the caller, with its cache mode, engine and locks). `cache` applies as far as
+/// the backend has it: cache mode `unsafe` skips flushes on a LUN and on RBD, as on a file.
+pub fn open(name: &str, read_only: bool, cache: CacheMode) -> Option<Result<Arc<dyn Storage>>> {
+    let ignore_flush = cache.ignores_flush();
     Some(match Protocol::of(name) {
         Protocol::File => return None,
         Protocol::Nbd => NbdStorage::open(name, read_only).map(|s| Arc::new(s) as _),
-        Protocol::Iscsi => {
-            IscsiStorage::open(name, &IscsiOptions { read_only }).map(|s| Arc::new(s) as _)
+        Protocol::Iscsi => IscsiStorage::open(name, &IscsiOptions { read_only })
+            .map(|s| Arc::new(s.ignoring_flush(ignore_flush)) as _),
+        Protocol::Rbd => {
+            RbdStorage::open(name, read_only).map(|s| Arc::new(s.ignoring_flush(ignore_flush)) as _)
         }
-        Protocol::Rbd => RbdStorage::open(name, read_only).map(|s| Arc::new(s) as _),
     })
 }
 
@@ -78,7 +81,7 @@ pub fn create(name: &str, size: u64) -> Option<Result<Arc<dyn Storage>>> {
     Some(match Protocol::of(name) {
         Protocol::File => return None,
         Protocol::Rbd => RbdStorage::create(name, size).map(|s| Arc::new(s) as _),
-        Protocol::Nbd | Protocol::Iscsi => match open(name, false)? {
+        Protocol::Nbd | Protocol::Iscsi => match open(name, false, CacheMode::Writeback)? {
             // The first sector is zeroed, as qemu does, so that the format written before is
             // not probed again on what is now a raw image.
             Ok(storage) => storage

@@ -393,3 +393,149 @@ fn no_write_is_lost_across_a_restart_mid_stream() {
         );
     }
 }
+
+#[test]
+fn concurrent_readers_and_writers_on_one_lun() {
+    let Some(lab) = Lab::start(1) else { return };
+    let s = Arc::new(lab.open());
+    assert_eq!(s.sessions(), 1, "opening logs in one session");
+    // Six writers, each owning interleaved 1 MiB + 300 byte regions (unaligned, so edge
+    // read-modify-writes run beside other sessions' writes), and two readers hammering the
+    // same regions meanwhile. Requests of several commands (more than one piece) are in the
+    // mix, so commands of one request are in flight together.
+    const REGION: u64 = (1 << 20) + 300;
+    let writers: Vec<_> = (0..6u8)
+        .map(|t| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                for round in 0..4u64 {
+                    let off = 77 + (round * 6 + u64::from(t)) * REGION;
+                    s.write_at(&pattern(REGION as usize, t * 4 + round as u8 + 1), off)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2u64)
+        .map(|r| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; (3 << 20) + 5];
+                for i in 0..6u64 {
+                    s.read_at(&mut b, 3 + (r * 6 + i) * (2 << 20)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in writers.into_iter().chain(readers) {
+        h.join().unwrap();
+    }
+    s.flush().unwrap();
+    assert!(
+        s.sessions() > 1,
+        "eight threads at once were served by {} session(s)",
+        s.sessions()
+    );
+    let file = std::fs::read(lab.lun_file(1)).unwrap();
+    let mut back = vec![0u8; (24 * REGION) as usize];
+    s.read_at(&mut back, 77).unwrap();
+    for k in 0..24u64 {
+        let (round, t) = (k / 6, (k % 6) as u8);
+        let want = pattern(REGION as usize, t * 4 + round as u8 + 1);
+        let at = (k * REGION) as usize;
+        assert!(
+            back[at..at + REGION as usize] == want[..],
+            "region {k} read back wrong"
+        );
+        let f = 77 + at;
+        assert!(
+            file[f..f + REGION as usize] == want[..],
+            "region {k} is wrong in the LUN's backing file"
+        );
+    }
+    // Bytes before the first region and after the last were never written.
+    assert!(
+        file[..77].iter().all(|&b| b == 0),
+        "bytes before the regions changed"
+    );
+    let end = 77 + (24 * REGION) as usize;
+    assert!(
+        file[end..end + 4096].iter().all(|&b| b == 0),
+        "bytes after the regions changed"
+    );
+}
+
+#[test]
+fn block_status_follows_the_backing_file() {
+    let Some(lab) = Lab::start(1) else { return };
+    let s = lab.open();
+    if !s.unmapped_reads_zero() {
+        eprintln!("SKIP: the target does not report LBPRZ, so no range is a known hole");
+        return;
+    }
+    // Data at 1 MiB..3 MiB and at 8 MiB..8 MiB+4 KiB; the rest of the thin LUN is unmapped.
+    s.write_at(&pattern(2 << 20, 1), 1 << 20).unwrap();
+    s.write_at(&pattern(4096, 2), 8 << 20).unwrap();
+    s.flush().unwrap();
+    let expect = [
+        (0u64, blockdev::Allocation::Hole, 1u64 << 20),
+        (1 << 20, blockdev::Allocation::Data, 2 << 20),
+        (3 << 20, blockdev::Allocation::Hole, 5 << 20),
+        (8 << 20, blockdev::Allocation::Data, 4096),
+    ];
+    for (off, kind, len) in expect {
+        let (got, n) = s.allocation(off, LUN_SIZE - off).unwrap();
+        assert_eq!(got, kind, "allocation at {off}");
+        assert_eq!(n, len, "length of the run at {off}");
+    }
+    // Clipped to the question, and a question from inside a run.
+    assert_eq!(
+        s.allocation((1 << 20) + 512, 4096).unwrap(),
+        (blockdev::Allocation::Data, 4096)
+    );
+    assert_eq!(
+        s.allocation(4 << 20, 1 << 20).unwrap(),
+        (blockdev::Allocation::Hole, 1 << 20)
+    );
+    // The file agrees (SEEK_DATA from 3 MiB lands on 8 MiB).
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(lab.lun_file(1)).unwrap();
+    // SAFETY: a valid descriptor; lseek has no memory effects.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), 3 << 20, libc::SEEK_DATA) };
+    assert_eq!(data, 8 << 20, "the backing file disagrees about the hole");
+}
+
+#[test]
+fn zeroing_unmapped_blocks_leaves_them_unmapped_and_zero() {
+    let Some(lab) = Lab::start(1) else { return };
+    let s = lab.open();
+    if !(s.unmapped_reads_zero() && s.can_unmap()) {
+        eprintln!("SKIP: the target does not report LBPRZ and UNMAP");
+        return;
+    }
+    // A range half mapped, half not: zeroing it with leave to unmap must zero the mapped half
+    // (skipping the unmapped half is only an optimisation) and keep the neighbours.
+    let data = pattern(4 << 20, 5);
+    s.write_at(&data, 0).unwrap();
+    s.write_zeroes(3 << 20, 4 << 20, true).unwrap();
+    let mut b = vec![0u8; 8 << 20];
+    s.read_at(&mut b, 0).unwrap();
+    assert!(
+        b[..3 << 20] == data[..3 << 20],
+        "data before the zeroed range changed"
+    );
+    assert!(
+        b[3 << 20..].iter().all(|&x| x == 0),
+        "zeroed range has data"
+    );
+    let file = std::fs::read(lab.lun_file(1)).unwrap();
+    assert!(
+        file[3 << 20..8 << 20].iter().all(|&x| x == 0),
+        "backing file has data"
+    );
+    assert_eq!(
+        s.allocation(3 << 20, 5 << 20).unwrap().0,
+        blockdev::Allocation::Hole,
+        "zeroed range is still mapped"
+    );
+}

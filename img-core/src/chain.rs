@@ -205,7 +205,7 @@ fn open_backing(
     // unlocked open first, as the top image is.
     // A backing file on network storage (qemu accepts any name there) is opened through its
     // backend, without file locks.
-    if let Some(storage) = blockdev::network::open(name, !writable) {
+    if let Some(storage) = blockdev::network::open(name, !writable, opts.cache) {
         let storage = storage?;
         let format = match recorded_format {
             Some(f) => f.to_string(),

@@ -10,6 +10,9 @@ use crate::{Image, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
+/// Bytes of a source whose block status one question covers at most (see `zero_status`).
+const STATUS_SPAN: u64 = 1 << 30;
+
 /// How to convert.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvertOptions {
@@ -104,6 +107,9 @@ pub fn convert(
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
         spare_buffers: Mutex::new(Vec::new()),
+        status: sources.iter().map(|_| Mutex::new((0, 0, false))).collect(),
+        live: Mutex::new(0),
+        slot_free: Condvar::new(),
     };
     {
         let mut w = job.written.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,13 +156,27 @@ struct Job<'a, 'p> {
     /// chunk costs a memset of the whole chunk (or page faults), which showed as a tenth of a
     /// convert's time.
     spare_buffers: Mutex<Vec<Vec<u8>>>,
+    /// Per source, the last block status asked: `(start, end, zero)`. See `zero_status`.
+    status: Vec<Mutex<(u64, u64, bool)>>,
+    /// Chunks taken and not yet written (each holds a buffer), at most `max_live()`.
+    live: Mutex<usize>,
+    /// Signalled when a chunk is written (or the convert failed).
+    slot_free: Condvar,
 }
 
 impl Job<'_, '_> {
     fn work(&self, chunks: u64) {
         loop {
+            // The slot is taken before the chunk: a worker that holds a chunk index always
+            // holds a slot, so the chunk next in order can always be read and written, and
+            // the chunks waiting for it can never hold every slot.
+            if !self.acquire_slot() {
+                self.turn.notify_all();
+                return;
+            }
             let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
             if index >= chunks || self.failed.load(Ordering::Relaxed) {
+                self.release_slot();
                 // Let anyone waiting for this chunk's turn go on (and find the failure).
                 self.turn.notify_all();
                 return;
@@ -174,9 +194,39 @@ impl Job<'_, '_> {
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert(e);
                 self.turn.notify_all();
+                self.slot_free.notify_all();
                 return;
             }
         }
+    }
+
+    /// How many chunks may be read and not yet written at once: each holds a chunk buffer,
+    /// and every buffer ever allocated is first touched (page faults, a kernel zeroing each
+    /// page) by the read into it. Without a bound the workers ran up to three times
+    /// `parallel` chunks ahead, and the faults on that many buffers cost more than a fifth
+    /// of a raw-to-raw convert's CPU time.
+    fn max_live(&self) -> usize {
+        self.opts.parallel.max(1) + 2
+    }
+
+    /// Waits for a free slot (see `max_live`); false when the convert failed meanwhile.
+    fn acquire_slot(&self) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        while *live >= self.max_live() && !self.failed.load(Ordering::Relaxed) {
+            live = self.slot_free.wait(live).unwrap_or_else(|e| e.into_inner());
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        *live += 1;
+        true
+    }
+
+    fn release_slot(&self) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        *live -= 1;
+        drop(live);
+        self.slot_free.notify_one();
     }
 
     /// Reads the chunk at target offset `offset` from the sources and decides its writes.
@@ -184,15 +234,15 @@ impl Job<'_, '_> {
         if self.offloading() {
             return self.plan_offloaded(offset, len);
         }
-        // Every byte of a reused buffer is overwritten below: read, or zeroed (holes, skips,
-        // and the tail past the sources).
+        // Every byte of a reused buffer that is used is overwritten below: read, or zeroed
+        // (skips, the tail past the sources, holes when compressing).
         let mut buf = self.take_buffer(len);
         // Ranges of the chunk known to read as zeros without reading them.
         let mut holes: Vec<std::ops::Range<usize>> = Vec::new();
         // Ranges left to the target's backing file (with `target_has_backing`).
         let mut skips: Vec<std::ops::Range<usize>> = Vec::new();
         let mut base = 0u64;
-        for src in self.sources {
+        for (i, src) in self.sources.iter().enumerate() {
             let (start, end) = (base, base + src.size());
             base = end;
             let (from, to) = (offset.max(start), (offset + len as u64).min(end));
@@ -213,11 +263,16 @@ impl Job<'_, '_> {
                         continue;
                     }
                 }
-                let status = src.block_status(pos - start, to - pos)?;
-                let n = status.len.min(to - pos);
+                let (zero, n) = self.zero_status(i, pos - start, to - pos)?;
                 let at = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero && self.opts.min_sparse != 0 {
-                    buf[at.clone()].fill(0);
+                if zero && self.opts.min_sparse != 0 {
+                    // Only compression looks at a hole's bytes (a cluster that is partly
+                    // hole is compressed whole); otherwise holes become Zero ops and their
+                    // bytes are never read, so zeroing them would only cost a memset (and
+                    // page faults on a fresh buffer).
+                    if self.opts.compress {
+                        buf[at.clone()].fill(0);
+                    }
                     holes.push(at);
                 } else {
                     src.read_at(&mut buf[at], pos - start)?;
@@ -242,6 +297,25 @@ impl Job<'_, '_> {
         };
         let ops = without(ops, &skips);
         Ok(Plan { offset, buf, ops })
+    }
+
+    /// Whether source `i` reads as zeros at `pos`, and for how many bytes (at most `max`).
+    /// The status is asked for up to [`STATUS_SPAN`] bytes at once and remembered, so that a
+    /// source is asked once per extent rather than once per chunk: a raw file's
+    /// SEEK_DATA/SEEK_HOLE pair costs up to hundreds of microseconds, a network disk's a round
+    /// trip. The lock is held while asking, so that workers planning neighbouring chunks wait
+    /// for one answer instead of all asking the same question.
+    fn zero_status(&self, i: usize, pos: u64, max: u64) -> Result<(bool, u64)> {
+        let mut cached = self.status[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (start, end, zero) = *cached;
+        if !(start <= pos && pos < end) {
+            let src = self.sources[i];
+            let span = (src.size() - pos).min(STATUS_SPAN).max(max);
+            let status = src.block_status(pos, span)?;
+            *cached = (pos, pos + status.len, status.zero);
+            return Ok((status.zero, status.len.min(max)));
+        }
+        Ok((zero, (end - pos).min(max)))
     }
 
     /// Reads into `buf` the skipped ranges of target clusters that are only partly skipped;
@@ -319,10 +393,9 @@ impl Job<'_, '_> {
             let (from, to) = (offset.max(start), (offset + len as u64).min(end));
             let mut pos = from;
             while pos < to {
-                let status = src.block_status(pos - start, to - pos)?;
-                let n = status.len.min(to - pos);
+                let (zero, n) = self.zero_status(i, pos - start, to - pos)?;
                 let range = (pos - offset) as usize..(pos - offset + n) as usize;
-                if status.zero {
+                if zero {
                     ops.push(Op::Zero(range));
                 } else {
                     ops.push(Op::Copy {
@@ -404,7 +477,7 @@ impl Job<'_, '_> {
     /// next in order while the others go on reading and planning. Planning runs at most
     /// `2 * parallel` chunks ahead of the writes, which bounds memory.
     fn write_in_turn(&self, index: u64, plan: Plan) -> Result<()> {
-        if self.opts.out_of_order {
+        if self.opts.out_of_order || self.order_is_free() {
             let bytes: u64 = plan.ops.iter().map(Op::len).sum();
             let result = self.write(plan.offset, &plan.buf, plan.ops);
             self.give_back(plan.buf);
@@ -449,6 +522,17 @@ impl Job<'_, '_> {
         }
     }
 
+    /// Whether writing chunks in any order gives the same target as writing them in order,
+    /// at no cost: a raw target on a network block device (an iSCSI LUN, an RBD image), where
+    /// nothing is allocated in write order (no image format, no local filesystem laying out
+    /// a file). Writing each chunk as soon as it is read keeps several writes in flight
+    /// (qemu-img does the same with `-W`, which its manual recommends for such targets);
+    /// strictly in order, one write at a time is all a single writer can have.
+    fn order_is_free(&self) -> bool {
+        let f = self.target.format();
+        !self.opts.compress && f.driver() == "raw" && f.data_file().as_file().is_none()
+    }
+
     /// A buffer of `len` bytes (at most a chunk) whose contents are undefined.
     fn take_buffer(&self, len: usize) -> Vec<u8> {
         let spare = self
@@ -456,18 +540,22 @@ impl Job<'_, '_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
-        let mut buf = spare.unwrap_or_default();
+        // A fresh buffer comes zeroed from the allocator (untouched pages, faulted in only
+        // where data is read into them), not memset by `resize`.
+        let mut buf = spare.unwrap_or_else(|| vec![0u8; len]);
         buf.resize(len, 0);
         buf
     }
 
-    /// Keeps a written chunk's buffer for a later chunk; as many as can be in flight at once
-    /// are kept (the workers' and the write window's), the rest freed.
+    /// Keeps a written chunk's buffer for a later chunk (as many as can be live at once,
+    /// so that no buffer is freed and allocated, and faulted in, again), and frees its slot.
     fn give_back(&self, buf: Vec<u8>) {
         let mut spare = self.spare_buffers.lock().unwrap_or_else(|e| e.into_inner());
-        if spare.len() < 3 * self.opts.parallel.max(1) {
+        if spare.len() < self.max_live() {
             spare.push(buf);
         }
+        drop(spare);
+        self.release_slot();
     }
 
     /// Counts written bytes and reports progress.

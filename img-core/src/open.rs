@@ -122,7 +122,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
     // there (librbd has its own exclusive lock, a LUN or an export its server).
     if let Some(storage) = path
         .to_str()
-        .and_then(|n| blockdev::network::open(n, opts.read_only))
+        .and_then(|n| blockdev::network::open(n, opts.read_only, opts.cache))
     {
         return open_storage(storage?, opts);
     }

@@ -5,7 +5,7 @@
 use super::{IscsiError, IscsiUrl};
 use libiscsi_sys as sys;
 use std::ffi::{CStr, CString};
-use std::os::raw::c_int;
+use std::os::raw::{c_int, c_void};
 use std::ptr::NonNull;
 
 /// The initiator name we log in with (targets may restrict access by it).
@@ -52,6 +52,11 @@ pub struct Limits {
 pub struct Context {
     ctx: NonNull<sys::iscsi_context>,
     lun: c_int,
+    /// Where we logged in, to log in afresh after the session failed for good.
+    url: IscsiUrl,
+    /// The session failed for good (libiscsi gave up logging in again) and `ctx` is a fresh,
+    /// not logged-in context: the next command logs in first.
+    broken: bool,
 }
 
 // SAFETY: a libiscsi context has no thread affinity (no thread-local state, the socket is just
@@ -72,6 +77,8 @@ impl Context {
         let me = Context {
             ctx,
             lun: c_int::from(url.lun),
+            url: url.clone(),
+            broken: false,
         };
         let cstr = |s: &str, what: &str| {
             CString::new(s).map_err(|_| IscsiError::Url(format!("NUL byte in the {what}")))
@@ -153,6 +160,11 @@ impl Context {
         mut issue: impl FnMut() -> *mut sys::scsi_task,
     ) -> Result<Task, IscsiError> {
         let mut tries = 0;
+        if self.broken {
+            return Err(IscsiError::Session(format!(
+                "{command}: the session is down and logging in again failed"
+            )));
+        }
         loop {
             match self.finish(command, issue()) {
                 Err(e) if e.is_unit_attention() && tries < UNIT_ATTENTION_RETRIES => tries += 1,
@@ -163,12 +175,18 @@ impl Context {
 
     fn finish(&self, command: &'static str, task: *mut sys::scsi_task) -> Result<Task, IscsiError> {
         let task = Task(NonNull::new(task).ok_or_else(|| self.session_error(command))?);
-        let t = task.get();
-        if t.status as u32 == sys::scsi_status::SCSI_STATUS_GOOD {
+        let status = task.get().status as u32;
+        self.check(command, task, status)
+    }
+
+    /// Checks a completed command's `status` (the task's own, or the one its callback got).
+    fn check(&self, command: &'static str, task: Task, status: u32) -> Result<Task, IscsiError> {
+        if status == sys::scsi_status::SCSI_STATUS_GOOD {
             return Ok(task);
         }
-        let status = status_name(t.status as u32);
-        let (sense, key) = if t.status as u32 == sys::scsi_status::SCSI_STATUS_CHECK_CONDITION {
+        let t = task.get();
+        let name = status_name(status);
+        let (sense, key) = if status == sys::scsi_status::SCSI_STATUS_CHECK_CONDITION {
             // SAFETY: the two functions return pointers to static strings (or NULL).
             let words = unsafe {
                 (
@@ -177,7 +195,7 @@ impl Context {
                 )
             };
             (Some(format!("{}, {}", words.0, words.1)), t.sense.key)
-        } else if t.status as u32 >= sys::scsi_status::SCSI_STATUS_CANCELLED {
+        } else if status >= sys::scsi_status::SCSI_STATUS_CANCELLED {
             // libiscsi's own failures (timeout, connection error) leave a message in the context.
             let IscsiError::Session(m) = self.session_error(command) else {
                 unreachable!()
@@ -188,7 +206,7 @@ impl Context {
         };
         Err(IscsiError::Scsi {
             command,
-            status,
+            status: name,
             sense,
             key,
         })
@@ -196,6 +214,7 @@ impl Context {
 
     /// READ CAPACITY(16).
     pub fn read_capacity(&mut self) -> Result<Capacity, IscsiError> {
+        self.ready()?;
         // SAFETY: live context, used by this thread alone (`&mut self`).
         let task = self.run("READ CAPACITY(16)", || unsafe {
             sys::iscsi_readcapacity16_sync(self.raw(), self.lun)
@@ -248,6 +267,7 @@ impl Context {
 
     /// READ(16) of `buf.len() / block_size` blocks at `lba` into `buf`.
     pub fn read16(&mut self, lba: u64, buf: &mut [u8], block_size: u32) -> Result<(), IscsiError> {
+        self.ready()?;
         let len = u32::try_from(buf.len()).expect("callers split reads below 4 GiB");
         // SAFETY: live context, exclusive use.
         let task = self.run("READ(16)", || unsafe {
@@ -278,6 +298,7 @@ impl Context {
 
     /// WRITE(16) of `buf` (a whole number of blocks) at `lba`.
     pub fn write16(&mut self, lba: u64, buf: &[u8], block_size: u32) -> Result<(), IscsiError> {
+        self.ready()?;
         let len = u32::try_from(buf.len()).expect("callers split writes below 4 GiB");
         // SAFETY: live context, exclusive use. libiscsi takes a `*mut` but only reads the data-out
         // buffer, and the synchronous call is done with it before returning, while `buf` lives.
@@ -301,6 +322,7 @@ impl Context {
 
     /// SYNCHRONIZE CACHE(16) of the whole LUN, or (10) if the target refuses (16).
     pub fn synchronize_cache(&mut self) -> Result<(), IscsiError> {
+        self.ready()?;
         // SAFETY: live context, exclusive use; LBA 0 and 0 blocks mean the whole medium.
         let r16 = self.run("SYNCHRONIZE CACHE(16)", || unsafe {
             sys::iscsi_synchronizecache16_sync(self.raw(), self.lun, 0, 0, 0, 0)
@@ -319,6 +341,7 @@ impl Context {
 
     /// UNMAP of `blocks` blocks at `lba` (one descriptor).
     pub fn unmap(&mut self, lba: u64, blocks: u32) -> Result<(), IscsiError> {
+        self.ready()?;
         let mut list = sys::unmap_list { lba, num: blocks };
         // SAFETY: live context, exclusive use; `list` is one valid descriptor that outlives the
         // synchronous call.
@@ -337,6 +360,7 @@ impl Context {
         block_size: u32,
         unmap: bool,
     ) -> Result<(), IscsiError> {
+        self.ready()?;
         let zeros = vec![0u8; block_size as usize];
         // SAFETY: live context, exclusive use; `zeros` is one block, only read, and outlives the
         // synchronous call.
@@ -356,6 +380,345 @@ impl Context {
         })
         .map(drop)
     }
+
+    /// GET LBA STATUS at `lba`: whether the run of blocks starting there is mapped, and how many
+    /// blocks the run has (0 when the target's answer does not start at `lba`).
+    pub fn lba_status(&mut self, lba: u64) -> Result<(bool, u64), IscsiError> {
+        self.ready()?;
+        // SAFETY: live context, exclusive use. 16 bytes of parameter data hold the header and
+        // the one descriptor we look at.
+        let task = self.run("GET LBA STATUS", || unsafe {
+            sys::iscsi_get_lba_status_sync(self.raw(), self.lun, lba, 8 + 16)
+        })?;
+        let status: &sys::scsi_get_lba_status = task
+            .unmarshall()
+            .ok_or_else(|| IscsiError::Protocol("malformed GET LBA STATUS data".into()))?;
+        if status.num_descriptors == 0 || status.descriptors.is_null() {
+            return Ok((true, 0));
+        }
+        // SAFETY: libiscsi decoded `num_descriptors` (at least one) descriptors into memory
+        // owned by the task, which outlives this borrow.
+        let d = unsafe { &*status.descriptors };
+        if d.lba != lba {
+            // The first descriptor must start at the LBA asked for; anything else is a target
+            // we do not understand, and "mapped" is always a safe answer.
+            return Ok((true, 0));
+        }
+        let mapped = d.provisioning == sys::scsi_provisioning_type::SCSI_PROVISIONING_TYPE_MAPPED;
+        Ok((mapped, u64::from(d.num_blocks)))
+    }
+
+    /// Runs READ(16)/WRITE(16) commands with up to `depth` of them in flight on this session
+    /// (libiscsi's task API and our own poll loop, the same loop libiscsi's synchronous calls
+    /// run, so reconnection behaves as it does for them). Reads land directly in the caller's
+    /// buffers. Commands that report UNIT ATTENTION are reissued (see [`Context::run`]). On a
+    /// failure no new command is started, the ones in flight are waited for (or, when the
+    /// session itself fails, cancelled), and the first error is returned with the index of its
+    /// command. Every buffer is released by libiscsi before this returns.
+    pub fn run_batch(
+        &mut self,
+        ios: &mut [Io<'_>],
+        block_size: u32,
+        depth: usize,
+    ) -> Result<(), (usize, IscsiError)> {
+        self.ready().map_err(|e| (0, e))?;
+        let mut slots: Vec<Slot> = (0..ios.len()).map(|_| Slot::default()).collect();
+        let depth = depth.max(1);
+        let mut next = 0;
+        let mut in_flight = 0usize;
+        let mut failed: Option<(usize, IscsiError)> = None;
+        loop {
+            while failed.is_none() && in_flight < depth && next < ios.len() {
+                if let Err(e) = self.submit(&mut ios[next], &mut slots[next], block_size) {
+                    failed = Some((next, e));
+                    break;
+                }
+                next += 1;
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                break;
+            }
+            if let Err(e) = self.wait_events() {
+                // libiscsi gave up on the session (it could not log in again). Our commands
+                // may sit in queues we cannot reach (a reconnection's), so the whole context
+                // goes: destroying it cancels or frees every queued command, after which
+                // nothing in libiscsi refers to our buffers or slots any more.
+                self.abandon();
+                for slot in slots.iter_mut().filter(|s| !s.task.is_null()) {
+                    slot.done = true;
+                    slot.status = sys::scsi_status::SCSI_STATUS_CANCELLED as c_int;
+                }
+                failed.get_or_insert((next.saturating_sub(1), e));
+            }
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if !slot.done || slot.task.is_null() {
+                    continue;
+                }
+                in_flight -= 1;
+                let task = Task(NonNull::new(slot.task).expect("checked above"));
+                let status = slot.status as u32;
+                slot.task = std::ptr::null_mut();
+                slot.done = false;
+                let command = ios[i].command();
+                let result = self
+                    .check(command, task, status)
+                    .and_then(|t| ios[i].verify(&t));
+                match result {
+                    Ok(()) => {}
+                    Err(e)
+                        if e.is_unit_attention()
+                            && slot.tries < UNIT_ATTENTION_RETRIES
+                            && failed.is_none() =>
+                    {
+                        slot.tries += 1;
+                        match self.submit(&mut ios[i], slot, block_size) {
+                            Ok(()) => in_flight += 1,
+                            Err(e) => {
+                                failed.get_or_insert((i, e));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed.get_or_insert((i, e));
+                    }
+                }
+            }
+        }
+        match failed {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    /// Destroys the failed session's context (cancelling whatever it still holds) and leaves a
+    /// fresh, not logged-in one marked broken; [`Context::relogin`] logs in again.
+    fn abandon(&mut self) {
+        let initiator = CString::new(INITIATOR).expect("no NUL in the initiator name");
+        // SAFETY: the initiator string is valid for the call; libiscsi copies it.
+        let fresh = NonNull::new(unsafe { sys::iscsi_create_context(initiator.as_ptr()) });
+        // SAFETY: the old context is live and ours; destroying it runs the callbacks of the
+        // commands it holds (their slots are still alive) and frees its queues. It is not used
+        // afterwards: `ctx` is replaced right away.
+        unsafe { sys::iscsi_destroy_context(self.raw()) };
+        match fresh {
+            Some(fresh) => self.ctx = fresh,
+            // Out of memory for a small struct: `ctx` must stay a valid pointer for Drop and
+            // there is no sane way on.
+            None => panic!("libiscsi could not allocate a context"),
+        }
+        self.broken = true;
+    }
+
+    /// Logs in again first if the session was abandoned.
+    fn ready(&mut self) -> Result<(), IscsiError> {
+        if self.broken {
+            self.relogin()?;
+        }
+        Ok(())
+    }
+
+    /// Logs in again after [`Context::abandon`].
+    fn relogin(&mut self) -> Result<(), IscsiError> {
+        let fresh = Context::connect(&self.url)?;
+        // The old (not logged-in) context is dropped, i.e. destroyed, here.
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Queues one command of a batch; its callback fills `slot`.
+    fn submit(
+        &mut self,
+        io: &mut Io<'_>,
+        slot: &mut Slot,
+        block_size: u32,
+    ) -> Result<(), IscsiError> {
+        let private = slot as *mut Slot as *mut c_void;
+        let bs = block_size as c_int;
+        // SAFETY (all three calls): live context, exclusive use (`&mut self`). The buffers and
+        // `slot` outlive the command: `run_batch` does not return before every command it
+        // queued has completed or been cancelled, and `slots` is never resized meanwhile.
+        let task = match io {
+            Io::Read { lba, buf } => unsafe {
+                let len = u32::try_from(buf.len()).expect("callers split reads below 4 GiB");
+                let t = sys::iscsi_read16_task(
+                    self.raw(),
+                    self.lun,
+                    *lba,
+                    len,
+                    bs,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    Some(on_done),
+                    private,
+                );
+                // Data-in goes straight into the caller's buffer (no copy from libiscsi's);
+                // nothing is read before the next iscsi_service, so adding it now is in time.
+                if !t.is_null()
+                    && sys::scsi_task_add_data_in_buffer(t, len as c_int, buf.as_mut_ptr()) != 0
+                {
+                    sys::iscsi_scsi_cancel_task(self.raw(), t);
+                    return Err(IscsiError::Session("could not attach a read buffer".into()));
+                }
+                t
+            },
+            Io::Write { lba, buf } => unsafe {
+                let len = u32::try_from(buf.len()).expect("callers split writes below 4 GiB");
+                // libiscsi takes a `*mut` but only reads the data-out buffer.
+                sys::iscsi_write16_task(
+                    self.raw(),
+                    self.lun,
+                    *lba,
+                    buf.as_ptr() as *mut u8,
+                    len,
+                    bs,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    Some(on_done),
+                    private,
+                )
+            },
+        };
+        if task.is_null() {
+            return Err(self.session_error(io.command()));
+        }
+        slot.task = task;
+        slot.done = false;
+        Ok(())
+    }
+
+    /// Waits for the session's socket and lets libiscsi process what came: completions run
+    /// the callbacks. The socket is polled even when libiscsi wants no events (it is waiting
+    /// to log in again): an error or hang-up on it is still reported, and passing it on is
+    /// what drives libiscsi's reconnection (and its giving up after the set retries). The
+    /// wait is short then, and libiscsi is called on every wake-up, even without events, so
+    /// that its reconnection timer and command timeouts are looked at.
+    fn wait_events(&mut self) -> Result<(), IscsiError> {
+        // SAFETY: live context, exclusive use.
+        let (fd, events) = unsafe {
+            (
+                sys::iscsi_get_fd(self.raw()),
+                sys::iscsi_which_events(self.raw()),
+            )
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: events as i16,
+            revents: 0,
+        };
+        let timeout = if events == 0 { 100 } else { 1000 };
+        // SAFETY: one valid pollfd (poll ignores a negative descriptor and just waits).
+        let revents = match unsafe { libc::poll(&mut pfd, 1, timeout) } {
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    return Ok(());
+                }
+                return Err(IscsiError::Session(format!("poll: {e}")));
+            }
+            0 => 0,
+            _ => c_int::from(pfd.revents),
+        };
+        if events == 0 && revents != 0 {
+            // Waiting to log in again, with the dead socket reporting its hang-up at once on
+            // every poll: pace the loop instead of spinning until libiscsi's next attempt.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: live context, exclusive use.
+        if unsafe { sys::iscsi_service(self.raw(), revents) } < 0 {
+            return Err(self.session_error("iscsi_service"));
+        }
+        Ok(())
+    }
+}
+
+/// One command of [`Context::run_batch`].
+pub enum Io<'a> {
+    /// READ(16) of `buf.len()` bytes (whole blocks) at `lba` into `buf`.
+    Read {
+        /// First block.
+        lba: u64,
+        /// Where the data goes.
+        buf: &'a mut [u8],
+    },
+    /// WRITE(16) of `buf` (whole blocks) at `lba`.
+    Write {
+        /// First block.
+        lba: u64,
+        /// The data.
+        buf: &'a [u8],
+    },
+}
+
+impl Io<'_> {
+    fn command(&self) -> &'static str {
+        match self {
+            Io::Read { .. } => "READ(16)",
+            Io::Write { .. } => "WRITE(16)",
+        }
+    }
+
+    /// A read must have filled its whole buffer.
+    fn verify(&self, task: &Task) -> Result<(), IscsiError> {
+        let t = task.get();
+        if let Io::Read { buf, .. } = self {
+            if t.residual_status == sys::scsi_residual::SCSI_RESIDUAL_UNDERFLOW && t.residual > 0 {
+                return Err(IscsiError::Protocol(format!(
+                    "READ(16) returned {} bytes instead of {}",
+                    buf.len().saturating_sub(t.residual),
+                    buf.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a queued command's callback leaves its result.
+struct Slot {
+    /// The task while queued or completed and not yet looked at; NULL otherwise.
+    task: *mut sys::scsi_task,
+    /// Set by the callback.
+    done: bool,
+    /// The status the callback got.
+    status: c_int,
+    /// UNIT ATTENTION reissues so far.
+    tries: u32,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            task: std::ptr::null_mut(),
+            done: false,
+            status: 0,
+            tries: 0,
+        }
+    }
+}
+
+/// libiscsi's completion callback for [`Context::run_batch`]: records the status in the slot.
+unsafe extern "C" fn on_done(
+    _ctx: *mut sys::iscsi_context,
+    status: c_int,
+    command_data: *mut c_void,
+    private: *mut c_void,
+) {
+    // SAFETY: `private` is the `Slot` given at submission, alive and not otherwise borrowed
+    // while libiscsi runs callbacks inside iscsi_service/iscsi_scsi_cancel_task (called from
+    // `run_batch`, which only touches the slots between those calls).
+    let slot = unsafe { &mut *(private as *mut Slot) };
+    if !command_data.is_null() {
+        slot.task = command_data as *mut sys::scsi_task;
+    }
+    slot.status = status;
+    slot.done = true;
 }
 
 impl Drop for Context {

@@ -1,9 +1,9 @@
 //! iSCSI through libiscsi: `iscsi://` names ([`IscsiUrl`]), a safe wrapper around a libiscsi
 //! session ([`context`]), its errors ([`IscsiError`]) and the storage ([`IscsiStorage`]).
 //!
-//! The first version drives libiscsi's synchronous calls from behind one mutex: one command at a
-//! time per LUN. That is simple and safe; the asynchronous task API (several commands in flight
-//! on one session) is the step after.
+//! READ and WRITE go through libiscsi's task API, several commands in flight per session, over a
+//! small pool of sessions per LUN (see [`IscsiStorage`]'s module for why and for the flush
+//! semantics); the rarer commands use libiscsi's synchronous calls.
 
 pub mod context;
 mod error;

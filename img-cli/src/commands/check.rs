@@ -190,7 +190,7 @@ pub fn run(args: &[String]) -> CmdResult {
             return Err(could_not_open(format!("Unknown driver '{f}'")));
         }
     }
-    if let Some(storage) = blockdev::network::open(&target.path, !repair) {
+    if let Some(storage) = blockdev::network::open(&target.path, !repair, cache_mode) {
         // Network storage: no file locks; the format is looked at over the network.
         let storage = storage.map_err(|e| {
             could_not_open(match &e {
