@@ -31,7 +31,7 @@
 # for qemu-img convert is unsafe), IMG_BIN (default target/release/img, built first),
 # BENCH_DIR (work directory, default /tmp/img-netstore-bench), BENCH_KEEP_LABS=1 (leave the
 # labs running). The labs: ISCSI_LAB_DIR (default $BENCH_DIR/iscsi), IMG_CEPH_DIR (default
-# $BENCH_DIR/ceph), IMG_CEPH_PORT / IMG_CEPH_PORT_V1 (default 3410 / 6791), so that the labs
+# $BENCH_DIR/ceph), IMG_CEPH_PORT / IMG_CEPH_PORT_V1 (default 3410 / 6793), so that the labs
 # of the tests (and anyone else's) are left alone.
 #
 #   scripts/netstore-bench.sh
@@ -48,7 +48,7 @@ WORK=${BENCH_DIR:-/tmp/img-netstore-bench}
 export ISCSI_LAB_DIR=${ISCSI_LAB_DIR:-$WORK/iscsi}
 export IMG_CEPH_DIR=${IMG_CEPH_DIR:-$WORK/ceph}
 export IMG_CEPH_PORT=${IMG_CEPH_PORT:-3410}
-export IMG_CEPH_PORT_V1=${IMG_CEPH_PORT_V1:-6791}
+export IMG_CEPH_PORT_V1=${IMG_CEPH_PORT_V1:-6793}
 Q72="$ROOT/scripts/qemu-img72.sh"
 CACHE_ARGS=()
 [ -n "${BENCH_CACHE:-}" ] && CACHE_ARGS=(-t "$BENCH_CACHE")
