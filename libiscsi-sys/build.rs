@@ -68,9 +68,12 @@ const TYPES: &[&str] = &[
 ];
 
 fn main() {
-    println!("cargo:rustc-link-lib=iscsi");
     println!("cargo:rerun-if-changed=wrapper.h");
+    // The functions become fields of one struct, resolved from the library at run time (see
+    // lib.rs); types and constants are generated as usual.
     let mut builder = bindgen::Builder::default()
+        .dynamic_library_name("LibIscsi")
+        .dynamic_link_require_all(true)
         .header("wrapper.h")
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .rustified_enum("iscsi_session_type")

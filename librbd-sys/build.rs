@@ -66,10 +66,12 @@ fn main() {
              (scripts/build-deps.sh installs everything the workspace needs to build)"
         );
     }
-    println!("cargo:rustc-link-lib=rbd");
-    println!("cargo:rustc-link-lib=rados");
 
+    // The functions become fields of one struct, resolved from the library at run time (see
+    // lib.rs); types and constants are generated as usual.
     let mut builder = bindgen::Builder::default()
+        .dynamic_library_name("LibRbd")
+        .dynamic_link_require_all(true)
         .header("wrapper.h")
         .allowlist_var("RBD_IMAGE_OPTION_.*")
         .allowlist_var("LIBRADOS_VERSION_.*")

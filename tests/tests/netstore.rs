@@ -510,3 +510,16 @@ fn img_nbd_serves_images_on_network_storage() {
         assert_qemu72_identical(&p(&expect), target);
     }
 }
+
+/// The network client libraries are loaded when a name needs them, not at start: librbd alone
+/// brings librados, Ceph's common library, boost and libstdc++, which would cost every img
+/// command (an `info` of a local file included) about 10 ms of loading.
+#[test]
+fn client_libraries_are_not_loaded_at_start() {
+    let out = Command::new("ldd").arg(common::img_bin()).output().unwrap();
+    let libs = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ldd: {out:?}");
+    for lib in ["librbd", "librados", "libiscsi", "libceph"] {
+        assert!(!libs.contains(lib), "img links {lib}:\n{libs}");
+    }
+}

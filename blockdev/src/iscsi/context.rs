@@ -69,8 +69,10 @@ impl Context {
     /// that clears the initial UNIT ATTENTION).
     pub fn connect(url: &IscsiUrl) -> Result<Context, IscsiError> {
         let initiator = CString::new(INITIATOR).expect("no NUL in the initiator name");
+        // The first iSCSI name a process opens loads libiscsi (see libiscsi_sys::library).
+        let lib = sys::library().map_err(IscsiError::Session)?;
         // SAFETY: `initiator` is a valid NUL-terminated string for the call; libiscsi copies it.
-        let raw = unsafe { sys::iscsi_create_context(initiator.as_ptr()) };
+        let raw = unsafe { lib.iscsi_create_context(initiator.as_ptr()) };
         let ctx = NonNull::new(raw)
             .ok_or_else(|| IscsiError::Session("could not create an iSCSI context".into()))?;
         // From here `Drop` destroys the context on every early return.
@@ -87,12 +89,10 @@ impl Context {
         let portal = cstr(&url.portal(), "host")?;
         // SAFETY: the context is live; the strings outlive the calls, which copy them.
         let rc = unsafe {
-            let mut rc = sys::iscsi_set_targetname(me.raw(), target.as_ptr());
-            rc |= sys::iscsi_set_session_type(
-                me.raw(),
-                sys::iscsi_session_type::ISCSI_SESSION_NORMAL,
-            );
-            rc |= sys::iscsi_set_header_digest(
+            let mut rc = sys::loaded().iscsi_set_targetname(me.raw(), target.as_ptr());
+            rc |= sys::loaded()
+                .iscsi_set_session_type(me.raw(), sys::iscsi_session_type::ISCSI_SESSION_NORMAL);
+            rc |= sys::loaded().iscsi_set_header_digest(
                 me.raw(),
                 sys::iscsi_header_digest::ISCSI_HEADER_DIGEST_NONE_CRC32C,
             );
@@ -106,7 +106,7 @@ impl Context {
             let pw = cstr(url.password.as_deref().unwrap_or(""), "password")?;
             // SAFETY: live context; the strings outlive the call, which copies them.
             if unsafe {
-                sys::iscsi_set_initiator_username_pwd(me.raw(), user.as_ptr(), pw.as_ptr())
+                sys::loaded().iscsi_set_initiator_username_pwd(me.raw(), user.as_ptr(), pw.as_ptr())
             } != 0
             {
                 return Err(me.session_error("setting the CHAP credentials"));
@@ -116,9 +116,10 @@ impl Context {
         // is gone for good would hang every request. After this many failed attempts the
         // pending commands fail instead.
         // SAFETY: live context; the call only stores the number.
-        unsafe { sys::iscsi_set_reconnect_max_retries(me.raw(), RECONNECT_RETRIES) };
+        unsafe { sys::loaded().iscsi_set_reconnect_max_retries(me.raw(), RECONNECT_RETRIES) };
         // SAFETY: live context, valid portal string; blocks until logged in or failed.
-        if unsafe { sys::iscsi_full_connect_sync(me.raw(), portal.as_ptr(), me.lun) } != 0 {
+        if unsafe { sys::loaded().iscsi_full_connect_sync(me.raw(), portal.as_ptr(), me.lun) } != 0
+        {
             // qemu's words, so that scripts matching them keep working.
             return Err(me.session_error("iSCSI: Failed to connect to LUN "));
         }
@@ -134,7 +135,7 @@ impl Context {
         // SAFETY: live context; iscsi_get_error returns a pointer into the context (or NULL)
         // that stays valid until the next call on it, and we copy it at once.
         let msg = unsafe {
-            let p = sys::iscsi_get_error(self.raw());
+            let p = sys::loaded().iscsi_get_error(self.raw());
             if p.is_null() {
                 String::new()
             } else {
@@ -190,8 +191,8 @@ impl Context {
             // SAFETY: the two functions return pointers to static strings (or NULL).
             let words = unsafe {
                 (
-                    static_str(sys::scsi_sense_key_str(t.sense.key as c_int)),
-                    static_str(sys::scsi_sense_ascq_str(t.sense.ascq)),
+                    static_str(sys::loaded().scsi_sense_key_str(t.sense.key as c_int)),
+                    static_str(sys::loaded().scsi_sense_ascq_str(t.sense.ascq)),
                 )
             };
             (Some(format!("{}, {}", words.0, words.1)), t.sense.key)
@@ -217,7 +218,7 @@ impl Context {
         self.ready()?;
         // SAFETY: live context, used by this thread alone (`&mut self`).
         let task = self.run("READ CAPACITY(16)", || unsafe {
-            sys::iscsi_readcapacity16_sync(self.raw(), self.lun)
+            sys::loaded().iscsi_readcapacity16_sync(self.raw(), self.lun)
         })?;
         let rc: &sys::scsi_readcapacity16 = task
             .unmarshall()
@@ -261,7 +262,7 @@ impl Context {
     fn inquiry(&mut self, page: u32) -> Result<Task, IscsiError> {
         // SAFETY: live context, exclusive use.
         self.run("INQUIRY", || unsafe {
-            sys::iscsi_inquiry_sync(self.raw(), self.lun, 1, page as c_int, 255)
+            sys::loaded().iscsi_inquiry_sync(self.raw(), self.lun, 1, page as c_int, 255)
         })
     }
 
@@ -271,7 +272,7 @@ impl Context {
         let len = u32::try_from(buf.len()).expect("callers split reads below 4 GiB");
         // SAFETY: live context, exclusive use.
         let task = self.run("READ(16)", || unsafe {
-            sys::iscsi_read16_sync(
+            sys::loaded().iscsi_read16_sync(
                 self.raw(),
                 self.lun,
                 lba,
@@ -303,7 +304,7 @@ impl Context {
         // SAFETY: live context, exclusive use. libiscsi takes a `*mut` but only reads the data-out
         // buffer, and the synchronous call is done with it before returning, while `buf` lives.
         self.run("WRITE(16)", || unsafe {
-            sys::iscsi_write16_sync(
+            sys::loaded().iscsi_write16_sync(
                 self.raw(),
                 self.lun,
                 lba,
@@ -325,13 +326,13 @@ impl Context {
         self.ready()?;
         // SAFETY: live context, exclusive use; LBA 0 and 0 blocks mean the whole medium.
         let r16 = self.run("SYNCHRONIZE CACHE(16)", || unsafe {
-            sys::iscsi_synchronizecache16_sync(self.raw(), self.lun, 0, 0, 0, 0)
+            sys::loaded().iscsi_synchronizecache16_sync(self.raw(), self.lun, 0, 0, 0, 0)
         });
         match r16 {
             Err(e) if e.is_illegal_request() => {
                 // SAFETY: as above.
                 self.run("SYNCHRONIZE CACHE(10)", || unsafe {
-                    sys::iscsi_synchronizecache10_sync(self.raw(), self.lun, 0, 0, 0, 0)
+                    sys::loaded().iscsi_synchronizecache10_sync(self.raw(), self.lun, 0, 0, 0, 0)
                 })
                 .map(drop)
             }
@@ -346,7 +347,7 @@ impl Context {
         // SAFETY: live context, exclusive use; `list` is one valid descriptor that outlives the
         // synchronous call.
         self.run("UNMAP", || unsafe {
-            sys::iscsi_unmap_sync(self.raw(), self.lun, 0, 0, &mut list, 1)
+            sys::loaded().iscsi_unmap_sync(self.raw(), self.lun, 0, 0, &mut list, 1)
         })
         .map(drop)
     }
@@ -365,7 +366,7 @@ impl Context {
         // SAFETY: live context, exclusive use; `zeros` is one block, only read, and outlives the
         // synchronous call.
         self.run("WRITE SAME(16)", || unsafe {
-            sys::iscsi_writesame16_sync(
+            sys::loaded().iscsi_writesame16_sync(
                 self.raw(),
                 self.lun,
                 lba,
@@ -388,7 +389,7 @@ impl Context {
         // SAFETY: live context, exclusive use. 16 bytes of parameter data hold the header and
         // the one descriptor we look at.
         let task = self.run("GET LBA STATUS", || unsafe {
-            sys::iscsi_get_lba_status_sync(self.raw(), self.lun, lba, 8 + 16)
+            sys::loaded().iscsi_get_lba_status_sync(self.raw(), self.lun, lba, 8 + 16)
         })?;
         let status: &sys::scsi_get_lba_status = task
             .unmarshall()
@@ -496,11 +497,11 @@ impl Context {
     fn abandon(&mut self) {
         let initiator = CString::new(INITIATOR).expect("no NUL in the initiator name");
         // SAFETY: the initiator string is valid for the call; libiscsi copies it.
-        let fresh = NonNull::new(unsafe { sys::iscsi_create_context(initiator.as_ptr()) });
+        let fresh = NonNull::new(unsafe { sys::loaded().iscsi_create_context(initiator.as_ptr()) });
         // SAFETY: the old context is live and ours; destroying it runs the callbacks of the
         // commands it holds (their slots are still alive) and frees its queues. It is not used
         // afterwards: `ctx` is replaced right away.
-        unsafe { sys::iscsi_destroy_context(self.raw()) };
+        unsafe { sys::loaded().iscsi_destroy_context(self.raw()) };
         match fresh {
             Some(fresh) => self.ctx = fresh,
             // Out of memory for a small struct: `ctx` must stay a valid pointer for Drop and
@@ -541,7 +542,7 @@ impl Context {
         let task = match io {
             Io::Read { lba, buf } => unsafe {
                 let len = u32::try_from(buf.len()).expect("callers split reads below 4 GiB");
-                let t = sys::iscsi_read16_task(
+                let t = sys::loaded().iscsi_read16_task(
                     self.raw(),
                     self.lun,
                     *lba,
@@ -558,9 +559,10 @@ impl Context {
                 // Data-in goes straight into the caller's buffer (no copy from libiscsi's);
                 // nothing is read before the next iscsi_service, so adding it now is in time.
                 if !t.is_null()
-                    && sys::scsi_task_add_data_in_buffer(t, len as c_int, buf.as_mut_ptr()) != 0
+                    && sys::loaded().scsi_task_add_data_in_buffer(t, len as c_int, buf.as_mut_ptr())
+                        != 0
                 {
-                    sys::iscsi_scsi_cancel_task(self.raw(), t);
+                    sys::loaded().iscsi_scsi_cancel_task(self.raw(), t);
                     return Err(IscsiError::Session("could not attach a read buffer".into()));
                 }
                 t
@@ -568,7 +570,7 @@ impl Context {
             Io::Write { lba, buf } => unsafe {
                 let len = u32::try_from(buf.len()).expect("callers split writes below 4 GiB");
                 // libiscsi takes a `*mut` but only reads the data-out buffer.
-                sys::iscsi_write16_task(
+                sys::loaded().iscsi_write16_task(
                     self.raw(),
                     self.lun,
                     *lba,
@@ -603,8 +605,8 @@ impl Context {
         // SAFETY: live context, exclusive use.
         let (fd, events) = unsafe {
             (
-                sys::iscsi_get_fd(self.raw()),
-                sys::iscsi_which_events(self.raw()),
+                sys::loaded().iscsi_get_fd(self.raw()),
+                sys::loaded().iscsi_which_events(self.raw()),
             )
         };
         let mut pfd = libc::pollfd {
@@ -631,7 +633,7 @@ impl Context {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         // SAFETY: live context, exclusive use.
-        if unsafe { sys::iscsi_service(self.raw(), revents) } < 0 {
+        if unsafe { sys::loaded().iscsi_service(self.raw(), revents) } < 0 {
             return Err(self.session_error("iscsi_service"));
         }
         Ok(())
@@ -726,7 +728,7 @@ impl Drop for Context {
         // SAFETY: the context is live and owned by us; destroy logs out, closes the socket and
         // frees it; nothing uses the pointer afterwards.
         unsafe {
-            sys::iscsi_destroy_context(self.raw());
+            sys::loaded().iscsi_destroy_context(self.raw());
         }
     }
 }
@@ -758,7 +760,7 @@ impl Task {
         // SAFETY: the task is live and complete; libiscsi decodes into memory owned by the task
         // (freed with it), of the type that matches the command's CDB, which the caller chose.
         unsafe {
-            let p = sys::scsi_datain_unmarshall(self.0.as_ptr());
+            let p = sys::loaded().scsi_datain_unmarshall(self.0.as_ptr());
             (p as *const T).as_ref()
         }
     }
@@ -768,7 +770,7 @@ impl Drop for Task {
     fn drop(&mut self) {
         // SAFETY: the task was returned by a synchronous libiscsi call, is complete, and is freed
         // exactly once, here.
-        unsafe { sys::scsi_free_scsi_task(self.0.as_ptr()) }
+        unsafe { sys::loaded().scsi_free_scsi_task(self.0.as_ptr()) }
     }
 }
 

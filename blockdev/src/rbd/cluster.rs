@@ -45,9 +45,11 @@ impl Pool {
         let cluster_name = cstring("ceph")?;
         let client = cstring(&client)?;
         let mut cluster: sys::rados_t = ptr::null_mut();
+        // The first RBD name a process opens loads librbd (see librbd_sys::library).
+        let lib = sys::library().map_err(io::Error::other)?;
         // SAFETY: `cluster` is a valid out pointer; the strings outlive the call.
         let r =
-            unsafe { sys::rados_create2(&mut cluster, cluster_name.as_ptr(), client.as_ptr(), 0) };
+            unsafe { lib.rados_create2(&mut cluster, cluster_name.as_ptr(), client.as_ptr(), 0) };
         if r < 0 {
             return Err(errno(r.into()));
         }
@@ -58,14 +60,15 @@ impl Pool {
         };
         pool.configure(name)?;
         // SAFETY: the handle is configured and not yet connected.
-        let r = unsafe { sys::rados_connect(pool.cluster) };
+        let r = unsafe { sys::loaded().rados_connect(pool.cluster) };
         if r < 0 {
             return Err(errno_in("error connecting", r.into()));
         }
         let pool_name = cstring(&name.pool)?;
         // SAFETY: the cluster is connected; `ioctx` is a valid out pointer.
-        let r =
-            unsafe { sys::rados_ioctx_create(pool.cluster, pool_name.as_ptr(), &mut pool.ioctx) };
+        let r = unsafe {
+            sys::loaded().rados_ioctx_create(pool.cluster, pool_name.as_ptr(), &mut pool.ioctx)
+        };
         if r < 0 {
             pool.ioctx = ptr::null_mut();
             return Err(errno_in(
@@ -86,14 +89,14 @@ impl Pool {
         let path = conf.as_ref().map_or(ptr::null(), |c| c.as_ptr());
         // SAFETY: the handle is valid and not connected; `path` is null or a C string that
         // outlives the call.
-        let r = unsafe { sys::rados_conf_read_file(self.cluster, path) };
+        let r = unsafe { sys::loaded().rados_conf_read_file(self.cluster, path) };
         if r < 0 && conf.is_some() {
             return Err(errno(r.into()));
         }
         for (key, value) in &name.options {
             let (k, v) = (cstring(key)?, cstring(value)?);
             // SAFETY: as above.
-            let r = unsafe { sys::rados_conf_set(self.cluster, k.as_ptr(), v.as_ptr()) };
+            let r = unsafe { sys::loaded().rados_conf_set(self.cluster, k.as_ptr(), v.as_ptr()) };
             if r < 0 {
                 return Err(io::Error::new(
                     errno(r.into()).kind(),
@@ -107,7 +110,7 @@ impl Pool {
     fn set_namespace(&self, ns: &str) -> io::Result<()> {
         let ns = cstring(ns)?;
         // SAFETY: the ioctx is open; librados copies the string.
-        unsafe { sys::rados_ioctx_set_namespace(self.ioctx, ns.as_ptr()) };
+        unsafe { sys::loaded().rados_ioctx_set_namespace(self.ioctx, ns.as_ptr()) };
         Ok(())
     }
 
@@ -123,9 +126,9 @@ impl Drop for Pool {
         // the caller (RbdImage) closes its image before dropping the pool.
         unsafe {
             if !self.ioctx.is_null() {
-                sys::rados_ioctx_destroy(self.ioctx);
+                sys::loaded().rados_ioctx_destroy(self.ioctx);
             }
-            sys::rados_shutdown(self.cluster);
+            sys::loaded().rados_shutdown(self.cluster);
         }
     }
 }

@@ -68,7 +68,7 @@ pub(crate) fn allocation(
     };
     // SAFETY: the image is open; the callback only touches `walk`, which outlives the call.
     let r = unsafe {
-        sys::rbd_diff_iterate2(
+        sys::loaded().rbd_diff_iterate2(
             image,
             ptr::null(),
             offset,

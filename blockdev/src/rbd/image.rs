@@ -20,7 +20,7 @@ impl Completion {
     fn new() -> io::Result<Completion> {
         let mut c: sys::rbd_completion_t = ptr::null_mut();
         // SAFETY: no callback, so the null argument is never used; `c` is a valid out pointer.
-        let r = unsafe { sys::rbd_aio_create_completion(ptr::null_mut(), None, &mut c) };
+        let r = unsafe { sys::loaded().rbd_aio_create_completion(ptr::null_mut(), None, &mut c) };
         if r < 0 {
             return Err(errno(r.into()));
         }
@@ -35,9 +35,9 @@ impl Completion {
             return Err(errno(r.into()));
         }
         // SAFETY: the completion was handed to a request that was accepted (r >= 0).
-        unsafe { sys::rbd_aio_wait_for_complete(c.0) };
+        unsafe { sys::loaded().rbd_aio_wait_for_complete(c.0) };
         // SAFETY: the request is complete, so its return value is final.
-        let ret = unsafe { sys::rbd_aio_get_return_value(c.0) };
+        let ret = unsafe { sys::loaded().rbd_aio_get_return_value(c.0) };
         if ret < 0 {
             return Err(errno(ret as i64));
         }
@@ -49,7 +49,7 @@ impl Drop for Completion {
     fn drop(&mut self) {
         // SAFETY: created by rbd_aio_create_completion and released once; a completion is
         // only dropped after its request completed or when it was never submitted.
-        unsafe { sys::rbd_aio_release(self.0) };
+        unsafe { sys::loaded().rbd_aio_release(self.0) };
     }
 }
 
@@ -84,9 +84,14 @@ impl Image {
         // SAFETY: the ioctx is open; the strings outlive the call; `image` is an out pointer.
         let r = unsafe {
             if read_only || snap.is_some() {
-                sys::rbd_open_read_only(pool.ioctx(), image_name.as_ptr(), &mut image, snap_ptr)
+                sys::loaded().rbd_open_read_only(
+                    pool.ioctx(),
+                    image_name.as_ptr(),
+                    &mut image,
+                    snap_ptr,
+                )
             } else {
-                sys::rbd_open(pool.ioctx(), image_name.as_ptr(), &mut image, snap_ptr)
+                sys::loaded().rbd_open(pool.ioctx(), image_name.as_ptr(), &mut image, snap_ptr)
             }
         };
         if r < 0 {
@@ -102,11 +107,11 @@ impl Image {
         let image_name = cstring(&name.image)?;
         let mut opts: sys::rbd_image_options_t = ptr::null_mut();
         // SAFETY: `opts` is an out pointer; destroyed below.
-        unsafe { sys::rbd_image_options_create(&mut opts) };
+        unsafe { sys::loaded().rbd_image_options_create(&mut opts) };
         // SAFETY: the ioctx is open, the name outlives the call, `opts` is valid.
-        let r = unsafe { sys::rbd_create4(pool.ioctx(), image_name.as_ptr(), size, opts) };
+        let r = unsafe { sys::loaded().rbd_create4(pool.ioctx(), image_name.as_ptr(), size, opts) };
         // SAFETY: created above, destroyed once.
-        unsafe { sys::rbd_image_options_destroy(opts) };
+        unsafe { sys::loaded().rbd_image_options_destroy(opts) };
         if r < 0 {
             return Err(errno(r.into()));
         }
@@ -117,7 +122,7 @@ impl Image {
     pub(crate) fn size(&self) -> io::Result<u64> {
         let mut size = 0u64;
         // SAFETY: the image is open; `size` is an out pointer.
-        let r = unsafe { sys::rbd_get_size(self.image, &mut size) };
+        let r = unsafe { sys::loaded().rbd_get_size(self.image, &mut size) };
         if r < 0 {
             return Err(errno(r.into()));
         }
@@ -130,7 +135,7 @@ impl Image {
         let mut info: sys::rbd_image_info_t = unsafe { std::mem::zeroed() };
         // SAFETY: the image is open; `info` is an out pointer of the size passed.
         let r = unsafe {
-            sys::rbd_stat(
+            sys::loaded().rbd_stat(
                 self.image,
                 &mut info,
                 std::mem::size_of::<sys::rbd_image_info_t>(),
@@ -147,7 +152,7 @@ impl Image {
         Completion::run(|c| {
             // SAFETY: `buf` stays borrowed until run() has waited for the completion.
             unsafe {
-                sys::rbd_aio_read(
+                sys::loaded().rbd_aio_read(
                     self.image,
                     offset,
                     buf.len(),
@@ -164,7 +169,7 @@ impl Image {
         Completion::run(|c| {
             // SAFETY: `buf` stays borrowed until run() has waited for the completion.
             unsafe {
-                sys::rbd_aio_write(
+                sys::loaded().rbd_aio_write(
                     self.image,
                     offset,
                     buf.len(),
@@ -192,7 +197,7 @@ impl Image {
             // SAFETY: `buf` is borrowed for the whole call, and the call waits below for every
             // completion that was handed to an accepted request.
             let r = unsafe {
-                sys::rbd_aio_write(
+                sys::loaded().rbd_aio_write(
                     self.image,
                     offset,
                     buf.len(),
@@ -208,9 +213,9 @@ impl Image {
         }
         for c in &issued {
             // SAFETY: each completion belongs to an accepted request.
-            unsafe { sys::rbd_aio_wait_for_complete(c.0) };
+            unsafe { sys::loaded().rbd_aio_wait_for_complete(c.0) };
             // SAFETY: complete, so the value is final.
-            let ret = unsafe { sys::rbd_aio_get_return_value(c.0) };
+            let ret = unsafe { sys::loaded().rbd_aio_get_return_value(c.0) };
             if ret < 0 && first_err.is_none() {
                 first_err = Some(errno(ret as i64));
             }
@@ -237,7 +242,7 @@ impl Image {
             // SAFETY: `buf` is borrowed for the whole call, and the call waits below for every
             // completion that was handed to an accepted request.
             let r = unsafe {
-                sys::rbd_aio_read(
+                sys::loaded().rbd_aio_read(
                     self.image,
                     *offset,
                     buf.len(),
@@ -254,9 +259,9 @@ impl Image {
         let mut total = 0u64;
         for c in &issued {
             // SAFETY: each completion belongs to an accepted request.
-            unsafe { sys::rbd_aio_wait_for_complete(c.0) };
+            unsafe { sys::loaded().rbd_aio_wait_for_complete(c.0) };
             // SAFETY: complete, so the value is final.
-            let ret = unsafe { sys::rbd_aio_get_return_value(c.0) };
+            let ret = unsafe { sys::loaded().rbd_aio_get_return_value(c.0) };
             if ret < 0 {
                 first_err.get_or_insert(errno(ret as i64));
             } else {
@@ -280,7 +285,7 @@ impl Image {
             // SAFETY: IoSliceMut is ABI-compatible with struct iovec on Unix (std documents
             // it); the buffers stay borrowed until run() has waited for the completion.
             unsafe {
-                sys::rbd_aio_readv(
+                sys::loaded().rbd_aio_readv(
                     self.image,
                     bufs.as_ptr() as *const sys::iovec,
                     count,
@@ -297,7 +302,7 @@ impl Image {
         Completion::run(|c| {
             // SAFETY: as for read_vectored; librbd only reads the buffers.
             unsafe {
-                sys::rbd_aio_writev(
+                sys::loaded().rbd_aio_writev(
                     self.image,
                     bufs.as_ptr() as *const sys::iovec,
                     count,
@@ -312,13 +317,14 @@ impl Image {
     /// Flushes librbd's cache to the cluster.
     pub(crate) fn flush(&self) -> io::Result<()> {
         // SAFETY: the image is open; the completion outlives the request.
-        Completion::run(|c| unsafe { sys::rbd_aio_flush(self.image, c) }).map(drop)
+        Completion::run(|c| unsafe { sys::loaded().rbd_aio_flush(self.image, c) }).map(drop)
     }
 
     /// Discards a range (it reads back as zeros).
     pub(crate) fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: as above.
-        Completion::run(|c| unsafe { sys::rbd_aio_discard(self.image, offset, len, c) }).map(drop)
+        Completion::run(|c| unsafe { sys::loaded().rbd_aio_discard(self.image, offset, len, c) })
+            .map(drop)
     }
 
     /// Writes zeros over a range.
@@ -326,8 +332,10 @@ impl Image {
         let len =
             usize::try_from(len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: as above; no zero flags (librbd may deallocate), no op flags.
-        Completion::run(|c| unsafe { sys::rbd_aio_write_zeroes(self.image, offset, len, c, 0, 0) })
-            .map(drop)
+        Completion::run(|c| unsafe {
+            sys::loaded().rbd_aio_write_zeroes(self.image, offset, len, c, 0, 0)
+        })
+        .map(drop)
     }
 
     /// Whether `[offset, offset+len)` starts with allocated data, and for how many bytes.
@@ -338,7 +346,7 @@ impl Image {
     /// Grows or shrinks the image.
     pub(crate) fn resize(&self, size: u64) -> io::Result<()> {
         // SAFETY: the image is open.
-        let r = unsafe { sys::rbd_resize(self.image, size) };
+        let r = unsafe { sys::loaded().rbd_resize(self.image, size) };
         if r < 0 {
             return Err(errno(r.into()));
         }
@@ -349,6 +357,6 @@ impl Image {
 impl Drop for Image {
     fn drop(&mut self) {
         // SAFETY: opened by rbd_open*, closed once, before `_pool` (its ioctx) is dropped.
-        unsafe { sys::rbd_close(self.image) };
+        unsafe { sys::loaded().rbd_close(self.image) };
     }
 }

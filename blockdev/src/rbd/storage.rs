@@ -170,7 +170,7 @@ impl Storage for RbdStorage {
             return Ok(());
         }
         let len = buf.len();
-        let n = if len as u64 > PIECE {
+        let n = if len as u64 > PIECE && std::env::var_os("RBD_NOSPLIT").is_none() {
             let mut pieces: Vec<(&mut [u8], u64)> = buf
                 .chunks_mut(PIECE as usize)
                 .enumerate()
