@@ -226,54 +226,6 @@ impl Image {
         }
     }
 
-    /// Reads each `(buf, offset)` piece, all in flight at once, waiting for every one; the
-    /// first error wins. Returns the bytes read by all pieces together.
-    pub(crate) fn read_many(&self, pieces: &mut [(&mut [u8], u64)]) -> io::Result<u64> {
-        let mut issued = Vec::with_capacity(pieces.len());
-        let mut first_err = None;
-        for (buf, offset) in pieces.iter_mut() {
-            let c = match Completion::new() {
-                Ok(c) => c,
-                Err(e) => {
-                    first_err = Some(e);
-                    break;
-                }
-            };
-            // SAFETY: `buf` is borrowed for the whole call, and the call waits below for every
-            // completion that was handed to an accepted request.
-            let r = unsafe {
-                sys::loaded().rbd_aio_read(
-                    self.image,
-                    *offset,
-                    buf.len(),
-                    buf.as_mut_ptr() as *mut c_char,
-                    c.0,
-                )
-            };
-            if r < 0 {
-                first_err = Some(errno(r.into()));
-                break;
-            }
-            issued.push(c);
-        }
-        let mut total = 0u64;
-        for c in &issued {
-            // SAFETY: each completion belongs to an accepted request.
-            unsafe { sys::loaded().rbd_aio_wait_for_complete(c.0) };
-            // SAFETY: complete, so the value is final.
-            let ret = unsafe { sys::loaded().rbd_aio_get_return_value(c.0) };
-            if ret < 0 {
-                first_err.get_or_insert(errno(ret as i64));
-            } else {
-                total += ret as u64;
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
-    }
-
     /// Reads into several buffers from `offset` on, in one request; returns the bytes read.
     pub(crate) fn read_vectored(
         &self,

@@ -29,7 +29,7 @@ impl std::fmt::Debug for RbdStorage {
     }
 }
 
-/// Requests larger than this are cut into pieces of this size, all in flight at once: librbd
+/// Writes larger than this are cut into pieces of this size, all in flight at once: librbd
 /// sends one OSD operation per object extent, so a 2 MiB write inside one 4 MiB object would
 /// otherwise be a single operation, and a caller that writes one request at a time (convert
 /// writing in order) would leave the OSD idle while the data crosses.
@@ -169,18 +169,13 @@ impl Storage for RbdStorage {
         if buf.is_empty() {
             return Ok(());
         }
+        // Reads are not cut into pieces as writes are: readers run in parallel already (convert's
+        // workers), and measured on a 512 MiB RBD -> file convert, pieces made no difference.
         let len = buf.len();
-        let n = if len as u64 > PIECE && std::env::var_os("RBD_NOSPLIT").is_none() {
-            let mut pieces: Vec<(&mut [u8], u64)> = buf
-                .chunks_mut(PIECE as usize)
-                .enumerate()
-                .map(|(i, b)| (b, offset + i as u64 * PIECE))
-                .collect();
-            self.image.read_many(&mut pieces)
-        } else {
-            self.image.read(buf, offset)
-        }
-        .map_err(|e| self.io_error("read", offset, e))?;
+        let n = self
+            .image
+            .read(buf, offset)
+            .map_err(|e| self.io_error("read", offset, e))?;
         self.short("read", offset, len, n)
     }
 
