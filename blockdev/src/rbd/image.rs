@@ -81,17 +81,32 @@ impl Image {
         let snap = name.snapshot.as_deref().map(cstring).transpose()?;
         let snap_ptr = snap.as_ref().map_or(ptr::null(), |s| s.as_ptr());
         let mut image: sys::rbd_image_t = ptr::null_mut();
-        // SAFETY: the ioctx is open; the strings outlive the call; `image` is an out pointer.
-        let r = unsafe {
-            if read_only || snap.is_some() {
-                sys::loaded().rbd_open_read_only(
-                    pool.ioctx(),
-                    image_name.as_ptr(),
-                    &mut image,
-                    snap_ptr,
-                )
+        let lib = sys::loaded();
+        // A read-only user still opens the image read-write, as QEMU does (RbdStorage refuses
+        // its writes): librbd uses the object map only on such a handle, and without it every
+        // read of an object that does not exist (a hole) is a round trip to an OSD; an RBD ->
+        // file convert measured 10% slower. A snapshot is read-only in librbd's eyes, and a
+        // client whose caps allow reading only falls back to a read-only handle.
+        let mut open_read_only = || {
+            // SAFETY: the ioctx is open; the strings outlive the call; `image` is an out
+            // pointer.
+            unsafe {
+                lib.rbd_open_read_only(pool.ioctx(), image_name.as_ptr(), &mut image, snap_ptr)
+            }
+        };
+        let r = if snap.is_some() {
+            open_read_only()
+        } else {
+            let mut handle: sys::rbd_image_t = ptr::null_mut();
+            // SAFETY: as above, with `handle` the out pointer.
+            let r = unsafe {
+                lib.rbd_open(pool.ioctx(), image_name.as_ptr(), &mut handle, ptr::null())
+            };
+            if read_only && (r == -libc::EPERM || r == -libc::EACCES) {
+                open_read_only()
             } else {
-                sys::loaded().rbd_open(pool.ioctx(), image_name.as_ptr(), &mut image, snap_ptr)
+                image = handle;
+                r
             }
         };
         if r < 0 {
