@@ -44,6 +44,24 @@ fn image(conf: &Path, test: &str) -> (String, String) {
     (image, name)
 }
 
+/// Asserts that `rbd export` (the independent check of what librbd stored) gives `expect`,
+/// then removes the image.
+fn assert_exported_then_remove(conf: &Path, img: &str, expect: &[u8]) {
+    let file = std::env::temp_dir().join(format!("{img}.raw"));
+    let _ = std::fs::remove_file(&file);
+    rbd(
+        conf,
+        &["export", &format!("rbd/{img}"), file.to_str().unwrap()],
+    );
+    let exported = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        exported == expect,
+        "rbd export differs from what was written"
+    );
+    rbd(conf, &["rm", &format!("rbd/{img}")]);
+}
+
 fn rbd(conf: &Path, args: &[&str]) -> std::process::Output {
     let out = Command::new("rbd")
         .arg("-c")
@@ -92,19 +110,7 @@ fn create_write_read_and_export() {
     expect[12345..12345 + small.len()].copy_from_slice(&small);
     let at = (3 << 20) + 512;
     expect[at..at + big.len()].copy_from_slice(&big);
-    let file = std::env::temp_dir().join(format!("{img}.raw"));
-    let _ = std::fs::remove_file(&file);
-    rbd(
-        conf,
-        &["export", &format!("rbd/{img}"), file.to_str().unwrap()],
-    );
-    let exported = std::fs::read(&file).unwrap();
-    std::fs::remove_file(&file).unwrap();
-    assert!(
-        exported == expect,
-        "rbd export differs from what was written"
-    );
-    rbd(conf, &["rm", &format!("rbd/{img}")]);
+    assert_exported_then_remove(conf, &img, &expect);
 }
 
 #[test]
@@ -446,17 +452,5 @@ fn large_requests_from_threads_are_split_and_kept_whole() {
     s.read_at(&mut back, 0).unwrap();
     assert!(back == expect, "read back differs from what was written");
     drop(s);
-    let file = std::env::temp_dir().join(format!("{img}.raw"));
-    let _ = std::fs::remove_file(&file);
-    rbd(
-        conf,
-        &["export", &format!("rbd/{img}"), file.to_str().unwrap()],
-    );
-    let exported = std::fs::read(&file).unwrap();
-    std::fs::remove_file(&file).unwrap();
-    assert!(
-        exported == expect,
-        "rbd export differs from what was written"
-    );
-    rbd(conf, &["rm", &format!("rbd/{img}")]);
+    assert_exported_then_remove(conf, &img, &expect);
 }
