@@ -14,6 +14,7 @@ mod aio;
 mod aligned;
 mod cache_mode;
 mod error;
+pub mod fault;
 mod file;
 pub mod iscsi;
 pub mod nbd;
