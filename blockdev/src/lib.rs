@@ -17,6 +17,7 @@ mod error;
 pub mod fault;
 mod file;
 pub mod iscsi;
+pub mod mem;
 pub mod nbd;
 pub mod network;
 pub mod rbd;
