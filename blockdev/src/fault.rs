@@ -68,6 +68,11 @@ struct State {
     writes: u64,
     flushes: u64,
     requests: u64,
+    /// Writes and flushes, the requests a power loss can fall between.
+    changes: u64,
+    /// A power loss armed by [`FaultStorage::crash_before`]: the request count (writes and
+    /// flushes) at which it strikes, and what survives it.
+    armed: Option<(u64, Crash)>,
 }
 
 /// Storage that can lose its unflushed writes and fail chosen requests (see the module docs).
@@ -125,6 +130,19 @@ impl FaultStorage {
         if flush {
             st.flushes += 1;
         }
+        if write || flush {
+            st.changes += 1;
+            if let Some((at, crash)) = st.armed {
+                if st.changes == at {
+                    st.armed = None;
+                    drop(st);
+                    // The power fails before this request reaches the disk; the writer goes
+                    // on unaware, as a process does until the machine is gone.
+                    self.crash(crash)?;
+                    st = self.state();
+                }
+            }
+        }
         let Some(f) = self.fault else { return Ok(()) };
         let n = match f.target {
             Target::Write if write => st.writes,
@@ -147,6 +165,20 @@ impl FaultStorage {
         if !self.crashed.load(std::sync::atomic::Ordering::SeqCst) {
             self.state().pending.push(change);
         }
+    }
+
+    /// Writes and flushes issued so far (the moments [`crash_before`](Self::crash_before)
+    /// counts).
+    pub fn changes(&self) -> u64 {
+        self.state().changes
+    }
+
+    /// Arms a power loss just before the `n`th write or flush from now (1 = the next one):
+    /// the durable copy is left as `crash` says at that moment, and receives nothing after.
+    /// So a test can stop the disk at every request of an operation that runs to completion.
+    pub fn crash_before(&self, n: u64, crash: Crash) {
+        let mut st = self.state();
+        st.armed = Some((st.changes + n, crash));
     }
 
     /// How many requests that change the storage are not flushed yet.

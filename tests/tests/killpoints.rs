@@ -1,11 +1,11 @@
-//! img killed with SIGKILL in the middle of its work: convert, a write benchmark, commit and
-//! rebase, each killed at many moments (spread over the time the command takes alone). After every kill
+//! img killed with SIGKILL in the middle of its work: convert, a write benchmark, commit,
+//! rebase and snapshot creation and deletion, each killed at many moments. After every kill
 //! `qemu-img check` may find leaks but never corruption, `img check -r leaks` leaves the image
 //! clean, and data the image held (flushed) before the command started reads back unchanged.
 
 mod common;
 
-use common::{assert_qemu_compare_identical, img_bin, qemu_check, qemu_img, qemu_io};
+use common::{assert_qemu_compare_identical, img_bin, img_ok, qemu_check, qemu_img, qemu_io};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -204,5 +204,48 @@ fn commit_and_rebase_killed_at_any_moment() {
     assert!(
         landed >= 3,
         "only {landed} kills landed while commit/rebase ran"
+    );
+}
+
+/// Snapshot creation and deletion on a fully allocated image, killed at many points.
+#[test]
+fn snapshots_killed_at_any_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("s.qcow2");
+    let path = p(&image);
+    let expect = dir.path().join("expect.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        &path,
+        "8G",
+    ]);
+    qemu_io("qcow2", &image, &["write -P 0x33 0 4M".to_string()]);
+    qemu_img(&["convert", "-O", "raw", &path, &p(&expect)]);
+    let span = run_time(&["snapshot", "-c", "timing", &path]);
+    img_ok(&["snapshot", "-d", "timing", &path]);
+    let mut landed = 0;
+    for (i, d) in delays(span, 12).into_iter().enumerate() {
+        let name = format!("s{i}");
+        if kill_after(&["snapshot", "-c", &name, &path], d) {
+            landed += 1;
+        }
+        assert_recoverable(&image, &format!("snapshot -c killed at kill {i}"));
+        let list = img_ok(&["snapshot", "-l", &path]);
+        if list.contains(&name) && i % 2 == 1 {
+            if kill_after(&["snapshot", "-d", &name, &path], d) {
+                landed += 1;
+            }
+            assert_recoverable(&image, &format!("snapshot -d killed at kill {i}"));
+        }
+        assert_qemu_compare_identical(&image, "qcow2", &expect, "raw");
+    }
+    assert!(
+        landed >= 3,
+        "only {landed} kills landed while snapshots were made"
     );
 }

@@ -35,6 +35,7 @@ pub mod refcount;
 mod resize;
 pub mod snapshot;
 pub mod snapshot_load;
+mod snapshot_switch;
 
 pub use cache::CacheStats;
 pub use cache_options::CacheOptions;

@@ -3,6 +3,7 @@
 
 use super::header::MAX_L1_BYTES;
 use super::l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK};
+use super::snapshot_switch::Tree;
 use super::{Meta, Qcow2};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -137,44 +138,19 @@ impl Qcow2 {
     }
 
     /// Creates an internal snapshot named `name` of the disk as it is now (qemu-img
-    /// snapshot -c): the active L1 table is copied and every cluster it reaches gains a
-    /// reference, so later writes copy instead of overwriting. `date` is (seconds,
+    /// snapshot -c): the active tables become the snapshot's, and every cluster they reach
+    /// gains a reference, so later writes copy instead of overwriting. `date` is (seconds,
     /// nanoseconds) since the epoch.
     ///
-    /// Order: the copy flags of the active tables are cleared (durably) before any cluster
-    /// gains its second reference, and the references are durable before the snapshot table
-    /// names the new L1 copy; a crash before that leaks clusters (and may leave flags missing,
-    /// which only costs copies, and which `check -r all` restores).
+    /// The whole change is one switch of the header (see `snapshot_switch`): a crash before
+    /// it leaves the image as it was, after it the image with the snapshot.
     pub fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<()> {
         self.check_writable()?;
         let (mut snapshots, table_size) = self.read_snapshots()?;
         let meta_arc = Arc::clone(&self.meta);
         let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
         let meta = &mut *meta;
-        self.flush_meta(meta)?;
-        let file = Arc::clone(&self.file);
-        let file = file.as_ref();
-        // Copy flags go first: a flag left on a shared cluster would let a write land in the
-        // snapshot's data, while a flag missing on an unshared one only costs a copy.
-        self.set_copy_flags(meta, |_| false)?;
-        self.flush_meta(meta)?;
         let active: Vec<u64> = meta.l1.clone();
-        self.add_references(meta, &active, 1)?;
-        // The snapshot's own copy of the L1 table (no copy flags: nothing it reaches is
-        // exclusively its own).
-        let copy: Vec<u8> = active
-            .iter()
-            .flat_map(|e| (e & !COPIED).to_be_bytes())
-            .collect();
-        let l1_offset = if copy.is_empty() {
-            0
-        } else {
-            let clusters = (copy.len() as u64).div_ceil(self.cs());
-            let first = meta.refcounts.alloc(file, clusters)?;
-            file.write_at(&copy, first << self.cluster_bits)?;
-            first << self.cluster_bits
-        };
-        self.flush_meta(meta)?;
         let next_id = snapshots
             .iter()
             .filter_map(|s| std::str::from_utf8(&s.id).ok()?.parse::<u64>().ok())
@@ -182,7 +158,8 @@ impl Qcow2 {
             .unwrap_or(0)
             + 1;
         snapshots.push(Snapshot {
-            l1_offset,
+            // The active L1 table stays where it is, as the snapshot's; the active one moves.
+            l1_offset: meta.l1_offset,
             l1_size: active.len() as u32,
             id: next_id.to_string().into_bytes(),
             name: name.as_bytes().to_vec(),
@@ -195,9 +172,11 @@ impl Qcow2 {
             icount: 0,
             unknown_extra: Vec::new(),
         });
-        self.write_snapshots(meta, &snapshots, table_size)?;
-        self.header.nb_snapshots = snapshots.len() as u32;
-        Ok(())
+        let gained = Tree {
+            offset: meta.l1_offset,
+            l1: &active,
+        };
+        self.switch_snapshots(meta, Some(gained), None, &snapshots, table_size)
     }
 
     /// Reverts the disk to the snapshot whose ID, or else name, is `id_or_name` (qemu-img
@@ -250,9 +229,8 @@ impl Qcow2 {
     /// Deletes the first snapshot named `name` (qemu-img snapshot -d matches names only),
     /// freeing what only it used. [`Error::SnapshotNotFound`] when there is none.
     ///
-    /// Order: the snapshot table without the entry is durable first, so the snapshot's
-    /// references are leaks from then on; they are dropped (durably) before any copy flag
-    /// is set on a cluster that becomes exclusively the active table's.
+    /// The whole change is one switch of the header (see `snapshot_switch`): a crash before
+    /// it leaves the snapshot in place, after it the image without it.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<()> {
         self.check_writable()?;
         let (mut snapshots, table_size) = self.read_snapshots()?;
@@ -267,24 +245,11 @@ impl Qcow2 {
         let snapshot_l1 = self.read_l1(sn.l1_offset, sn.l1_size)?;
         let meta_arc = Arc::clone(&self.meta);
         let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
-        let meta = &mut *meta;
-        self.flush_meta(meta)?;
-        self.write_snapshots(meta, &snapshots, table_size)?;
-        self.header.nb_snapshots = snapshots.len() as u32;
-        let file = Arc::clone(&self.file);
-        let file = file.as_ref();
-        self.add_references(meta, &snapshot_l1, -1)?;
-        if sn.l1_offset != 0 {
-            let bytes = sn.l1_size as u64 * 8;
-            let first = sn.l1_offset >> self.cluster_bits;
-            for c in first..first + bytes.div_ceil(self.cs()) {
-                self.release_now(meta, c)?;
-            }
-        }
-        meta.refcounts.flush(file)?;
-        file.flush()?;
-        self.fix_copied(meta)?;
-        self.flush_meta(meta)
+        let lost = Tree {
+            offset: sn.l1_offset,
+            l1: &snapshot_l1,
+        };
+        self.switch_snapshots(&mut meta, None, Some(lost), &snapshots, table_size)
     }
 
     /// Adds `addend` (1 or -1) to the refcount of every cluster `l1` reaches: its L2 tables,
@@ -356,12 +321,6 @@ impl Qcow2 {
         let file = Arc::clone(&self.file);
         let refcounts = |meta: &mut Meta, cluster: u64| meta.refcounts.get(file.as_ref(), cluster);
         self.set_copy_flags_by(meta, &refcounts)
-    }
-
-    /// Sets every copy flag the active tables hold to `rule(cluster)`.
-    fn set_copy_flags(&self, meta: &mut Meta, rule: impl Fn(u64) -> bool) -> Result<()> {
-        let by_rule = |_: &mut Meta, cluster: u64| Ok(if rule(cluster) { 1 } else { 2 });
-        self.set_copy_flags_by(meta, &by_rule)
     }
 
     /// Sets the copy flag of each active L1 and L2 entry to whether `refcount` says its

@@ -11,8 +11,8 @@ use crate::qcow2::refcount::{get_entry, set_entry};
 pub(super) const MAX_BYTES: u64 = 2 << 30;
 
 /// Reference counts recounted from the metadata.
-#[derive(Debug)]
-pub(super) struct Imrt {
+#[derive(Clone, Debug)]
+pub(in crate::qcow2) struct Imrt {
     order: u32,
     cluster_size: u64,
     data: Vec<u8>,
@@ -21,7 +21,7 @@ pub(super) struct Imrt {
 
 impl Imrt {
     /// An empty table for refcounts of `1 << order` bits and clusters of `cluster_size` bytes.
-    pub(super) fn new(order: u32, cluster_size: u64) -> Self {
+    pub(in crate::qcow2) fn new(order: u32, cluster_size: u64) -> Self {
         Imrt {
             order,
             cluster_size,
@@ -39,12 +39,12 @@ impl Imrt {
     }
 
     /// Number of clusters the table describes.
-    pub(super) fn len(&self) -> u64 {
+    pub(in crate::qcow2) fn len(&self) -> u64 {
         self.entries
     }
 
     /// Resizes the table to describe `entries` clusters; new entries are zero.
-    pub(super) fn resize(&mut self, entries: u64) -> Result<(), Fail> {
+    pub(in crate::qcow2) fn resize(&mut self, entries: u64) -> Result<(), Fail> {
         let bytes = self.byte_size(entries).ok_or(Fail::ENOMEM)? as usize;
         if bytes > self.data.len() {
             self.data
@@ -57,22 +57,22 @@ impl Imrt {
     }
 
     /// The count of cluster `k` (which must be below [`len`](Self::len)).
-    pub(super) fn get(&self, k: u64) -> u64 {
+    pub(in crate::qcow2) fn get(&self, k: u64) -> u64 {
         get_entry(&self.data, self.order, k as usize)
     }
 
     /// Sets the count of cluster `k` (below [`len`](Self::len)); `v` must fit the width.
-    pub(super) fn set(&mut self, k: u64, v: u64) {
+    pub(in crate::qcow2) fn set(&mut self, k: u64, v: u64) {
         set_entry(&mut self.data, self.order, k as usize, v);
     }
 
     /// Zeroes every entry, keeping the size.
-    pub(super) fn clear(&mut self) {
+    pub(in crate::qcow2) fn clear(&mut self) {
         self.data.fill(0);
     }
 
     /// The bytes of refcount block `index`: the entries of the clusters it describes.
-    pub(super) fn block(&self, index: u64) -> &[u8] {
+    pub(in crate::qcow2) fn block(&self, index: u64) -> &[u8] {
         let start = (index * self.cluster_size) as usize;
         &self.data[start..start + self.cluster_size as usize]
     }

@@ -15,7 +15,7 @@
 //!
 //! Every repair writes new data before the pointer that makes it live, with a flush between.
 
-mod imrt;
+pub(in crate::qcow2) mod imrt;
 mod repair;
 mod snapshots;
 mod walk;
