@@ -6,7 +6,9 @@
 #   scripts/guest-lab.sh [check]     every case (rw, rw-mq, rw-raw, rw-direct, chain, ro,
 #                                    verify, trim); exit 0 only if all pass
 #   scripts/guest-lab.sh CASE...     only these cases; rw-iscsi and rw-rbd (not in check:
-#                                    img only) serve a qcow2 image on an iSCSI LUN or on RBD
+#                                    img only) serve a qcow2 image on an iSCSI LUN or on RBD;
+#                                    kill (not in check) kills the server with SIGKILL while
+#                                    the guest writes and flushes
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
 #   scripts/guest-lab.sh --prepare   only fetch and build what the lab needs
@@ -236,6 +238,21 @@ trim)
     [ "$got" = "$z" ] || fail "the discarded and zeroed 24 MiB do not read as zeros"
     sum /dev/vda disk
     ;;
+kill)
+    # Blocks of 64 KiB written one after another with O_DIRECT and fsync, each reported once
+    # the device acknowledged its flush; between them, buffered writes to the upper half that
+    # may or may not reach the disk. The host kills the server somewhere in this loop.
+    n=0
+    while [ $n -lt 512 ]; do
+        yes "$(printf 'block%07d' $n)" | head -c 65536 >/tmp/b
+        dd if=/tmp/b of=/dev/vda bs=64k seek=$n count=1 oflag=direct conv=fsync 2>/dev/null ||
+            fail "synced write of block $n"
+        say "LAB-SYNCED $n"
+        dd if=/tmp/b of=/dev/vda bs=64k seek=$((512 + n % 256)) count=1 2>/dev/null ||
+            fail "buffered write of block $n"
+        n=$((n + 1))
+    done
+    ;;
 bench)
     export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
     for t in read:1M:4 write:1M:4 randread:4k:16 randwrite:4k:16; do
@@ -372,9 +389,10 @@ stop_server() {
     fi
 }
 
-# boot JOB SOCK CONSOLE INITRD [queues] [mem_mb]: one guest boot against the served socket.
-boot() {
-    local job=$1 sock=$2 console=$3 initrd=$4 queues=${5:-1} mem=${6:-512} rc=0
+# start_guest JOB SOCK CONSOLE INITRD [queues] [mem_mb]: starts one guest boot against the
+# served socket (QEMU_PID).
+start_guest() {
+    local job=$1 sock=$2 console=$3 initrd=$4 queues=${5:-1} mem=${6:-512}
     local smp=$queues
     timeout -k 5 "$BOOT_TIMEOUT" "$TOP/scripts/qemu-system.sh" \
         -accel tcg -m "$mem" -smp "$smp" -nodefaults -no-user-config -display none \
@@ -386,6 +404,13 @@ boot() {
         -device "vhost-user-blk-pci,chardev=c,num-queues=$queues" \
         </dev/null >"$console" 2>&1 &
     QEMU_PID=$!
+}
+
+# boot JOB SOCK CONSOLE INITRD [queues] [mem_mb]: one guest boot against the served socket,
+# to its end.
+boot() {
+    local job=$1 console=$3 rc=0
+    start_guest "$@"
     if [ "${LAB_FAULT:-}" = kill-server ]; then
         (sleep 1 && kill -KILL "$SERVER_PID") &
     fi
@@ -729,6 +754,66 @@ case_trim() {
     }
 }
 
+# block N as the guest's kill job writes it.
+kill_block() { yes "$(printf 'block%07d' "$1")" | head -c 65536; }
+
+# case_kill: the server killed with SIGKILL while a guest writes and flushes, at three moments
+# (after 2, 15 and 60 blocks the guest saw flushed). Each time: no corruption by qemu-img check
+# (leaks allowed), `img check -r leaks` leaves the image clean, and every block the guest saw
+# flushed reads back from the image.
+case_kill() {
+    local d="$WORK/kill" moment i synced n bad=0
+    mkdir -p "$d"
+    for moment in 2 15 60; do
+        rm -f "$d/disk.qcow2"
+        qemu-img create -q -f qcow2 "$d/disk.qcow2" 64M
+        start_server "$SERVER" "$d/disk.qcow2" qcow2 "$d/sock" "$d/server.log" || return 1
+        start_guest kill "$d/sock" "$d/console" "$WORK/initrd"
+        i=0
+        until tr -d '\r' 2>/dev/null <"$d/console" | grep -q "^LAB-SYNCED $moment\$"; do
+            i=$((i + 1))
+            if [ $i -gt $((BOOT_TIMEOUT * 10)) ] || ! kill -0 "$QEMU_PID" 2>/dev/null; then
+                log "the guest did not reach block $moment"
+                tr -d '\r' <"$d/console" >"$d/console.txt"
+                return 1
+            fi
+            sleep 0.1
+        done
+        kill -0 "$SERVER_PID" 2>/dev/null || {
+            log "the server was gone before the kill"
+            return 1
+        }
+        kill -KILL "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+        kill -TERM "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+        QEMU_PID=
+        tr -d '\r' <"$d/console" >"$d/console.txt"
+        cp "$d/console.txt" "$d/console-$moment.txt"
+        synced=$(grep '^LAB-SYNCED ' "$d/console.txt" | tail -n 1 | cut -d' ' -f2)
+        local out code=0
+        out=$(qemu-img check -f qcow2 "$d/disk.qcow2" 2>&1) || code=$?
+        if { [ $code -ne 0 ] && [ $code -ne 3 ]; } || echo "$out" | grep -q ERROR; then
+            log "killed after block $synced: qemu-img check finds corruption (exit $code):"
+            echo "$out" >&2
+            return 1
+        fi
+        "$IMG_BIN" check -q -r leaks -f qcow2 "$d/disk.qcow2" >/dev/null 2>&1 || true
+        check_clean "$d/disk.qcow2" || return 1
+        qemu-img convert -f qcow2 -O raw "$d/disk.qcow2" "$d/back.raw"
+        for n in $(seq 0 "$synced"); do
+            if ! cmp -s <(kill_block "$n") \
+                <(dd if="$d/back.raw" bs=64k skip="$n" count=1 2>/dev/null); then
+                log "killed after block $synced: flushed block $n does not read back"
+                bad=1
+            fi
+        done
+        [ $bad -eq 0 ] || return 1
+        log "killed after $((synced + 1)) flushed blocks ($(echo "$out" | grep -c 'Leaked cluster') leaked clusters): none lost, no corruption"
+    done
+}
+
 run_case() {
     local name=$1 t0 rc=0
     t0=$(date +%s)
@@ -743,6 +828,7 @@ run_case() {
     trim) case_trim || rc=$? ;;
     rw-iscsi) case_net rw-iscsi iscsi || rc=$? ;;
     rw-rbd) case_net rw-rbd rbd || rc=$? ;;
+    kill) case_kill || rc=$? ;;
     *) die "unknown case $name" ;;
     esac
     if [ -n "$QEMU_PID" ]; then kill -TERM "$QEMU_PID" 2>/dev/null || true; fi

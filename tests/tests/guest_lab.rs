@@ -81,6 +81,21 @@ fn guest_lab_network_storage() {
     }
 }
 
+/// The server killed with SIGKILL while a real guest writes and flushes, at three moments:
+/// no corruption, leaks that `img check -r leaks` removes, and every block the guest saw
+/// flushed is in the image. (With flush requests answered without flushing, this fails.)
+#[test]
+fn guest_lab_server_killed_while_serving() {
+    let (ok, text) = run_lab(&["kill"], &[("SERVER", "img")]);
+    assert!(ok, "guest-lab.sh kill failed:\n{text}");
+    assert!(text.contains("PASS kill (SERVER=img,"), "{text}");
+    assert_eq!(
+        text.matches("none lost, no corruption").count(),
+        3,
+        "not every kill was checked:\n{text}"
+    );
+}
+
 /// The lab's checks can fail: a block of a file the guest wrote, changed in the image after the
 /// guest read it back, must be caught by the host's comparison.
 #[test]

@@ -474,3 +474,112 @@ fn without_flush_negotiated_writes_are_write_through() {
     dev.set_acked_features(dev.config().features());
     assert!(!dev.is_write_through());
 }
+
+/// A disk that fails under the guest: writes and flushes that meet EIO or ENOSPC end with
+/// VIRTIO_BLK_S_IOERR (the guest sees the error, nothing is swallowed), and what the disk
+/// kept has no corruption by `qemu-img check`.
+#[test]
+fn a_failing_disk_reaches_the_guest_as_ioerr() {
+    use blockdev::fault::{Fault, FaultStorage, Target};
+    use blockdev::{FileStorage, Storage};
+    for (target, nth, errno) in [
+        (Target::Write, 1, libc::EIO),
+        (Target::Write, 5, libc::ENOSPC),
+        (Target::Flush, 1, libc::EIO),
+        (Target::Flush, 3, libc::EIO),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.qcow2");
+        let durable = dir.path().join("durable.qcow2");
+        img_core::qcow2::create(
+            &live,
+            &img_core::qcow2::Qcow2CreateOptions {
+                size: 16 * MIB,
+                cluster_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        std::fs::copy(&live, &durable).unwrap();
+        let fault = Fault {
+            target,
+            nth,
+            errno,
+            sticky: true,
+        };
+        let inner: Arc<dyn Storage> = Arc::new(FileStorage::open_read_write(&live).unwrap());
+        let disk: Arc<dyn Storage> = Arc::new(FileStorage::open_read_write(&durable).unwrap());
+        let faulty: Arc<dyn Storage> = Arc::new(FaultStorage::new(inner, disk, Some(fault)));
+        let image = img_core::open::open_storage(
+            faulty,
+            &OpenOptions {
+                format: Some("qcow2".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dev = BlockDevice::new(image, DeviceOptions::default());
+        let mem = memory();
+        let mut statuses = Vec::new();
+        for i in 0..8u64 {
+            let base = MIB + i * 0x4000;
+            // A write of 8 KiB to a fresh cluster, then a flush.
+            header(&mem, base, VIRTIO_BLK_T_OUT, i * 64);
+            mem.write_slice(&[i as u8 + 1; 8192], GuestAddress(base + 0x1000))
+                .unwrap();
+            let req = parse(
+                &mem,
+                &[
+                    (base, 16, false),
+                    (base + 0x1000, 8192, false),
+                    (base + 0x3000, 1, true),
+                ],
+            )
+            .unwrap();
+            statuses.push(dev.execute(&req, &mem).status);
+            header(&mem, base + 0x3800, VIRTIO_BLK_T_FLUSH, 0);
+            let req = parse(
+                &mem,
+                &[(base + 0x3800, 16, false), (base + 0x3900, 1, true)],
+            )
+            .unwrap();
+            statuses.push(dev.execute(&req, &mem).status);
+        }
+        let what = format!("{target:?} #{nth} errno {errno}");
+        assert!(
+            statuses.contains(&VIRTIO_BLK_S_IOERR),
+            "{what}: no request failed: {statuses:?}"
+        );
+        // Once the (sticky) fault struck, no request of the failing kind may report
+        // success (writes are the even requests, flushes the odd ones; a flush may still
+        // succeed after a failed write, and a write after a failed flush).
+        let first = statuses
+            .iter()
+            .position(|&s| s == VIRTIO_BLK_S_IOERR)
+            .unwrap();
+        let kind = if target == Target::Flush { 1 } else { 0 };
+        assert!(
+            first % 2 == kind,
+            "{what}: the first failure is of the wrong kind: {statuses:?}"
+        );
+        assert!(
+            statuses[first..]
+                .iter()
+                .step_by(2)
+                .all(|&s| s == VIRTIO_BLK_S_IOERR),
+            "{what}: a request succeeded after the disk failed: {statuses:?}"
+        );
+        let _ = dev.close();
+        drop(dev);
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&durable)
+            .output()
+            .expect("qemu-img runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+            "{what}: corruption on the disk:\n{text}"
+        );
+    }
+}
