@@ -262,12 +262,13 @@ fn contents(path: &Path) -> (Vec<u8>, Vec<String>) {
     (data, names)
 }
 
-/// Power fails before each write or flush of `img snapshot -c` and `-d` in turn (every one
-/// when there are few, else moments spread over all of them), keeping nothing unflushed or
-/// a random subset of it. Each time the durable copy has no corruption, reads the data the
-/// disk held, and holds the snapshot either whole (its data reads back) or not at all.
+/// Power fails before each write or flush of `img snapshot -c`, `-d` and `-a` in turn (every
+/// one when there are few, else moments spread over all of them), keeping nothing unflushed
+/// or a random subset of it. Each time the durable copy has no corruption, its disk reads
+/// either as before or (for `-a`) as the snapshot, and a snapshot is either whole (its data
+/// reads back) or not there at all.
 #[test]
-fn power_loss_at_every_request_of_snapshot_create_and_delete() {
+fn power_loss_at_every_request_of_snapshot_create_delete_and_apply() {
     let dir = tempfile::tempdir().unwrap();
     let (live, durable) = fresh(dir.path());
     // A disk with data, zeroes and discards, and one snapshot already (so that creation
@@ -285,16 +286,27 @@ fn power_loss_at_every_request_of_snapshot_create_and_delete() {
         .unwrap();
     let (before, names) = contents(&live);
     assert_eq!(names, ["old"]);
+    // The disk then moves on from the snapshot, so that applying it changes the disk.
+    {
+        let (image, _) = open_faulty(&live, &durable, None);
+        let mut model = before.clone();
+        let mut stable = vec![true; model.len()];
+        run(&image, &workload(6, 40), &mut model, &mut stable);
+        image.flush().unwrap();
+    }
+    let (moved, _) = contents(&live);
+    assert!(moved != before, "the second workload changed nothing");
     let base = dir.path().join("base.qcow2");
     std::fs::copy(&live, &base).unwrap();
 
     let mut cases = 0;
-    for op in ["create", "delete"] {
+    for op in ["create", "delete", "apply"] {
         let act = |image: &mut Image| {
             let q = img_core::qcow2::driver_of(image).unwrap();
             match op {
                 "create" => q.create_snapshot("new", (2, 0)),
-                _ => q.delete_snapshot("old"),
+                "delete" => q.delete_snapshot("old"),
+                _ => q.apply_snapshot("old"),
             }
             .unwrap()
         };
@@ -324,7 +336,10 @@ fn power_loss_at_every_request_of_snapshot_create_and_delete() {
                     format!("snapshot {op}, power lost before request {n}/{total}, {crash:?}");
                 assert_not_corrupt(&durable, &what);
                 let (data, names) = contents(&durable);
-                assert!(data == before, "{what}: the disk's data changed");
+                assert!(
+                    data == moved || (op == "apply" && data == before),
+                    "{what}: the disk reads neither as before nor as the snapshot"
+                );
                 let expect_new = if op == "create" { "new" } else { "old" };
                 for name in &names {
                     assert!(
@@ -332,8 +347,9 @@ fn power_loss_at_every_request_of_snapshot_create_and_delete() {
                         "{what}: unexpected snapshot {name}"
                     );
                 }
-                // A snapshot that survived is whole: it reads the disk as it was.
+                // A snapshot that survived is whole: it reads the disk as it was when taken.
                 for name in names {
+                    let taken = if name == "old" { &before } else { &moved };
                     let mut sn = img_core::open_image(
                         &durable,
                         &OpenOptions {
@@ -348,12 +364,12 @@ fn power_loss_at_every_request_of_snapshot_create_and_delete() {
                     .unwrap();
                     let mut back = vec![0u8; before.len()];
                     sn.read_at(&mut back, 0).unwrap();
-                    assert!(back == before, "{what}: snapshot {name} lost data");
+                    assert!(back == *taken, "{what}: snapshot {name} lost data");
                     let _ = &mut sn;
                 }
                 cases += 1;
             }
         }
     }
-    eprintln!("{cases} power-loss moments in snapshot create and delete");
+    eprintln!("{cases} power-loss moments in snapshot create, delete and apply");
 }

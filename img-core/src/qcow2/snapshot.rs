@@ -2,8 +2,8 @@
 //! written for everything that touches it (check's repairs, amend, the snapshot operations).
 
 use super::header::MAX_L1_BYTES;
-use super::l2::{set_table_entry, table_entry, L2Entry, COPIED, OFFSET_MASK};
-use super::snapshot_switch::Tree;
+use super::l2::COPIED;
+use super::snapshot_switch::{Switch, Tree};
 use super::{Meta, Qcow2};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -176,18 +176,27 @@ impl Qcow2 {
             offset: meta.l1_offset,
             l1: &active,
         };
-        self.switch_snapshots(meta, Some(gained), None, &snapshots, table_size)
+        self.switch_snapshots(
+            meta,
+            Switch {
+                gained: Some(gained),
+                lost: None,
+                active: None,
+                snapshots: &snapshots,
+                old_table_size: table_size,
+            },
+        )
     }
 
     /// Reverts the disk to the snapshot whose ID, or else name, is `id_or_name` (qemu-img
     /// snapshot -a). [`Error::SnapshotNotFound`] when there is none.
     ///
-    /// Order: the snapshot's clusters gain a reference (durable) before the active L1 table
-    /// is overwritten with the snapshot's; the clusters the old active table reached lose
-    /// theirs only once the new table is durable; copy flags are set last.
+    /// After a resize to the snapshot's disk size (when it differs), the change of the active
+    /// tables is one switch of the header (see `snapshot_switch`): a crash before it leaves the
+    /// disk as it was, after it the disk as the snapshot has it.
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         self.check_writable()?;
-        let (snapshots, _) = self.read_snapshots()?;
+        let (snapshots, table_size) = self.read_snapshots()?;
         let sn = snapshots
             .iter()
             .find(|s| s.id == id_or_name.as_bytes())
@@ -206,24 +215,29 @@ impl Qcow2 {
         }
         let meta_arc = Arc::clone(&self.meta);
         let mut meta = meta_arc.lock().unwrap_or_else(|e| e.into_inner());
-        let meta = &mut *meta;
-        self.flush_meta(meta)?;
-        let file = Arc::clone(&self.file);
-        let file = file.as_ref();
-        self.add_references(meta, &snapshot_l1, 1)?;
-        meta.refcounts.flush(file)?;
-        file.flush()?;
         let old: Vec<u64> = meta.l1.clone();
-        for (i, e) in meta.l1.iter_mut().enumerate() {
-            *e = snapshot_l1.get(i).map_or(0, |e| e & !COPIED);
-        }
-        meta.l1_dirty.extend(0..meta.l1.len());
-        self.flush_meta(meta)?;
-        self.add_references(meta, &old, -1)?;
-        meta.refcounts.flush(file)?;
-        file.flush()?;
-        self.fix_copied(meta)?;
-        self.flush_meta(meta)
+        let new: Vec<u64> = (0..old.len())
+            .map(|i| snapshot_l1.get(i).map_or(0, |e| e & !COPIED))
+            .collect();
+        let lost = Tree {
+            offset: meta.l1_offset,
+            l1: &old,
+        };
+        // The new active table is written anew: only what its entries reach counts.
+        let gained = Tree {
+            offset: 0,
+            l1: &new,
+        };
+        self.switch_snapshots(
+            &mut meta,
+            Switch {
+                gained: Some(gained),
+                lost: Some(lost),
+                active: Some(new.clone()),
+                snapshots: &snapshots,
+                old_table_size: table_size,
+            },
+        )
     }
 
     /// Deletes the first snapshot named `name` (qemu-img snapshot -d matches names only),
@@ -249,130 +263,16 @@ impl Qcow2 {
             offset: sn.l1_offset,
             l1: &snapshot_l1,
         };
-        self.switch_snapshots(&mut meta, None, Some(lost), &snapshots, table_size)
-    }
-
-    /// Adds `addend` (1 or -1) to the refcount of every cluster `l1` reaches: its L2 tables,
-    /// and the data clusters they map (counted once per L1 table that reaches them, as qemu
-    /// counts). A table whose count drops to zero leaves the cache unwritten.
-    fn add_references(&self, meta: &mut Meta, l1: &[u64], addend: i64) -> Result<()> {
-        let file = Arc::clone(&self.file);
-        let file = file.as_ref();
-        let cs = self.cs();
-        let es = 1u64 << self.slice_bits;
-        for (i, &entry) in l1.iter().enumerate() {
-            let l2_off = entry & OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
-            if !l2_off.is_multiple_of(cs) || l2_off >= file.size()? {
-                return Err(Error::corrupt(
-                    self.name(),
-                    l2_off,
-                    format!("L1 entry {i} points at an invalid L2 table"),
-                ));
-            }
-            for slice in (0..cs).step_by(es as usize) {
-                let raw = meta.l2.get(file, l2_off + slice)?.to_vec();
-                for k in 0..(es / 8) as usize {
-                    let e = L2Entry::decode(table_entry(&raw, k), self.cluster_bits);
-                    if let Some((first, n)) = e.host_clusters(self.cluster_bits) {
-                        for c in first..first + n {
-                            self.add_reference(meta, c, addend)?;
-                        }
-                    }
-                }
-            }
-            if self.add_reference(meta, l2_off >> self.cluster_bits, addend)? == 0 {
-                meta.l2
-                    .forget_clusters(&[l2_off >> self.cluster_bits], self.cluster_bits);
-            }
-        }
-        Ok(())
-    }
-
-    /// Adds `addend` to one cluster's refcount; returns the new count.
-    fn add_reference(&self, meta: &mut Meta, cluster: u64, addend: i64) -> Result<u64> {
-        let file = self.file.as_ref();
-        let rc = meta.refcounts.get(file, cluster)?;
-        let new = rc
-            .checked_add_signed(addend)
-            .filter(|&n| n <= meta.refcounts.max_refcount());
-        let Some(new) = new else {
-            let why = if addend > 0 {
-                "refcount overflow (the refcount width is too small for another reference)"
-            } else {
-                "refcount underflow"
-            };
-            return Err(Error::corrupt(
-                self.name(),
-                cluster << self.cluster_bits,
-                why,
-            ));
-        };
-        meta.refcounts.set(file, cluster, new)?;
-        Ok(new)
-    }
-
-    /// Sets the copy flag (refcount exactly 1: may be written in place) on every active L1
-    /// entry and L2 entry whose cluster has refcount 1, and clears it on the others, as
-    /// `qemu-img check` expects of every table the active L1 reaches.
-    fn fix_copied(&self, meta: &mut Meta) -> Result<()> {
-        let file = Arc::clone(&self.file);
-        let refcounts = |meta: &mut Meta, cluster: u64| meta.refcounts.get(file.as_ref(), cluster);
-        self.set_copy_flags_by(meta, &refcounts)
-    }
-
-    /// Sets the copy flag of each active L1 and L2 entry to whether `refcount` says its
-    /// cluster has exactly one reference.
-    fn set_copy_flags_by(
-        &self,
-        meta: &mut Meta,
-        refcount: &dyn Fn(&mut Meta, u64) -> Result<u64>,
-    ) -> Result<()> {
-        let file = Arc::clone(&self.file);
-        let file = file.as_ref();
-        let cs = self.cs();
-        let es = 1u64 << self.slice_bits;
-        for l1i in 0..meta.l1.len() {
-            let entry = meta.l1[l1i];
-            let l2_off = entry & OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
-            let exclusive = refcount(meta, l2_off >> self.cluster_bits)? == 1;
-            let want = if exclusive {
-                entry | COPIED
-            } else {
-                entry & !COPIED
-            };
-            if want != entry {
-                meta.l1[l1i] = want;
-                meta.l1_dirty.insert(l1i);
-            }
-            // Entries of a shared table lose their flags in place (every cluster it maps is
-            // shared too); clearing a flag is safe whatever else reads the table.
-            for slice in (0..cs).step_by(es as usize) {
-                let at = l2_off + slice;
-                let raw = meta.l2.get(file, at)?.to_vec();
-                for k in 0..(es / 8) as usize {
-                    let value = table_entry(&raw, k);
-                    let e = L2Entry::decode(value, self.cluster_bits);
-                    let offset = match e {
-                        L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } => {
-                            offset
-                        }
-                        _ => continue,
-                    };
-                    let own = refcount(meta, offset >> self.cluster_bits)? == 1;
-                    let want = if own { value | COPIED } else { value & !COPIED };
-                    if want != value {
-                        set_table_entry(meta.l2.get_mut(file, at)?, k, want);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.switch_snapshots(
+            &mut meta,
+            Switch {
+                gained: None,
+                lost: Some(lost),
+                active: None,
+                snapshots: &snapshots,
+                old_table_size: table_size,
+            },
+        )
     }
 
     /// Reads the snapshot table; returns its entries and its size in bytes.

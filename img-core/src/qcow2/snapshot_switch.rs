@@ -30,10 +30,26 @@ use std::sync::Arc;
 
 /// An L1 table that gains or loses its references as a whole: where it is and its entries.
 pub(super) struct Tree<'a> {
-    /// Host offset of the table (0 for an empty table).
+    /// Host offset of the table; 0 when only what the entries reach counts (a table about to
+    /// be written anew).
     pub offset: u64,
     /// Its entries.
     pub l1: &'a [u64],
+}
+
+/// What a switch changes.
+pub(super) struct Switch<'a> {
+    /// The L1 table whose references the new state adds (a new snapshot's).
+    pub gained: Option<Tree<'a>>,
+    /// The L1 table whose references the new state drops (a deleted snapshot's).
+    pub lost: Option<Tree<'a>>,
+    /// New entries for the active L1 table (a snapshot being applied), whose references are
+    /// counted in `gained` and the old ones' in `lost`; `None` keeps the active disk as it is.
+    pub active: Option<Vec<u64>>,
+    /// The snapshot table after the switch.
+    pub snapshots: &'a [Snapshot],
+    /// Size in bytes of the snapshot table before it.
+    pub old_table_size: u64,
 }
 
 /// Clusters free in both the old state and the new one, lowest first: the only clusters the
@@ -87,18 +103,17 @@ fn out_of_memory(name: &str) -> Error {
 }
 
 impl Qcow2 {
-    /// Switches the image to `snapshots` as its snapshot table, `gained` and `lost` being the
-    /// L1 tables whose references that adds and removes (a new snapshot's, a deleted one's).
-    /// The active tables move too: the new active L1 table and any L2 table whose copy flags
-    /// change are written anew. See the module docs for the order.
-    pub(super) fn switch_snapshots(
-        &mut self,
-        meta: &mut Meta,
-        gained: Option<Tree>,
-        lost: Option<Tree>,
-        snapshots: &[Snapshot],
-        old_table_size: u64,
-    ) -> Result<()> {
+    /// Switches the image to the state `change` describes. The active tables move too: the
+    /// new active L1 table and any L2 table whose copy flags change are written anew. See the
+    /// module docs for the order.
+    pub(super) fn switch_snapshots(&mut self, meta: &mut Meta, change: Switch) -> Result<()> {
+        let Switch {
+            gained,
+            lost,
+            active,
+            snapshots,
+            old_table_size,
+        } = change;
         self.flush_meta(meta)?;
         let file = Arc::clone(&self.file);
         let file = file.as_ref();
@@ -188,10 +203,12 @@ impl Qcow2 {
         if let Some(tree) = &gained {
             count_tree(&mut rc, tree, 1)?;
         }
-        // The active L1 table, the snapshot table and the refcount structure are replaced.
+        // The active L1 table (unless `lost` counted it already), the snapshot table and the
+        // refcount structure are replaced.
         let l1_clusters = (meta.l1.len() as u64 * 8).div_ceil(cs);
+        let old_l1 = if active.is_none() { meta.l1_offset } else { 0 };
         let mut replaced: Vec<(u64, u64)> = vec![
-            (meta.l1_offset, l1_clusters),
+            (old_l1, l1_clusters),
             (self.header.snapshots_offset, old_table_size.div_ceil(cs)),
             (
                 meta.refcounts.table_offset(),
@@ -210,7 +227,7 @@ impl Qcow2 {
         // The active tables: an L2 table keeps its place unless its entries' flags change.
         let mut free = FreeClusters { old: &old, next: 0 };
         let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut new_l1 = meta.l1.clone();
+        let mut new_l1 = active.unwrap_or_else(|| meta.l1.clone());
         for entry in new_l1.iter_mut() {
             let l2 = *entry & OFFSET_MASK;
             if l2 == 0 {
