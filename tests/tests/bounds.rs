@@ -197,6 +197,8 @@ fn measure_child() {
             Ok(())
         });
     }
+    // Reaped by the wait4 below, which std's wait cannot do: it discards the rusage.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().expect("cannot run img");
     let mut status = 0;
     // SAFETY: wait4 writes the status and the rusage we pass; the pid is our own child,
