@@ -55,6 +55,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+/// Reads a table of `entries` big-endian u64s at `offset` (an L1 or refcount table) in
+/// pieces, so that loading it costs the table's own memory and not twice that for a byte
+/// buffer of the same size as well.
+pub(crate) fn read_be64_table(file: &dyn Storage, offset: u64, entries: usize) -> Result<Vec<u64>> {
+    const PIECE: usize = 64 << 10;
+    let mut table = Vec::with_capacity(entries);
+    let mut raw = vec![0u8; PIECE.min(entries * 8)];
+    while table.len() < entries {
+        let n = (entries - table.len()).min(PIECE / 8);
+        let buf = &mut raw[..n * 8];
+        file.read_at(buf, offset + table.len() as u64 * 8)?;
+        table.extend(
+            buf.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8"))),
+        );
+    }
+    Ok(table)
+}
+
 /// Options for opening a qcow2 image.
 #[derive(Clone, Debug, Default)]
 pub struct Qcow2OpenOptions {
@@ -310,12 +329,11 @@ impl Qcow2 {
         } else {
             header
         };
-        let mut raw_l1 = vec![0u8; header.l1_size as usize * 8];
-        file.read_at(&mut raw_l1, header.l1_table_offset)?;
-        let l1: Vec<u64> = raw_l1
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
+        let l1 = read_be64_table(
+            file.as_ref(),
+            header.l1_table_offset,
+            header.l1_size as usize,
+        )?;
 
         let mut refcounts = Refcounts::load(
             file.as_ref(),

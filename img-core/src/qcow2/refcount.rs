@@ -97,12 +97,12 @@ fn read_table(
     table_offset: u64,
     table_clusters: u32,
 ) -> Result<Vec<u64>> {
-    let mut raw = vec![0u8; (table_clusters as usize) << cluster_bits];
-    file.read_at(&mut raw, table_offset)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8")) & REFTABLE_OFFSET_MASK)
-        .collect())
+    let entries = ((table_clusters as usize) << cluster_bits) / 8;
+    let mut table = super::read_be64_table(file, table_offset, entries)?;
+    for e in &mut table {
+        *e &= REFTABLE_OFFSET_MASK;
+    }
+    Ok(table)
 }
 
 impl Refcounts {

@@ -232,6 +232,11 @@ impl ForeignSparse {
         })
     }
 
+    /// Bytes of grain directory this extent holds in memory.
+    pub fn directory_bytes(&self) -> u64 {
+        self.gd.len() as u64 * 8
+    }
+
     /// Length of the extent in bytes.
     pub fn byte_len(&self) -> u64 {
         self.sectors.saturating_mul(SECTOR)

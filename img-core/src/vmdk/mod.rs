@@ -29,6 +29,12 @@ const FILE_BITS: u32 = 56;
 const IN_FILE: u64 = (1 << FILE_BITS) - 1;
 /// The most extent files one image may name (the index must fit the top bits).
 pub const MAX_EXTENTS: usize = 255;
+/// The most grain directory memory the extents of one image may hold together: what one
+/// extent at qemu's limits holds (32 Mi entries, as a directory and its redundant copy of
+/// 4-byte entries, or one seSparse directory of 8-byte entries). qemu has no such limit, and
+/// 255 extents at its per-extent limit would hold 64 GiB; images VMware writes need a few
+/// KiB per extent.
+pub const MAX_DIRECTORY_BYTES: u64 = 256 << 20;
 
 /// A data offset: byte `offset` of extent file `file`.
 pub fn encode(file: usize, offset: u64) -> u64 {
@@ -245,6 +251,8 @@ struct Files {
     storages: Vec<Arc<dyn Storage>>,
     names: Vec<String>,
     is_descriptor: Vec<bool>,
+    /// Grain directory bytes the extents opened so far hold.
+    directory_bytes: u64,
 }
 
 impl Files {
@@ -264,6 +272,21 @@ impl Files {
         self.names.push(name);
         self.is_descriptor.push(is_descriptor);
         Ok(self.storages.len() - 1)
+    }
+
+    /// Counts an opened extent's grain directories against [`MAX_DIRECTORY_BYTES`].
+    fn charge_directory(&mut self, desc_name: &str, bytes: u64) -> Result<()> {
+        self.directory_bytes = self.directory_bytes.saturating_add(bytes);
+        if self.directory_bytes > MAX_DIRECTORY_BYTES {
+            return Err(Error::unsupported(
+                desc_name,
+                format!(
+                    "the grain directories of the extents need more than {} MiB of memory together",
+                    MAX_DIRECTORY_BYTES >> 20
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -298,6 +321,7 @@ impl Vmdk {
             storages: Vec::new(),
             names: Vec::new(),
             is_descriptor: Vec::new(),
+            directory_bytes: 0,
         };
         let mut extents = Vec::new();
         let create_type;
@@ -669,6 +693,7 @@ fn open_extent(
     let index = files.add(storage.clone(), path.clone(), false)?;
     let kind = if line.kind == "SESPARSE" {
         let ext = foreign::ForeignSparse::open_sesparse(storage)?;
+        files.charge_directory(desc_name, ext.directory_bytes())?;
         len = ext.byte_len();
         Kind::Foreign {
             file: index,
@@ -687,6 +712,7 @@ fn open_extent(
         if u32::from_be_bytes(magic) == foreign::COWD_MAGIC {
             // SPARSE and VMFSSPARSE extents may both be in the VMDK3 "COWD" layout.
             let ext = foreign::ForeignSparse::open_cowd(storage)?;
+            files.charge_directory(desc_name, ext.directory_bytes())?;
             let len = ext.byte_len();
             return Ok(Some(VmdkExtent {
                 start,
@@ -711,6 +737,7 @@ fn open_extent(
             ));
         }
         let sparse = SparseExtent::open(storage, header, gd_entries)?;
+        files.charge_directory(desc_name, sparse.directory_bytes())?;
         // As qemu, the extent is as long as its header says, whatever the line claims.
         len = sparse.byte_len();
         Kind::Sparse {

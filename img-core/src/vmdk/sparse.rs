@@ -201,15 +201,27 @@ pub struct SparseExtent {
 /// reads as zeros (as qemu's block layer pads short reads), so a truncated table costs no
 /// more memory than the file holds.
 fn read_u32s(file: &dyn Storage, offset: u64, count: u64, file_len: u64) -> Result<Vec<u32>> {
-    let avail = file_len.saturating_sub(offset).min(count * 4);
-    let mut buf = vec![0u8; avail as usize];
-    if avail > 0 {
-        file.read_at(&mut buf, offset)?;
+    // Read in pieces: the table costs its own memory, not twice that for a byte buffer too.
+    const PIECE: u64 = 64 << 10;
+    let avail = file_len.saturating_sub(offset).min(count * 4) / 4 * 4;
+    let mut v: Vec<u32> = Vec::with_capacity(if count <= 1 << 20 {
+        count as usize
+    } else {
+        (avail / 4) as usize
+    });
+    let mut buf = vec![0u8; PIECE.min(avail) as usize];
+    let mut done = 0;
+    while done < avail {
+        let n = (avail - done).min(PIECE);
+        let piece = &mut buf[..n as usize];
+        file.read_at(piece, offset + done)?;
+        v.extend(
+            piece
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap())),
+        );
+        done += n;
     }
-    let mut v: Vec<u32> = buf
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
     // Entries past the end read as zeros; they are kept implicit only for huge tables.
     if count <= 1 << 20 {
         v.resize(count as usize, 0);
@@ -281,6 +293,18 @@ impl SparseExtent {
     /// Whether compressed grains start with a marker.
     pub fn has_marker(&self) -> bool {
         self.header.flags & FLAG_MARKER != 0
+    }
+
+    /// Bytes of grain directory (and redundant copy) this extent holds in memory.
+    pub fn directory_bytes(&self) -> u64 {
+        let gd = self.gd.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let rgd = self
+            .rgd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |r| r.len());
+        (gd + rgd) as u64 * 4
     }
 
     /// Extent length in bytes.

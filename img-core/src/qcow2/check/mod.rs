@@ -377,13 +377,17 @@ impl<'a> Checker<'a> {
         let cs = h.cluster_size();
         let order = h.refcount_order;
 
-        let mut raw = vec![0u8; h.l1_size as usize * 8];
-        read_zf(file, &mut raw, h.l1_table_offset, file_len)?;
-        let l1 = be64s(&raw);
-
-        let mut raw = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
-        read_zf(file, &mut raw, h.refcount_table_offset, file_len)?;
-        let reftable = be64s(&raw);
+        // Each byte buffer goes as soon as it is decoded (a shadowed one would live on).
+        let l1 = {
+            let mut raw = vec![0u8; h.l1_size as usize * 8];
+            read_zf(file, &mut raw, h.l1_table_offset, file_len)?;
+            be64s(&raw)
+        };
+        let reftable = {
+            let mut raw = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
+            read_zf(file, &mut raw, h.refcount_table_offset, file_len)?;
+            be64s(&raw)
+        };
 
         let mut ck = Checker {
             file,

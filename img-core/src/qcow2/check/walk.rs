@@ -429,19 +429,26 @@ impl Checker<'_> {
                 res.corruptions += 1;
                 return Err(Fail::EINVAL);
             }
-            let mut raw = vec![0u8; (entries * 8) as usize];
-            self.read(&mut raw, table_offset)?;
-            for chunk in raw.chunks_exact(8) {
-                let e = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
-                let offset = e & mask::OFFSET;
-                let bad = e & mask::BME_RESERVED != 0
-                    || (offset != 0 && (e & 1 != 0 || offset & (self.cs - 1) != 0));
-                if bad {
-                    res.corruptions += 1;
-                    continue;
-                }
-                if offset != 0 {
-                    self.inc_refcounts(res, imrt, offset, self.cs)?;
+            // Read in pieces: a table may be 1 GiB, and only its entries one by one matter.
+            const PIECE: u64 = 64 << 10;
+            let mut raw = vec![0u8; (entries * 8).min(PIECE) as usize];
+            let mut done = 0;
+            while done < entries * 8 {
+                let n = (entries * 8 - done).min(PIECE) as usize;
+                self.read(&mut raw[..n], table_offset + done)?;
+                done += n as u64;
+                for chunk in raw[..n].chunks_exact(8) {
+                    let e = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+                    let offset = e & mask::OFFSET;
+                    let bad = e & mask::BME_RESERVED != 0
+                        || (offset != 0 && (e & 1 != 0 || offset & (self.cs - 1) != 0));
+                    if bad {
+                        res.corruptions += 1;
+                        continue;
+                    }
+                    if offset != 0 {
+                        self.inc_refcounts(res, imrt, offset, self.cs)?;
+                    }
                 }
             }
         }
