@@ -27,6 +27,13 @@ use std::sync::Arc;
 /// file descriptor, so this is also a bound on the files one open holds.
 pub const DEFAULT_MAX_DEPTH: usize = 4096;
 
+/// Most bytes of metadata tables (qcow2 L1 and refcount tables, VMDK grain directories) that
+/// the images of one chain may hold in memory together. Each image is capped on its own (40
+/// MiB for qcow2, 256 MiB for VMDK); without a cap on their sum a chain of hostile images
+/// would multiply that by its depth. A chain of 4096 images of 1 TiB with 64 KiB clusters
+/// needs 512 MiB of L1 tables: real chains fit.
+pub const CHAIN_TABLE_BUDGET: u64 = 1 << 30;
+
 /// What an image may open beneath it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackingPolicy {
@@ -100,9 +107,22 @@ pub(crate) fn open_chain(top: Box<dyn Format>, opts: &OpenOptions) -> Result<Ima
     let mut seen: HashSet<FileId> = file_id(top.file().as_ref()).into_iter().collect();
     // The permissions each level's user holds; a backing image's user is the image above.
     let mut users = locking::user(opts.read_only, opts.usage);
+    let mut tables = top.table_bytes();
     let mut layers = vec![top];
     if opts.backing.open_backing {
         while let Some(below) = open_below(&layers, &mut seen, &mut users, opts)? {
+            tables = tables.saturating_add(below.table_bytes());
+            if tables > CHAIN_TABLE_BUDGET {
+                return Err(Error::invalid(
+                    layers[0].file_name(),
+                    format!(
+                        "the backing chain's metadata tables need more than {} MiB of memory \
+                         together (at '{}'); refusing to open more of it",
+                        CHAIN_TABLE_BUDGET >> 20,
+                        below.file_name()
+                    ),
+                ));
+            }
             layers.push(below);
         }
     }

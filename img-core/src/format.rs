@@ -234,6 +234,13 @@ pub trait Format: Send + Sync {
         (self.data_file().name().to_string(), offset)
     }
 
+    /// Bytes of metadata tables held in memory for as long as the image is open, whatever is
+    /// read through it (qcow2's L1 and refcount tables, VMDK's grain directories): what a
+    /// backing chain's budget counts (`chain::CHAIN_TABLE_BUDGET`).
+    fn table_bytes(&self) -> u64 {
+        0
+    }
+
     /// Files other than the image file that hold the image's data (VMDK extent files), as
     /// `(child name, file name)`: `img info` shows them as child nodes.
     fn child_files(&self) -> Vec<(String, String)> {

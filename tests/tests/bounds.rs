@@ -824,3 +824,40 @@ fn backing_chain_at_the_depth_cap_and_past_it() {
         r.stderr
     );
 }
+
+/// A chain of images each at the L1 cap (32 MiB of L1 table apiece): the chain's tables
+/// together are capped (`CHAIN_TABLE_BUDGET`, 1 GiB), so the open fails with a clear error
+/// before the 33rd such image, at a peak near the budget, instead of holding 32 MiB per image
+/// for as deep as the chain goes.
+#[test]
+fn backing_chain_tables_share_one_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = baseline(dir.path());
+    let budget = img_core::chain::CHAIN_TABLE_BUDGET;
+    let per_image = MAX_L1_BYTES;
+    let depth = (budget / per_image) as usize + 8;
+    let name = |i: usize| format!("big{i:03}.qcow2");
+    for i in 0..depth {
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
+        let below = if i > 0 { name(i - 1) } else { String::new() };
+        if i > 0 {
+            args.extend(["-u", "-b", &below, "-F", "qcow2"]);
+        }
+        let path = dir.path().join(name(i));
+        args.extend([s(&path), "128G"]);
+        common::img_ok(&args);
+    }
+    let top = dir.path().join(name(depth - 1));
+    let r = run(&["map", s(&top)], Limits::default())
+        .fails_with("metadata tables need more than 1024 MiB");
+    // Everything opened before the refusal is within the budget, plus the image refused.
+    assert_peak_at_most(
+        &r,
+        base + budget + per_image + SLACK,
+        "chain past the table budget",
+    );
+    // A chain within the budget opens.
+    let within = dir.path().join(name((budget / per_image) as usize - 2));
+    let r = run(&["map", "--output=json", s(&within)], Limits::default()).ok();
+    assert!(r.stdout.contains("\"depth\""), "{}", r.stdout);
+}

@@ -873,6 +873,11 @@ impl Format for Qcow2 {
         "qcow2"
     }
 
+    fn table_bytes(&self) -> u64 {
+        let meta = self.lock();
+        (meta.l1.len() + meta.refcounts.table().len()) as u64 * 8
+    }
+
     fn file_name(&self) -> &str {
         self.name()
     }

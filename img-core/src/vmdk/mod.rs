@@ -162,6 +162,8 @@ struct VmdkExtent {
 pub struct Vmdk {
     file: Arc<dyn Storage>,
     data: Arc<dyn Storage>,
+    /// Bytes of grain directories held in memory, all extents together.
+    directory_bytes: u64,
     /// Names of the extent files by index (for `info`'s child nodes).
     file_names: Vec<String>,
     /// The extent files by index.
@@ -442,6 +444,7 @@ impl Vmdk {
         Ok(Vmdk {
             file,
             data,
+            directory_bytes: files.directory_bytes,
             file_names: files.names,
             storages,
             file_is_descriptor: files.is_descriptor,
@@ -823,6 +826,10 @@ fn open_extent_file(
 }
 
 impl Format for Vmdk {
+    fn table_bytes(&self) -> u64 {
+        self.directory_bytes
+    }
+
     fn bind_backing(&self, backing: &dyn Format) {
         // Only a VMDK parent has a content ID to compare, as in qemu.
         if backing.driver() != "vmdk" {
