@@ -1,5 +1,5 @@
 //! img killed with SIGKILL in the middle of its work: convert, a write benchmark, commit,
-//! rebase and snapshot creation and deletion, each killed at many moments. After every kill
+//! rebase and snapshot creation and deletion, each killed at many random moments. After every kill
 //! `qemu-img check` may find leaks but never corruption, `img check -r leaks` leaves the image
 //! clean, and data the image held (flushed) before the command started reads back unchanged.
 
@@ -67,10 +67,31 @@ fn run_time(args: &[&str]) -> Duration {
     start.elapsed()
 }
 
-/// `n` moments spread over a run that takes `span`, from just after the start to just before
-/// the end.
+/// `n` random moments spread over a run that takes `span`: one drawn uniformly from each
+/// of `n` equal slices of it, so that every part of the run is hit and repeated runs hit
+/// different points. The seed is `KILL_SEED` or the clock's, and is printed so that a failing
+/// run can be repeated.
 fn delays(span: Duration, n: u32) -> Vec<Duration> {
-    (1..=n).map(|i| span * i / (n + 1)).collect()
+    let seed = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as u64
+        });
+    eprintln!("kill moments: KILL_SEED={seed}, {n} over {span:?}");
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let within = (state % 1000) as u32;
+            span * (i * 1000 + within) / (n * 1000)
+        })
+        .collect()
 }
 
 /// A 96 MiB raw source with data and holes.

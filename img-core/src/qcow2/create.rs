@@ -156,9 +156,10 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Result
     let mut first = h.serialize(cs as usize)?;
     first.resize(cs as usize, 0);
     storage.truncate(0)?;
-    storage.write_at(&first, 0)?;
     // Refcount table (cluster 1) pointing at the refcount block in cluster 2, which counts
-    // clusters 0, 1 and 2.
+    // clusters 0, 1 and 2. They are durable before the header that names them: a create
+    // killed in between leaves a file that is not a qcow2 image yet (no magic), never a
+    // header whose refcount table is missing.
     let mut table = vec![0u8; cs as usize];
     table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
     let mut block = vec![0u8; cs as usize];
@@ -166,6 +167,8 @@ pub fn create_on(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Result
         super::refcount::set_entry(&mut block, h.refcount_order, i, 1);
     }
     storage.write_at(&[table, block].concat(), cs)?;
+    storage.flush()?;
+    storage.write_at(&first, 0)?;
     storage.flush()?;
 
     let l1_entries = size_to_l1(opts.size, cluster_bits);
