@@ -129,15 +129,16 @@ pub fn qcow2_image(data: &[u8]) -> Reached {
     }
 }
 
-/// Opens `data` as a qcow2 image for writing, writes, discards and zeroes a little, and
-/// checks the result: the allocation paths meet whatever tables the input holds.
+/// Opens `data` as a qcow2 image for writing, writes, discards and zeroes a little, creates
+/// and deletes an internal snapshot, and checks the result: the allocation paths and the
+/// snapshot switch meet whatever tables the input holds.
 pub fn qcow2_write(data: &[u8]) -> Reached {
     let file = storage(data, false);
     let opts = OpenOptions {
         read_only: false,
         ..open_options("qcow2")
     };
-    let Ok(image) = img_core::open::open_storage(file.clone(), &opts) else {
+    let Ok(mut image) = img_core::open::open_storage(file.clone(), &opts) else {
         return Reached::default();
     };
     let size = image.size();
@@ -154,6 +155,11 @@ pub fn qcow2_write(data: &[u8]) -> Reached {
         }
         let _ = image.flush();
         bytes_read = walk(&image);
+    }
+    if let Some(q) = img_core::qcow2::driver_of(&mut image) {
+        if q.create_snapshot("fuzz", (0, 0)).is_ok() {
+            let _ = q.delete_snapshot("fuzz");
+        }
     }
     let _ = image.close();
     let _ = check(&file, Fix::NONE);
