@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::bytes::{be32, be64, put32, put64};
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -251,22 +253,6 @@ fn assert_peak_at_most(r: &Run, bound: u64, what: &str) {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
 }
 
 /// Writes `bytes` at `offset` of the file `path`.

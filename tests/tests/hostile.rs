@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::bytes::{be32, be64, put32, put64};
+
 use img_core::qcow2::{self, Qcow2CreateOptions};
 use img_core::{Image, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -12,22 +14,6 @@ use std::path::{Path, PathBuf};
 const CS: u64 = 65536;
 const DISK: u64 = 64 << 20;
 const COPIED: u64 = 1 << 63;
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-}
 
 /// A valid image to corrupt: 64 KiB clusters, data in guest clusters 0-2, a compressed guest
 /// cluster 5, and where its metadata lives.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: running qemu-img and img, making patterns.
 #![allow(dead_code)]
 
+pub mod bytes;
 pub mod holder;
 pub mod netlab;
 pub mod recording;
