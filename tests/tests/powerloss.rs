@@ -136,17 +136,23 @@ fn assert_not_corrupt(path: &Path, what: &str) {
     );
 }
 
-/// The durable copy reads back what was flushed.
-fn assert_flushed_data_survived(path: &Path, model: &[u8], stable: &[bool], what: &str) {
-    let image = img_core::open_image(
+/// Opens a qcow2 image read-only through img, or the snapshot named `snapshot` of it.
+fn open_qcow2_read_only(path: &Path, snapshot: Option<&str>) -> Image {
+    img_core::open_image(
         path,
         &OpenOptions {
             format: Some("qcow2".into()),
             read_only: true,
+            snapshot: snapshot.map(|n| img_core::qcow2::SnapshotSelector::IdOrName(n.into())),
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The durable copy reads back what was flushed.
+fn assert_flushed_data_survived(path: &Path, model: &[u8], stable: &[bool], what: &str) {
+    let image = open_qcow2_read_only(path, None);
     let window = 16usize << 20;
     let mut back = vec![0u8; window + (1 << 20)];
     image.read_at(&mut back, 0).unwrap();
@@ -241,15 +247,7 @@ fn failed_requests_reach_the_caller_and_leave_no_corruption() {
 
 /// The guest data and snapshots an image holds, read through img.
 fn contents(path: &Path) -> (Vec<u8>, Vec<String>) {
-    let mut image = img_core::open_image(
-        path,
-        &OpenOptions {
-            format: Some("qcow2".into()),
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut image = open_qcow2_read_only(path, None);
     let mut data = vec![0u8; 17 << 20];
     image.read_at(&mut data, 0).unwrap();
     let names = img_core::qcow2::driver_of(&mut image)
@@ -350,22 +348,10 @@ fn power_loss_at_every_request_of_snapshot_create_delete_and_apply() {
                 // A snapshot that survived is whole: it reads the disk as it was when taken.
                 for name in names {
                     let taken = if name == "old" { &before } else { &moved };
-                    let mut sn = img_core::open_image(
-                        &durable,
-                        &OpenOptions {
-                            format: Some("qcow2".into()),
-                            read_only: true,
-                            snapshot: Some(img_core::qcow2::SnapshotSelector::IdOrName(
-                                name.clone(),
-                            )),
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
+                    let sn = open_qcow2_read_only(&durable, Some(&name));
                     let mut back = vec![0u8; before.len()];
                     sn.read_at(&mut back, 0).unwrap();
                     assert!(back == *taken, "{what}: snapshot {name} lost data");
-                    let _ = &mut sn;
                 }
                 cases += 1;
             }
