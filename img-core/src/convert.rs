@@ -122,6 +122,10 @@ pub fn convert(
         }
     });
     if let Some(e) = job.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        // What was written still gets its metadata (as qemu-img leaves it): the clusters
+        // written so far are then referenced rather than leaked. A flush that fails too (the
+        // disk is full) leaves them leaked, which `check -r leaks` repairs.
+        let _ = target.flush();
         return Err(e);
     }
     target.flush()

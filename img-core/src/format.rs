@@ -161,6 +161,14 @@ pub trait Format: Send + Sync {
     /// Makes a filled allocation visible (writes the mapping), releasing what it replaces.
     fn commit(&self, allocation: Allocation) -> Result<()>;
 
+    /// Gives back a reservation from [`allocate`](Self::allocate) whose data could not be
+    /// written (the write failed, a full disk): nothing points at it, so its clusters are
+    /// free again. The default keeps them, which costs a leak at worst.
+    fn abandon(&self, allocation: Allocation) -> Result<()> {
+        let _ = allocation;
+        Ok(())
+    }
+
     /// Makes whole clusters in `[offset, offset + len)` read as zeros through metadata alone.
     /// Returns the number of bytes from `offset` handled; 0 means the caller must write zeros
     /// itself for the first cluster (it is partial, or the format cannot express zeros).

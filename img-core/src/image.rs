@@ -471,17 +471,30 @@ impl Image {
         let alloc = self.format.allocate(pos, buf.len() as u64)?;
         let head = (pos - alloc.guest_offset) as usize;
         let n = buf.len().min(alloc.len as usize - head);
+        if let Err(e) = self.fill_allocation(&alloc, &buf[..n], head) {
+            // Nothing points at the reservation yet: give it back rather than leak it.
+            let _ = self.format.abandon(alloc);
+            return Err(e);
+        }
+        self.format.commit(alloc)?;
+        Ok(n)
+    }
+
+    /// Writes `data` at byte `head` of a fresh allocation, and what the allocation's other
+    /// bytes must read (zeros, or the old content for copy-on-write).
+    fn fill_allocation(&self, alloc: &Allocation, data: &[u8], head: usize) -> Result<()> {
+        let n = data.len();
         let tail = alloc.len as usize - head - n;
         let data_file = self.format.data_file();
         if head == 0 && tail == 0 {
-            data_file.write_at(&buf[..n], alloc.host_offset)?;
-        } else if self.cow_is_free(&alloc, head, n)? {
+            data_file.write_at(data, alloc.host_offset)?;
+        } else if self.cow_is_free(alloc, head, n)? {
             // The rest of the cluster reads as zeros and the cluster lies past the end of the
             // file: extend the file over the whole allocation with zeros the filesystem does
             // not write (fallocate), then write just the data, which no longer extends the
             // file (extending O_DIRECT writes are serialised by filesystems).
             data_file.write_zeroes(alloc.host_offset, alloc.len, false)?;
-            data_file.write_at(&buf[..n], alloc.host_offset + head as u64)?;
+            data_file.write_at(data, alloc.host_offset + head as u64)?;
         } else {
             let mut whole = vec![0u8; alloc.len as usize];
             if head > 0 {
@@ -493,11 +506,10 @@ impl Image {
                 let in_disk = (end - (alloc.guest_offset + t as u64)) as usize;
                 self.read_old(&mut whole[t..t + in_disk], alloc.guest_offset + t as u64)?;
             }
-            whole[head..head + n].copy_from_slice(&buf[..n]);
+            whole[head..head + n].copy_from_slice(data);
             data_file.write_at(&whole, alloc.host_offset)?;
         }
-        self.format.commit(alloc)?;
-        Ok(n)
+        Ok(())
     }
 
     /// Whether the parts of a fresh allocation that a write does not cover can be left

@@ -610,6 +610,10 @@ impl Qcow2 {
         let new = meta.refcounts.alloc(file, 1)? << self.cluster_bits;
         if self.slice_bits == self.cluster_bits {
             // One cache entry per table: the new table lives in the cache until written back.
+            // Its space is reserved in the file now, so that a disk that fills up fails the
+            // request that allocates the table, not the later writeback of entries that point
+            // at data already written (which would leak that data).
+            file.write_zeroes(new, cs as u64, false)?;
             let copy = if old != 0 {
                 Some(meta.l2.get(file, old)?.to_vec())
             } else {
@@ -1001,6 +1005,15 @@ impl Format for Qcow2 {
             self.set_entry(&mut meta, first + i, host | COPIED)?;
         }
         self.flush_if_over_capacity(&mut meta)
+    }
+
+    fn abandon(&self, a: Allocation) -> Result<()> {
+        let mut meta = self.lock();
+        let first = a.host_offset >> self.cluster_bits;
+        for c in first..first + (a.len >> self.cluster_bits) {
+            self.release_now(&mut meta, c)?;
+        }
+        Ok(())
     }
 
     fn zero_clusters(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<u64> {
