@@ -22,8 +22,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Barrier, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 
 /// The multiplier of every iteration count.
 fn scale() -> usize {
@@ -70,6 +71,73 @@ impl Drop for RangeGuard<'_> {
         let i = held.iter().position(|&r| r == self.range).unwrap();
         held.swap_remove(i);
         self.lock.released.notify_all();
+    }
+}
+
+/// The threads of one run: a barrier, and a count of the threads that finished. When a
+/// thread panics, the barrier gives up and the count still grows, so that a failure ends the
+/// test instead of leaving the other threads waiting for it forever.
+struct Crew {
+    size: usize,
+    /// (threads waiting, generation)
+    state: Mutex<(usize, u64)>,
+    all_there: Condvar,
+    failed: AtomicBool,
+    done: AtomicU64,
+}
+
+/// A thread's membership of a crew: counts it finished (and failed, if it panics) on drop.
+struct Member<'a>(&'a Crew);
+
+impl Crew {
+    fn new(size: usize) -> Self {
+        Crew {
+            size,
+            state: Mutex::new((0, 0)),
+            all_there: Condvar::new(),
+            failed: AtomicBool::new(false),
+            done: AtomicU64::new(0),
+        }
+    }
+
+    fn join(&self) -> Member<'_> {
+        Member(self)
+    }
+
+    /// Waits until all `size` threads are here.
+    fn wait(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = st.1;
+        st.0 += 1;
+        if st.0 == self.size {
+            *st = (0, generation + 1);
+            self.all_there.notify_all();
+            return;
+        }
+        while st.1 == generation {
+            assert!(!self.failed(), "another thread of the test failed");
+            st = self.all_there.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// How many members finished (or failed).
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Member<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.failed.store(true, Ordering::Release);
+            let _st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            self.0.all_there.notify_all();
+        }
+        self.0.done.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -260,14 +328,15 @@ fn allocate_at_boundaries(l: Layout, size: u64, threads: usize, rounds: usize, s
     let cs = l.cluster_size;
     let l2_span = cs / 8 * cs;
     let l2_tables = size.div_ceil(l2_span);
-    let barrier = Barrier::new(threads);
+    let crew = Crew::new(threads);
     let slot = cs + cs / 2;
     let what = format!("{l:?}");
     let t0 = std::time::Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
-            let (img, model, locks, barrier, what) = (&img, &model, &locks, &barrier, &what);
+            let (img, model, locks, crew, what) = (&img, &model, &locks, &crew, &what);
             s.spawn(move || {
+                let _member = crew.join();
                 let mut rng = StdRng::seed_from_u64(seed * 100 + t as u64);
                 for round in 0..rounds {
                     // Every thread computes the same boundary for the round.
@@ -282,7 +351,7 @@ fn allocate_at_boundaries(l: Layout, size: u64, threads: usize, rounds: usize, s
                     let lo = base + t as u64 * slot;
                     let start = lo + rng.random_range(0..slot / 4);
                     let end = lo + slot - rng.random_range(0..slot / 4);
-                    barrier.wait();
+                    crew.wait();
                     let data =
                         common::pattern((round * threads + t) as u8, start, (end - start) as usize);
                     {
@@ -370,7 +439,7 @@ fn discards_race_reallocation(l: Layout, size: u64, ops: usize, seed: u64) {
     let seeds: Vec<AtomicU64> = (0..contested).map(|_| AtomicU64::new(0)).collect();
     let model = Model::new(size);
     let locks = RangeLock::default();
-    let writers_done = AtomicU64::new(0);
+    let crew = Crew::new(0);
     let what = format!("{l:?}");
     let t0 = std::time::Instant::now();
     // Whether a contested cluster's content is one its owner may have left there.
@@ -387,9 +456,9 @@ fn discards_race_reallocation(l: Layout, size: u64, ops: usize, seed: u64) {
     let contested_writes = AtomicU64::new(0);
     std::thread::scope(|s| {
         for t in 0..2u64 {
-            let (img, model, locks, writers_done, what) =
-                (&img, &model, &locks, &writers_done, &what);
+            let (img, model, locks, crew, what) = (&img, &model, &locks, &crew, &what);
             s.spawn(move || {
+                let _member = crew.join();
                 let mut rng = StdRng::seed_from_u64(seed * 10 + t);
                 for _ in 0..ops {
                     let len = rng.random_range(1..=(8 * cs).min(half));
@@ -414,19 +483,13 @@ fn discards_race_reallocation(l: Layout, size: u64, ops: usize, seed: u64) {
                     }
                     assert_reads_as_model(img, model, start, len, what);
                 }
-                writers_done.fetch_add(1, Ordering::AcqRel);
             });
         }
         for t in 0..2u64 {
-            let (img, seeds, writers_done, valid, what, contested_writes) = (
-                &img,
-                &seeds,
-                &writers_done,
-                &valid,
-                &what,
-                &contested_writes,
-            );
+            let (img, seeds, crew, valid, what, contested_writes) =
+                (&img, &seeds, &crew, &valid, &what, &contested_writes);
             s.spawn(move || {
+                let _member = crew.join();
                 let mut rng = StdRng::seed_from_u64(seed * 10 + 5 + t);
                 let blocks = contested / 4;
                 let mut back = vec![0u8; cs as usize];
@@ -452,15 +515,14 @@ fn discards_race_reallocation(l: Layout, size: u64, ops: usize, seed: u64) {
                         );
                     }
                 }
-                writers_done.fetch_add(1, Ordering::AcqRel);
             });
         }
-        let (img, writers_done, discards, contested_writes) =
-            (&img, &writers_done, &discards, &contested_writes);
+        let (img, crew, discards, contested_writes) = (&img, &crew, &discards, &contested_writes);
         s.spawn(move || {
+            let _member = crew.join();
             let mut rng = StdRng::seed_from_u64(seed * 10 + 9);
             let mut i = 0u64;
-            while writers_done.load(Ordering::Acquire) < 4 {
+            while crew.done() < 4 && !crew.failed() {
                 // One racing request for every two contested writes, so that the writes
                 // are neither all wiped out nor left alone.
                 if i * 2 > contested_writes.load(Ordering::Acquire) {
@@ -539,13 +601,16 @@ fn discards_race_reallocation_of_the_clusters_they_free() {
 
 /// Rounds of: with the image to itself, delete an internal snapshot (freeing what only it
 /// held) and/or create one (every cluster gains a second reference, so the next writes
-/// copy); then concurrent requests: three writers make partial writes (copying shared
-/// clusters, which drops a reference on the old ones), unmapping write-zeroes and discards
-/// in three quarters of the disk, a fourth thread discards there and flushes (applying the
-/// deferred frees and punching the freed clusters), and two readers keep reading the
-/// remaining quarter, which nobody changes in that round (its clusters are shared with the
-/// snapshots, their neighbours freed and reused), comparing it with the model. The quarter
-/// changes every round. At the end the active disk and every surviving snapshot (read by
+/// copy); then concurrent requests. Three writers make partial writes (copying shared
+/// clusters, which drops a reference on the old ones), write-zeroes and discards in half of
+/// the disk, ordered by the range lock; a fourth thread discards whole clusters of a
+/// "doomed" quarter with no lock and flushes every fourth request (applying the deferred
+/// frees and punching the freed clusters, which the writers then reuse); two readers read
+/// the frozen quarter, which nobody changes in that round (its clusters are shared with the
+/// snapshots, their neighbours freed and reused), comparing it with the model, and the
+/// doomed quarter, where every cluster must read as its data of the round's start or as
+/// zeros: a read through a mapping whose cluster was freed and reused would show another
+/// cluster's data. The quarters move every round. At the end the active disk and every surviving snapshot (read by
 /// qemu-img) must equal their models.
 fn snapshots_and_discards_free_clusters_in_use(
     l: Layout,
@@ -592,28 +657,32 @@ fn snapshots_and_discards_free_clusters_in_use(
                 snaps.push((name, model.snapshot()));
             }
         }
-        let frozen = move |seg_index: u64| (seg_index + round as u64).is_multiple_of(4);
+        // A quarter of the segments nobody changes this round, a quarter only the unlocked
+        // discarder changes, the rest the writers.
+        let class = move |seg_index: u64| (seg_index + round as u64) % 4;
+        let (frozen, doomed) = (0, 1);
+        let before = model.snapshot();
         let locks = RangeLock::default();
-        let writers_done = AtomicU64::new(0);
+        let crew = Crew::new(0);
         let img = &img;
+        let pick = move |rng: &mut StdRng, want: &dyn Fn(u64) -> bool| loop {
+            let sg = rng.random_range(0..segs);
+            if want(class(sg)) {
+                break sg;
+            }
+        };
         std::thread::scope(|s| {
-            for t in 0..4u64 {
-                let (model, locks, writers_done, what) = (&model, &locks, &writers_done, &what);
+            for t in 0..3u64 {
+                let (model, locks, crew, what) = (&model, &locks, &crew, &what);
                 s.spawn(move || {
+                    let _member = crew.join();
                     let mut rng = StdRng::seed_from_u64(seed * 1000 + round as u64 * 10 + t);
-                    let n = if t == 3 { ops / 3 } else { ops };
-                    for i in 0..n {
-                        let sg = loop {
-                            let sg = rng.random_range(0..segs);
-                            if !frozen(sg) {
-                                break sg;
-                            }
-                        };
+                    for _ in 0..ops {
+                        let sg = pick(&mut rng, &|c| c > doomed);
                         let len = rng.random_range(1..=seg);
                         let start = sg * seg + rng.random_range(0..=seg - len);
                         let _g = locks.lock(start, start + len);
-                        let kind = if t == 3 { 0 } else { rng.random_range(0..10) };
-                        match kind {
+                        match rng.random_range(0..10) {
                             0 => {
                                 img.discard(start, len).unwrap();
                                 if let Some((s, n)) = common::discarded_range(start, len, cs, size)
@@ -632,28 +701,59 @@ fn snapshots_and_discards_free_clusters_in_use(
                             }
                         }
                         assert_reads_as_model(img, model, start, len, what);
-                        drop(_g);
-                        if t == 3 && i % 3 == 2 {
-                            img.flush().unwrap();
-                        }
                     }
-                    writers_done.fetch_add(1, Ordering::AcqRel);
                 });
             }
+            // The discarder: whole clusters of the doomed segments, no lock, and a flush
+            // (which frees and punches what the discards and copies released) every fourth
+            // request, while the readers may be reading those clusters.
+            let (dmodel, dcrew) = (&model, &crew);
+            s.spawn(move || {
+                let _member = dcrew.join();
+                let mut rng = StdRng::seed_from_u64(seed * 1000 + round as u64 * 10 + 3);
+                for i in 0..ops / 2 {
+                    let sg = pick(&mut rng, &|c| c == doomed);
+                    let per_seg = seg / cs;
+                    let first = rng.random_range(0..per_seg);
+                    let n = rng.random_range(1..=per_seg - first);
+                    let start = sg * seg + first * cs;
+                    img.discard(start, n * cs).unwrap();
+                    dmodel.zero(start, n * cs);
+                    if i % 4 == 3 {
+                        img.flush().unwrap();
+                    }
+                }
+            });
             for t in 0..2u64 {
-                let (model, writers_done, what) = (&model, &writers_done, &what);
+                let (model, before, crew, what) = (&model, &before, &crew, &what);
                 s.spawn(move || {
+                    let _member = crew.join();
                     let mut rng = StdRng::seed_from_u64(seed * 1000 + round as u64 * 10 + 5 + t);
-                    while writers_done.load(Ordering::Acquire) < 4 {
-                        let sg = loop {
-                            let sg = rng.random_range(0..segs);
-                            if frozen(sg) {
-                                break sg;
-                            }
-                        };
-                        let len = rng.random_range(1..=2 * cs);
-                        let start = sg * seg + rng.random_range(0..=seg - len);
-                        assert_reads_as_model(img, model, start, len, what);
+                    let mut buf = Vec::new();
+                    while crew.done() < 4 && !crew.failed() {
+                        if rng.random_bool(0.5) {
+                            let sg = pick(&mut rng, &|c| c == frozen);
+                            let len = rng.random_range(1..=2 * cs);
+                            let start = sg * seg + rng.random_range(0..=seg - len);
+                            assert_reads_as_model(img, model, start, len, what);
+                            continue;
+                        }
+                        // Clusters being discarded: each reads as before, or as zeros.
+                        let sg = pick(&mut rng, &|c| c == doomed);
+                        let per_seg = seg / cs;
+                        let first = rng.random_range(0..per_seg);
+                        let n = rng.random_range(1..=(per_seg - first).min(8));
+                        let start = sg * seg + first * cs;
+                        buf.resize((n * cs) as usize, 0);
+                        img.read_at(&mut buf, start).unwrap();
+                        for (k, got) in buf.chunks(cs as usize).enumerate() {
+                            let at = start + k as u64 * cs;
+                            assert!(
+                                got.iter().all(|&b| b == 0) || got == before.read(at, cs),
+                                "{what}: guest cluster at {at}, being discarded, reads neither \
+                                 its data nor zeros"
+                            );
+                        }
                     }
                 });
             }
@@ -695,8 +795,8 @@ fn snapshots_and_discards_free_clusters_in_use(
 #[test]
 fn freed_clusters_are_not_reused_while_referenced() {
     let n = scale();
-    snapshots_and_discards_free_clusters_in_use(layout(512, 16, 3), 4 << 20, 8, 600 * n, 1);
-    snapshots_and_discards_free_clusters_in_use(layout(512, 64, 3), 4 << 20, 8, 600 * n, 2);
+    snapshots_and_discards_free_clusters_in_use(layout(512, 16, 3), 4 << 20, 8, 400 * n, 1);
+    snapshots_and_discards_free_clusters_in_use(layout(512, 64, 3), 4 << 20, 8, 400 * n, 2);
     snapshots_and_discards_free_clusters_in_use(layout(4096, 8, 3), 8 << 20, 8, 400 * n, 3);
     snapshots_and_discards_free_clusters_in_use(layout(65536, 16, 2), 16 << 20, 8, 150 * n, 4);
     snapshots_and_discards_free_clusters_in_use(layout(65536, 4, 3), 16 << 20, 8, 150 * n, 5);
@@ -778,13 +878,14 @@ fn cow_from_backing(
     let model = Model::from_bytes(&base);
     let cs = l.cluster_size;
     let clusters = size / cs;
-    let barrier = Barrier::new(threads);
+    let crew = Crew::new(threads);
     let what = format!("{l:?} over {backing_fmt}");
     let t0 = std::time::Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads as u64 {
-            let (img, model, barrier, what) = (&img, &model, &barrier, &what);
+            let (img, model, crew, what) = (&img, &model, &crew, &what);
             s.spawn(move || {
+                let _member = crew.join();
                 let mut rng = StdRng::seed_from_u64(seed * 100 + t);
                 for round in 0..rounds as u64 {
                     let mut shared = StdRng::seed_from_u64((seed << 32) ^ round);
@@ -795,7 +896,7 @@ fn cow_from_backing(
                     let start = lo + rng.random_range(0..slot / 3);
                     let end = lo + slot - rng.random_range(0..slot / 3);
                     let data = common::pattern(rng.random(), start, (end - start) as usize);
-                    barrier.wait();
+                    crew.wait();
                     write_maybe_vectored(img, &data, start, round + t)
                         .unwrap_or_else(|e| panic!("{what}: write {start}..{end}: {e}"));
                     model.write(start, &data);
@@ -865,7 +966,7 @@ fn zeroes_over_backing(l: Layout, backing_fmt: &str, size: u64, threads: usize, 
     let model = Model::from_bytes(&base);
     let cs = l.cluster_size;
     let clusters = size / cs;
-    let barrier = Barrier::new(threads);
+    let crew = Crew::new(threads);
     let zeroed: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
     let what = format!("{l:?} over {backing_fmt}");
     let t0 = std::time::Instant::now();
@@ -916,16 +1017,17 @@ fn zeroes_over_backing(l: Layout, backing_fmt: &str, size: u64, threads: usize, 
     };
     std::thread::scope(|s| {
         for t in 0..threads as u64 {
-            let (img, model, barrier, zeroed, what, plan) =
-                (&img, &model, &barrier, &zeroed, &what, &plan);
+            let (img, model, crew, zeroed, what, plan) =
+                (&img, &model, &crew, &zeroed, &what, &plan);
             s.spawn(move || {
+                let _member = crew.join();
                 for round in 0..rounds as u64 {
                     let (ranges, unmap) = plan(round);
                     // Thread (round % threads) zeroes; the others take the other ranges.
                     let me =
                         ((t + threads as u64 - round % threads as u64) % threads as u64) as usize;
                     let (start, end) = ranges[me];
-                    barrier.wait();
+                    crew.wait();
                     if me == 0 {
                         img.write_zeroes(start, end - start, unmap)
                             .unwrap_or_else(|e| panic!("{what}: write_zeroes {start}..{end}: {e}"));
