@@ -702,13 +702,15 @@ fn discards_race_reallocation_of_the_clusters_they_free() {
 /// copy); then concurrent requests. Three writers make partial writes (copying shared
 /// clusters, which drops a reference on the old ones), write-zeroes and discards in half of
 /// the disk, ordered by the range lock; a fourth thread discards whole clusters of a
-/// "doomed" quarter with no lock and flushes every other request (applying the deferred
-/// frees and punching the freed clusters, which the writers then reuse); two readers read
-/// the frozen quarter, which nobody changes in that round (its clusters are shared with the
-/// snapshots, their neighbours freed and reused), comparing it with the model, and the
-/// doomed quarter, where every cluster must read as its data of the round's start or as
-/// zeros: a read through a mapping whose cluster was freed and reused would show another
-/// cluster's data. The quarters move every round. At the end the active disk and every surviving snapshot (read by
+/// "doomed" quarter with no lock, alternately discarding runs of clusters of two of its
+/// segments and writing their data of the round's start back, with a flush after every
+/// rewrite (applying the deferred frees and punching the freed clusters, which everybody
+/// then reuses); two readers read the frozen quarter, which nobody changes in that round
+/// (its clusters are shared with the snapshots, their neighbours freed and reused),
+/// comparing it with the model, and the two churned segments, where every cluster must
+/// read as its data of the round's start or as zeros: a read through a mapping whose
+/// cluster was freed and reused would show another cluster's data. The quarters move every
+/// round. At the end the active disk and every surviving snapshot (read by
 /// qemu-img) must equal their models.
 fn snapshots_and_discards_free_clusters_in_use(
     l: Layout,
@@ -764,6 +766,13 @@ fn snapshots_and_discards_free_clusters_in_use(
         let class = move |seg_index: u64| (seg_index + 3 * round as u64) % 4;
         let (frozen, doomed) = (0, 1);
         let before = model.snapshot();
+        // The discarder churns two doomed segments, so that the readers often catch a
+        // cluster between its discard, its reuse and its rewrite.
+        let hot: Vec<u64> = (0..segs)
+            .filter(|&sg| class(sg) == doomed)
+            .take(2)
+            .collect();
+        let (before, hot) = (&before, &hot);
         let locks = RangeLock::default();
         let crew = Crew::new(0);
         let img = &img;
@@ -806,28 +815,33 @@ fn snapshots_and_discards_free_clusters_in_use(
                     }
                 });
             }
-            // The discarder: whole clusters of the doomed segments, no lock, and a flush
-            // (which frees and punches what the discards and copies released) every other
-            // request, while the readers may be reading those clusters.
+            // The discarder: whole clusters of the hot doomed segments, no lock, and a flush
+            // (which frees and punches what the discards and copies released) after every
+            // rewrite, while the readers may be reading those clusters.
             let (dmodel, dcrew) = (&model, &crew);
             s.spawn(move || {
                 let _member = dcrew.join();
                 let mut rng = StdRng::seed_from_u64(seed * 1000 + round as u64 * 10 + 3);
-                for i in 0..ops / 2 {
-                    let sg = pick(&mut rng, &|c| c == doomed);
+                for i in 0..ops {
+                    let sg = hot[rng.random_range(0..hot.len())];
                     let per_seg = seg / cs;
                     let first = rng.random_range(0..per_seg);
-                    let n = rng.random_range(1..=per_seg - first);
+                    let n = rng.random_range(1..=(per_seg - first).min(8));
                     let start = sg * seg + first * cs;
-                    img.discard(start, n * cs).unwrap();
-                    dmodel.zero(start, n * cs);
-                    if i % 2 == 1 {
+                    if i % 2 == 0 {
+                        img.discard(start, n * cs).unwrap();
+                        dmodel.zero(start, n * cs);
+                    } else {
+                        // Put the data back (in fresh clusters), for the next discard to free.
+                        let data = before.read(start, n * cs);
+                        img.write_at(&data, start).unwrap();
+                        dmodel.write(start, &data);
                         img.flush().unwrap();
                     }
                 }
             });
             for t in 0..2u64 {
-                let (model, before, crew, what) = (&model, &before, &crew, &what);
+                let (model, crew, what) = (&model, &crew, &what);
                 s.spawn(move || {
                     let _member = crew.join();
                     let mut rng = StdRng::seed_from_u64(seed * 1000 + round as u64 * 10 + 5 + t);
@@ -841,7 +855,7 @@ fn snapshots_and_discards_free_clusters_in_use(
                             continue;
                         }
                         // Clusters being discarded: each reads as before, or as zeros.
-                        let sg = pick(&mut rng, &|c| c == doomed);
+                        let sg = hot[rng.random_range(0..hot.len())];
                         let per_seg = seg / cs;
                         let first = rng.random_range(0..per_seg);
                         let n = rng.random_range(1..=(per_seg - first).min(8));
