@@ -10,7 +10,16 @@
 //! in-memory model, through img-core and through `qemu-img compare` against a raw copy of the
 //! model. Results must not depend on the interleaving: threads that write the same bytes are
 //! ordered by a range lock in the test (so the model is exact), or the outcome is checked
-//! against the set of values the interleavings allow.
+//! against the set of values the interleavings allow. The image file sits under a
+//! [`Jitter`] storage that holds some requests back, which widens the window between a
+//! request's lookup of a mapping and its I/O from microseconds to up to 2 ms.
+//!
+//! Seen failing (img-core broken on purpose, then restored): `Image::flush` not waiting for
+//! requests in flight (frees applied and clusters reused under a request's stale mapping)
+//! fails the discard and the snapshot tests within seconds; `Image::write_allocating`
+//! without its range lock (two requests allocating one cluster) fails the allocation, the
+//! copy-up and the write-zeroes tests; qcow2 `zero_clusters` leaving an unallocated cluster
+//! over a backing file alone fails the write-zeroes test.
 //!
 //! `IMG_RACES_SCALE=N` multiplies the iteration counts (for longer runs by hand).
 
