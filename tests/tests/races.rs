@@ -14,11 +14,14 @@
 //! [`Jitter`] storage that holds some requests back, which widens the window between a
 //! request's lookup of a mapping and its I/O from microseconds to up to 2 ms.
 //!
+//! The last test drives the same races from outside: four qemu-io clients with many
+//! asynchronous requests each, on their own connections to `img nbd` (needs the img binary).
+//!
 //! Seen failing (img-core broken on purpose, then restored): `Image::flush` not waiting for
 //! requests in flight (frees applied and clusters reused under a request's stale mapping)
 //! fails the discard and the snapshot tests within seconds; `Image::write_allocating`
 //! without its range lock (two requests allocating one cluster) fails the allocation, the
-//! copy-up and the write-zeroes tests; qcow2 `zero_clusters` leaving an unallocated cluster
+//! copy-up, the write-zeroes and the NBD tests; qcow2 `zero_clusters` leaving an unallocated cluster
 //! over a backing file alone fails the write-zeroes test.
 //!
 //! `IMG_RACES_SCALE=N` multiplies the iteration counts (for longer runs by hand).
@@ -1227,4 +1230,128 @@ fn write_zeroes_hides_backing_data_next_to_concurrent_writes() {
     zeroes_over_backing(layout(512, 64, 3), "qcow2", 2 << 20, 4, 8000 * n);
     // Version 2 has no zero flag: zeros are written as data.
     zeroes_over_backing(layout(65536, 16, 2), "qcow2", 32 << 20, 4, 4000 * n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several queues from outside: qemu-io clients writing through `img nbd` at once.
+// ---------------------------------------------------------------------------------------------
+
+/// `img nbd --fork` serving one image; stopped (SIGTERM, then waited for) on drop.
+struct NbdServer {
+    pid: i32,
+    sock: PathBuf,
+}
+
+impl NbdServer {
+    fn start(dir: &Path, args: &[&str]) -> NbdServer {
+        let sock = dir.join("nbd.sock");
+        let pid_file = dir.join("nbd.pid");
+        let out = std::process::Command::new(common::img_bin())
+            .arg("nbd")
+            .args(["--fork", "--pid-file"])
+            .arg(&pid_file)
+            .arg("-k")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("cannot run img nbd");
+        assert!(
+            out.status.success(),
+            "img nbd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        NbdServer { pid, sock }
+    }
+
+    fn url(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends signals to the server we started (signal 0 probes it).
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        for _ in 0..1500 {
+            // SAFETY: as above.
+            if unsafe { libc::kill(self.pid, 0) } != 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("img nbd (pid {}) did not exit", self.pid);
+    }
+}
+
+/// Four qemu-io clients, each on its own NBD connection with many asynchronous requests in
+/// flight, write interleaved 3 KiB stripes of an overlay over a raw backing file with data
+/// (each stripe straddles clusters, so neighbouring stripes of different clients copy the
+/// same cluster up at once); every fifth stripe is a write-zeroes (with unmap on every other
+/// one) over the backing file's data. The image must check clean and equal the backing
+/// data overlaid with the stripes.
+#[test]
+fn nbd_clients_copy_up_and_zero_the_same_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let base = common::pattern(0x3c, 0, size as usize);
+    let backing = make_backing(dir.path(), &base, "raw", 0);
+    let path = dir.path().join("top.qcow2");
+    create(&path, size, layout(4096, 16, 3), Some((&backing, "raw")));
+    let stripe = 3072u64;
+    let clients = 4u64;
+    let mut model = base.clone();
+    let mut scripts: Vec<Vec<String>> = vec![Vec::new(); clients as usize];
+    for (k, off) in (0..size).step_by(stripe as usize).enumerate() {
+        let k = k as u64;
+        let c = k % clients;
+        let len = stripe.min(size - off);
+        let r = &mut model[off as usize..(off + len) as usize];
+        let cmd = if (k / clients) % 5 == 4 {
+            r.fill(0);
+            let u = if k % 2 == 0 { " -u" } else { "" };
+            format!("aio_write -q -z{u} {off} {len}")
+        } else {
+            let b = 0x40 + c as u8 + (k % 3) as u8 * 16;
+            r.fill(b);
+            format!("aio_write -q -P {b} {off} {len}")
+        };
+        scripts[c as usize].push(cmd);
+    }
+    let raw_model = dir.path().join("model.raw");
+    std::fs::write(&raw_model, &model).unwrap();
+    let srv = NbdServer::start(
+        dir.path(),
+        &[
+            "-t",
+            "-e",
+            "4",
+            "--discard=unmap",
+            "-f",
+            "qcow2",
+            &path.display().to_string(),
+        ],
+    );
+    let url = srv.url();
+    std::thread::scope(|s| {
+        for script in &scripts {
+            let url = url.clone();
+            s.spawn(move || {
+                // Batches of 64 requests in flight, each batch drained by aio_flush.
+                let mut cmds = Vec::new();
+                for batch in script.chunks(64) {
+                    cmds.extend(batch.iter().cloned());
+                    cmds.push("aio_flush".to_string());
+                }
+                common::qemu_io_many("raw", Path::new(&url), &cmds);
+            });
+        }
+    });
+    drop(srv);
+    common::assert_qemu_check_clean(&path);
+    common::assert_qemu_compare_identical(&raw_model, "raw", &path, "qcow2");
 }
