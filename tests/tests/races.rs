@@ -21,8 +21,8 @@
 //! requests in flight (frees applied and clusters reused under a request's stale mapping)
 //! fails the discard and the snapshot tests within seconds; `Image::write_allocating`
 //! without its range lock (two requests allocating one cluster) fails the allocation, the
-//! copy-up, the write-zeroes and the NBD tests; qcow2 `zero_clusters` leaving an unallocated cluster
-//! over a backing file alone fails the write-zeroes test.
+//! copy-up, the write-zeroes and the NBD tests; qcow2 `zero_clusters` leaving an
+//! unallocated cluster over a backing file alone fails the write-zeroes test.
 //!
 //! `IMG_RACES_SCALE=N` multiplies the iteration counts (for longer runs by hand).
 
@@ -1313,7 +1313,7 @@ fn nbd_clients_copy_up_and_zero_the_same_clusters() {
         let r = &mut model[off as usize..(off + len) as usize];
         let cmd = if (k / clients) % 5 == 4 {
             r.fill(0);
-            let u = if k % 2 == 0 { " -u" } else { "" };
+            let u = if k.is_multiple_of(2) { " -u" } else { "" };
             format!("aio_write -q -z{u} {off} {len}")
         } else {
             let b = 0x40 + c as u8 + (k % 3) as u8 * 16;
