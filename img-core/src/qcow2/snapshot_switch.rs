@@ -210,9 +210,10 @@ impl Qcow2 {
         let mut replaced: Vec<(u64, u64)> = vec![
             (old_l1, l1_clusters),
             (self.header.snapshots_offset, old_table_size.div_ceil(cs)),
+            // The table as it is now: it may have grown since the header was read.
             (
                 meta.refcounts.table_offset(),
-                self.header.refcount_table_clusters as u64,
+                (old_blocks.len() as u64 * 8).div_ceil(cs),
             ),
         ];
         replaced.extend(old_blocks.iter().filter(|&&b| b != 0).map(|&b| (b, 1)));
