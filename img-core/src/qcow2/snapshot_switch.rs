@@ -95,6 +95,45 @@ impl FreeClusters<'_> {
     }
 }
 
+/// Places a refcount structure for the counts in `rc` (which it changes, as its own clusters
+/// count too): a block for every range of clusters with a nonzero count, and a table for the
+/// blocks. Placing them changes counts, which may need more blocks or a larger table, so it
+/// repeats until nothing more is needed. Returns the block of each range (cluster index, 0
+/// for none) and the table's first cluster and length in clusters.
+fn place_refcount_structure(
+    rc: &mut Imrt,
+    free: &mut FreeClusters,
+    per_block: u64,
+    name: &str,
+) -> Result<(Vec<u64>, (u64, u64))> {
+    let cs = rc.cluster_size();
+    let mut blocks: Vec<u64> = Vec::new();
+    let mut table: Option<(u64, u64)> = None;
+    loop {
+        let mut grew = false;
+        let ranges = rc.len().div_ceil(per_block);
+        blocks.resize(ranges as usize, 0);
+        for r in 0..ranges {
+            let start = r * per_block;
+            let end = (start + per_block).min(rc.len());
+            if blocks[r as usize] == 0 && (start..end).any(|c| rc.get(c) != 0) {
+                blocks[r as usize] = free.take(rc, 1, name)?;
+                grew = true;
+            }
+        }
+        let needed = (blocks.len() as u64 * 8).div_ceil(cs);
+        match table {
+            Some((first, n)) if n >= needed && !grew => return Ok((blocks, (first, n))),
+            Some((first, n)) if n < needed => {
+                free.give_back(rc, first, n);
+                table = Some((free.take(rc, needed, name)?, needed));
+            }
+            Some(_) => {}
+            None => table = Some((free.take(rc, needed, name)?, needed)),
+        }
+    }
+}
+
 fn out_of_memory(name: &str) -> Error {
     Error::invalid(
         name,
@@ -103,6 +142,30 @@ fn out_of_memory(name: &str) -> Error {
 }
 
 impl Qcow2 {
+    /// What the refcount blocks `table` names count, for every cluster of the file (counts
+    /// past its end are dropped: nothing valid lives there).
+    fn file_refcounts(&self, table: &[u64], per_block: u64) -> Result<Imrt> {
+        let file = self.file.as_ref();
+        let cs = self.cs();
+        let order = self.header.refcount_order;
+        let file_clusters = file.size()?.div_ceil(cs);
+        let mut rc = Imrt::new(order, cs);
+        rc.resize(file_clusters)
+            .map_err(|_| out_of_memory(self.name()))?;
+        let mut block = vec![0u8; cs as usize];
+        for (i, &b) in table.iter().enumerate() {
+            let first = i as u64 * per_block;
+            if b == 0 || first >= file_clusters {
+                continue;
+            }
+            file.read_at(&mut block, b)?;
+            for k in 0..per_block.min(file_clusters - first) {
+                rc.set(first + k, get_entry(&block, order, k as usize));
+            }
+        }
+        Ok(rc)
+    }
+
     /// Switches the image to the state `change` describes. The active tables move too: the
     /// new active L1 table and any L2 table whose copy flags change are written anew. See the
     /// module docs for the order.
@@ -122,24 +185,11 @@ impl Qcow2 {
         let cs = self.cs();
         let order = self.header.refcount_order;
 
-        // What the old state counts, from its refcount blocks, for every cluster of the file.
-        let file_clusters = file.size()?.div_ceil(cs);
-        let mut rc = Imrt::new(order, cs);
-        rc.resize(file_clusters).map_err(|_| out_of_memory(&name))?;
         let per_block = meta.refcounts.per_block();
-        let mut block = vec![0u8; cs as usize];
         let old_blocks: Vec<u64> = meta.refcounts.table().to_vec();
-        for (i, &b) in old_blocks.iter().enumerate() {
-            let first = i as u64 * per_block;
-            if b == 0 || first >= file_clusters {
-                continue;
-            }
-            file.read_at(&mut block, b)?;
-            for k in 0..per_block.min(file_clusters - first) {
-                rc.set(first + k, get_entry(&block, order, k as usize));
-            }
-        }
+        let mut rc = self.file_refcounts(&old_blocks, per_block)?;
         let old = rc.clone();
+        let mut block = vec![0u8; cs as usize];
 
         // References that move.
         let max = meta.refcounts.max_refcount();
@@ -281,35 +331,8 @@ impl Qcow2 {
             first << cb
         };
 
-        // The refcount structure: a block for every range of clusters with a nonzero count,
-        // and a table for the blocks. Placing them changes counts, which may need more
-        // blocks or a larger table: repeat until nothing more is needed.
-        let mut blocks: Vec<u64> = Vec::new();
-        let mut reftable: Option<(u64, u64)> = None;
-        loop {
-            let mut grew = false;
-            let ranges = rc.len().div_ceil(per_block);
-            blocks.resize(ranges as usize, 0);
-            for r in 0..ranges {
-                let start = r * per_block;
-                let end = (start + per_block).min(rc.len());
-                if blocks[r as usize] == 0 && (start..end).any(|c| rc.get(c) != 0) {
-                    blocks[r as usize] = free.take(&mut rc, 1, &name)?;
-                    grew = true;
-                }
-            }
-            let needed = (blocks.len() as u64 * 8).div_ceil(cs);
-            match reftable {
-                Some((_, n)) if n >= needed && !grew => break,
-                Some((first, n)) if n < needed => {
-                    free.give_back(&mut rc, first, n);
-                    reftable = Some((free.take(&mut rc, needed, &name)?, needed));
-                }
-                Some(_) => {}
-                None => reftable = Some((free.take(&mut rc, needed, &name)?, needed)),
-            }
-        }
-        let (reftable_first, reftable_clusters) = reftable.expect("the loop places the table");
+        let (blocks, (reftable_first, reftable_clusters)) =
+            place_refcount_structure(&mut rc, &mut free, per_block, &name)?;
         // The image's refcount blocks each cover per_block clusters; rc's size is a multiple
         // of whole blocks' worth of bytes only at cluster granularity, so pad the last one.
         rc.resize(blocks.len() as u64 * per_block)

@@ -38,6 +38,11 @@ impl Imrt {
         (bytes <= MAX_BYTES).then_some(bytes)
     }
 
+    /// The cluster size the table was made for.
+    pub(in crate::qcow2) fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
     /// Number of clusters the table describes.
     pub(in crate::qcow2) fn len(&self) -> u64 {
         self.entries
