@@ -8,7 +8,8 @@
 #   scripts/guest-lab.sh CASE...     only these cases; rw-iscsi and rw-rbd (not in check:
 #                                    img only) serve a qcow2 image on an iSCSI LUN or on RBD;
 #                                    kill (not in check) kills the server with SIGKILL while
-#                                    the guest writes and flushes
+#                                    the guest writes and flushes; enospc (not in check)
+#                                    fills the image's filesystem under the guest
 #   scripts/guest-lab.sh bench       the same guest workload (fio inside the guest) against
 #                                    `img serve` and qemu-storage-daemon, alternating
 #   scripts/guest-lab.sh --prepare   only fetch and build what the lab needs
@@ -237,6 +238,21 @@ trim)
     got=$(dd if=/dev/vda bs=1M count=24 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
     [ "$got" = "$z" ] || fail "the discarded and zeroed 24 MiB do not read as zeros"
     sum /dev/vda disk
+    ;;
+enospc)
+    # The image's filesystem fills up under the guest: a direct write must fail with an I/O
+    # error (the device's IOERR status), not succeed or hang; what was written before reads
+    # back.
+    yes "enospc-lab" | head -c 1048576 >/tmp/mark
+    dd if=/tmp/mark of=/dev/vda bs=1M count=1 oflag=direct conv=fsync 2>/dev/null ||
+        fail "the first MiB could not be written"
+    if err=$(dd if=/dev/urandom of=/dev/vda bs=1M seek=1 count=40 oflag=direct conv=fsync 2>&1); then
+        fail "40 MiB went onto a 16 MiB filesystem without an error"
+    fi
+    say "LAB-IOERR $(echo "$err" | grep -i error | head -n 1)"
+    echo 3 >/proc/sys/vm/drop_caches
+    sum_mark=$(dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$sum_mark" = "$(sha256sum </tmp/mark | cut -d' ' -f1)" ] || fail "the first MiB changed"
     ;;
 kill)
     # Blocks of 64 KiB written one after another with O_DIRECT and fsync, each reported once
@@ -814,6 +830,32 @@ case_kill() {
     done
 }
 
+# case_enospc: the image lives on a 16 MiB tmpfs and the guest writes 40 MiB: the guest sees
+# an I/O error (LAB-IOERR), the server keeps serving and exits cleanly, and the image left on
+# the full filesystem has no corruption and no leak (as qemu-img leaves one).
+case_enospc() {
+    local d="$WORK/enospc" rc=0
+    mkdir -p "$d/fs"
+    mount -t tmpfs -o size=16m tmpfs "$d/fs" || return 1
+    qemu-img create -q -f qcow2 "$d/fs/disk.qcow2" 64M
+    if start_server "$SERVER" "$d/fs/disk.qcow2" qcow2 "$d/sock" "$d/server.log"; then
+        boot enospc "$d/sock" "$d/console" "$WORK/initrd" || rc=1
+        stop_server || rc=1
+    else
+        rc=1
+    fi
+    if [ $rc -eq 0 ]; then
+        grep '^LAB-IOERR' "$d/console.txt" | sed 's/^/    guest: /' >&2
+        grep -q '^LAB-IOERR .*[Ee]rror' "$d/console.txt" || {
+            log "the guest saw no I/O error"
+            rc=1
+        }
+        check_clean "$d/fs/disk.qcow2" || rc=1
+    fi
+    umount "$d/fs" || rc=1
+    return $rc
+}
+
 run_case() {
     local name=$1 t0 rc=0
     t0=$(date +%s)
@@ -829,6 +871,7 @@ run_case() {
     rw-iscsi) case_net rw-iscsi iscsi || rc=$? ;;
     rw-rbd) case_net rw-rbd rbd || rc=$? ;;
     kill) case_kill || rc=$? ;;
+    enospc) case_enospc || rc=$? ;;
     *) die "unknown case $name" ;;
     esac
     if [ -n "$QEMU_PID" ]; then kill -TERM "$QEMU_PID" 2>/dev/null || true; fi

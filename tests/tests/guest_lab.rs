@@ -96,6 +96,18 @@ fn guest_lab_server_killed_while_serving() {
     );
 }
 
+/// The image's filesystem fills up under a real guest (a 16 MiB tmpfs, 40 MiB written): the
+/// guest's write fails with an I/O error instead of succeeding or hanging, what it wrote
+/// before reads back, the server exits cleanly, and the image is clean (as under
+/// qemu-storage-daemon, which behaves the same in this case).
+#[test]
+fn guest_lab_full_disk_reaches_the_guest() {
+    let (ok, text) = run_lab(&["enospc"], &[("SERVER", "img")]);
+    assert!(ok, "guest-lab.sh enospc failed:\n{text}");
+    assert!(text.contains("PASS enospc (SERVER=img,"), "{text}");
+    assert!(text.contains("LAB-IOERR"), "{text}");
+}
+
 /// The lab's checks can fail: a block of a file the guest wrote, changed in the image after the
 /// guest read it back, must be caught by the host's comparison.
 #[test]
