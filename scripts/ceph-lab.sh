@@ -173,6 +173,14 @@ create_cluster() {
 cmd_start() {
     local t0=$SECONDS
     install_packages
+    if [ -f "$DIR/.ready" ] && ! pid_of mon.a >/dev/null && ! pid_of osd.0 >/dev/null; then
+        # Both daemons are gone without a clean stop (the session or machine that ran them
+        # ended): memstore saved the OSD's objects at some earlier clean shutdown, if ever,
+        # while the monitor moved on, so the pool's placement groups may never become
+        # active again. Start over.
+        log "the cluster in $DIR lost its daemons; creating it anew"
+        rm -rf "$DIR"
+    fi
     if [ -f "$DIR/.ready" ]; then
         start_mon
         start_osd
