@@ -807,6 +807,18 @@ case_kill() {
         QEMU_PID=
         tr -d '\r' <"$d/console" >"$d/console.txt"
         cp "$d/console.txt" "$d/console-$moment.txt"
+        # The killed server's image lock goes with its last reference to the file, which an
+        # io_uring instance torn down after the process may hold a little longer.
+        i=0
+        until qemu-img info "$d/disk.qcow2" >/dev/null 2>&1; do
+            i=$((i + 1))
+            if [ $i -gt 300 ]; then
+                log "the image is still locked 30 s after the server was killed"
+                qemu-img info "$d/disk.qcow2" >&2
+                return 1
+            fi
+            sleep 0.1
+        done
         synced=$(grep '^LAB-SYNCED ' "$d/console.txt" | tail -n 1 | cut -d' ' -f2)
         local out code=0
         out=$(qemu-img check -f qcow2 "$d/disk.qcow2" 2>&1) || code=$?

@@ -36,8 +36,32 @@ fn kill_after(args: &[&str], delay: Duration) -> bool {
     landed
 }
 
+/// Waits until no dead process's lock remains on `image`: a killed process's image lock goes
+/// with its last reference to the file, which an io_uring instance torn down after the
+/// process may hold a little longer.
+fn wait_unlocked(image: &Path) {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("qemu-img")
+            .args(["info", &p(image)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !text.contains("lock") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} is still locked 30 s after the kill: {text}",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// No corruption by qemu-img check (leaks allowed); after `img check -r leaks`, clean.
 fn assert_recoverable(image: &Path, what: &str) {
+    wait_unlocked(image);
     let (code, out) = qemu_check(image);
     assert!(
         matches!(code, Some(0) | Some(3)) && !out.contains("ERROR"),
