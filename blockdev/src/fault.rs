@@ -68,8 +68,6 @@ struct State {
     writes: u64,
     flushes: u64,
     requests: u64,
-    /// Writes and flushes, the requests a power loss can fall between.
-    changes: u64,
     /// A power loss armed by [`FaultStorage::crash_before`]: the request count (writes and
     /// flushes) at which it strikes, and what survives it.
     armed: Option<(u64, Crash)>,
@@ -131,9 +129,8 @@ impl FaultStorage {
             st.flushes += 1;
         }
         if write || flush {
-            st.changes += 1;
             if let Some((at, crash)) = st.armed {
-                if st.changes == at {
+                if st.writes + st.flushes == at {
                     st.armed = None;
                     drop(st);
                     // The power fails before this request reaches the disk; the writer goes
@@ -170,7 +167,8 @@ impl FaultStorage {
     /// Writes and flushes issued so far (the moments [`crash_before`](Self::crash_before)
     /// counts).
     pub fn changes(&self) -> u64 {
-        self.state().changes
+        let st = self.state();
+        st.writes + st.flushes
     }
 
     /// Arms a power loss just before the `n`th write or flush from now (1 = the next one):
@@ -178,7 +176,7 @@ impl FaultStorage {
     /// So a test can stop the disk at every request of an operation that runs to completion.
     pub fn crash_before(&self, n: u64, crash: Crash) {
         let mut st = self.state();
-        st.armed = Some((st.changes + n, crash));
+        st.armed = Some((st.writes + st.flushes + n, crash));
     }
 
     /// How many requests that change the storage are not flushed yet.
